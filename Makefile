@@ -1,0 +1,38 @@
+# Thin targets; the logic lives in the qwen3vl package (python_backend/qwen3vl).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CHECKPOINTS := .work/checkpoints
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+.PHONY: setup demo test serve checkpoint bench clean
+
+setup: $(STAMP)
+
+# A venv in the repository with the pinned packages; the tritonserver binary, Python backend and
+# stubs come with the nvidia-pytriton wheel (qwen3vl-serve assembles the backend directory).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[server,test]'
+	$(PY) -m qwen3vl.serve --check
+	touch $(STAMP)
+
+checkpoint: setup
+	$(VENV)/bin/qwen3vl-make-checkpoint --out $(CHECKPOINTS)/small --preset small
+
+demo: setup
+	$(PY) -m qwen3vl.demo --checkpoint $(CHECKPOINTS)/small --preset small
+
+serve: checkpoint
+	$(VENV)/bin/qwen3vl-serve --checkpoint $(CHECKPOINTS)/small \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf .work

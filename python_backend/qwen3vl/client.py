@@ -1,0 +1,203 @@
+"""`qwen3vl-client`: ask a served model a question, over gRPC (streaming) or HTTP.
+
+    qwen3vl-client --url localhost:8001 --image cat.png --prompt "What is this?" --stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import queue
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import contract
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class Answer:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    chunks: int = 0
+
+
+class ServerError(RuntimeError):
+    """The server answered the request with an error."""
+
+
+def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None, temperature=None,
+                 top_p=None, top_k=None, seed=None, stream=False) -> list:
+    """tritonclient InferInput list for the contract; `module` is tritonclient.grpc or .http."""
+    def tensor(name, array, dtype):
+        t = module.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    inputs = [tensor(contract.TEXT_INPUT, np.array([prompt.encode("utf-8")], dtype=object), "BYTES")]
+    if images:
+        inputs.append(tensor(contract.IMAGES, np.array(list(images), dtype=object), "BYTES"))
+    optional = [(contract.MAX_TOKENS, max_tokens, np.int32, "INT32"),
+                (contract.TEMPERATURE, temperature, np.float32, "FP32"),
+                (contract.TOP_P, top_p, np.float32, "FP32"),
+                (contract.TOP_K, top_k, np.int32, "INT32"),
+                (contract.SEED, seed, np.uint64, "UINT64")]
+    for name, value, np_type, triton_type in optional:
+        if value is not None:
+            inputs.append(tensor(name, np.array([value], dtype=np_type), triton_type))
+    inputs.append(tensor(contract.STREAM, np.array([bool(stream)]), "BOOL"))
+    return inputs
+
+
+def _chunk(result) -> Chunk:
+    text = result.as_numpy(contract.TEXT_OUTPUT)
+    ids = result.as_numpy(contract.OUTPUT_IDS)
+    reason = result.as_numpy(contract.FINISH_REASON)
+    return Chunk(text.reshape(-1)[0].decode("utf-8") if text is not None else "",
+                 ids.reshape(-1).tolist() if ids is not None else [],
+                 reason.reshape(-1)[0].decode() if reason is not None else "")
+
+
+def stream_grpc(url: str, model: str = "ensemble", timeout_s: float = 600, stream: bool = True,
+                **request) -> Iterator[Chunk]:
+    """Chunks of one request over gRPC's bidirectional stream (decoupled models need it): one
+    per new piece of text with `stream`, else a single one; the last has a finish reason."""
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer(model, build_inputs(grpcclient, stream=stream, **request))
+        while True:
+            try:
+                result, error = results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise TimeoutError(f"no response from {url} within {timeout_s} s") from None
+            if error is not None:
+                raise ServerError(str(error))
+            chunk = _chunk(result)
+            yield chunk
+            if chunk.finish_reason:
+                return
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def infer(url: str, protocol: str = "http", model: str = "ensemble", timeout_s: float = 600, **request) -> Chunk:
+    """The whole answer in one response (stream off). Over HTTP this is Triton's generate
+    endpoint (JSON; images travel as base64 data URLs): HTTP's /infer endpoint does not serve
+    decoupled models."""
+    if protocol == "grpc":
+        chunks = list(stream_grpc(url, model, timeout_s, **{**request, "stream": False}))
+        return Chunk("".join(c.text for c in chunks), [i for c in chunks for i in c.token_ids], chunks[-1].finish_reason)
+    body = generate_body(**request)
+    req = urllib.request.Request(f"http://{url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as response:
+            out = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise ServerError(json.loads(e.read() or b"{}").get("error", str(e))) from None
+    ids = out.get(contract.OUTPUT_IDS, [])
+    return Chunk(out.get(contract.TEXT_OUTPUT, ""), [ids] if isinstance(ids, int) else list(ids),
+                 out.get(contract.FINISH_REASON, ""))
+
+
+def generate_body(prompt: str, images: list[bytes] = (), stream: bool = False, **params) -> dict:
+    """JSON body for Triton's generate endpoints."""
+    body = {contract.TEXT_INPUT: prompt, contract.STREAM: stream}
+    if images:
+        body[contract.IMAGES] = ["data:image;base64," + base64.b64encode(b).decode() for b in images]
+    body.update({k: v for k, v in params.items() if v is not None})
+    return body
+
+
+def ask(url: str, protocol: str, stream: bool, on_text=None, **request) -> Answer:
+    """Run one request, timing first text and the whole answer."""
+    answer, start = Answer(), time.perf_counter()
+    chunks = stream_grpc(url, **request) if stream else iter([infer(url, protocol, **request)])
+    for chunk in chunks:
+        if not answer.chunks:
+            answer.ttft_s = time.perf_counter() - start
+        answer.chunks += 1
+        answer.text += chunk.text
+        answer.token_ids += chunk.token_ids
+        answer.finish_reason = chunk.finish_reason or answer.finish_reason
+        if on_text:
+            on_text(chunk.text)
+    answer.total_s = time.perf_counter() - start
+    return answer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="qwen3vl-client", description="Ask a Qwen3-VL-MoE Triton server a question.")
+    p.add_argument("--url", default="localhost:8001", help="HOST:PORT (gRPC port for grpc, HTTP port for http)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--model", default="ensemble")
+    p.add_argument("--image", action="append", default=[], help="image file; repeat for several, in prompt order")
+    p.add_argument("--prompt", required=True, help="the question; or a JSON list of chat messages")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (gRPC)")
+    p.add_argument("--json", action="store_true", help="print ids, text, finish reason and timings as JSON")
+    p.add_argument("--timeout", type=float, default=600)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.stream and args.protocol == "http":
+        sys.exit("qwen3vl-client: --stream needs --protocol grpc")
+    images = []
+    for path in args.image:
+        try:
+            images.append(Path(path).read_bytes())
+        except OSError as e:
+            sys.exit(f"qwen3vl-client: cannot read image {path}: {e}")
+    request = dict(prompt=args.prompt, images=images, max_tokens=args.max_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, model=args.model, timeout_s=args.timeout)
+    printer = None if args.json else (lambda s: print(s, end="", flush=True))
+    try:
+        answer = ask(args.url, args.protocol, args.stream, on_text=printer, **request)
+    except (ServerError, TimeoutError, ConnectionError) as e:
+        print(f"qwen3vl-client: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # tritonclient raises its own types for unreachable servers
+        print(f"qwen3vl-client: request to {args.url} failed: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        n = len(answer.token_ids)
+        decode_s = answer.total_s - answer.ttft_s
+        print(json.dumps({"text": answer.text, "output_ids": answer.token_ids, "finish_reason": answer.finish_reason,
+                          "ttft_s": round(answer.ttft_s, 4), "total_s": round(answer.total_s, 4),
+                          "tokens": n, "tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None}))
+    else:
+        print(f"\n[{answer.finish_reason}; {len(answer.token_ids)} tokens; TTFT {answer.ttft_s * 1000:.0f} ms; "
+              f"{answer.total_s:.2f} s total]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Start `qwen3vl-serve` as a child process and wait until its models are ready (demo, tests,
+benchmarks); stop it with SIGTERM like an operator would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Server:
+    """A running server: `.http_url`, `.grpc_url`, `.metrics_url`; a context manager."""
+
+    def __init__(self, checkpoint: str | Path, log_path: str | Path, role: str = "aggregated",
+                 models: tuple[str, ...] = ("ensemble",), ready_timeout_s: float = 600, extra: list[str] = ()):
+        self.checkpoint, self.log_path, self.role = Path(checkpoint), Path(log_path), role
+        self.models, self.ready_timeout_s, self.extra = models, ready_timeout_s, list(extra)
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.http_url = f"127.0.0.1:{self.http_port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", "qwen3vl.serve", "--checkpoint", str(self.checkpoint), "--role", self.role,
+               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+               "--metrics-port", str(self.metrics_port), *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}; log:\n{self.tail()}")
+            try:
+                if client.is_server_ready() and all(client.is_model_ready(m) for m in self.models):
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server not ready within {self.ready_timeout_s} s; log:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

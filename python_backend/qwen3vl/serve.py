@@ -1,0 +1,154 @@
+"""`qwen3vl-serve`: run a real tritonserver on this repository's models for one checkpoint.
+
+tritonserver, the Python backend and its stubs come from the `nvidia-pytriton` wheel (no
+Docker needed); inside the `tritonserver` Docker image the image's own binary is used instead.
+The checkpoint and device reach the models through environment variables, so changing
+checkpoints needs no edit to the repository's files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+# Which models each role loads from the one repository (explicit model control), and the
+# config variant (`configs/<name>.pbtxt`) it selects where a model has one.
+ROLES = {
+    "aggregated": ["qwen3_encoder", "qwen3_language", "ensemble"],
+}
+
+
+def pytriton_dirs() -> tuple[Path, Path]:
+    """(tritonserver dir, its shared-library dir) inside the installed nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError:
+        sys.exit("qwen3vl-serve: nvidia-pytriton is not installed and no tritonserver is on PATH; run `make setup`")
+    root = Path(pytriton.__file__).parent
+    return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def python_backend_dir(server_dir: Path) -> Path:
+    """A backend directory holding libtriton_python.so, its utils and the stub for this Python,
+    assembled once (copied: Triton finds the stub next to the backend library)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen3vl-triton" / f"py{version}"
+    target = cache / "backends" / "python"
+    sources = {
+        "libtriton_python.so": server_dir / "backends/python/libtriton_python.so",
+        "triton_python_backend_utils.py": server_dir / "backends/python/triton_python_backend_utils.py",
+        "triton_python_backend_stub": server_dir / f"python_backend_stubs/{version}/triton_python_backend_stub",
+    }
+    target.mkdir(parents=True, exist_ok=True)
+    for name, src in sources.items():
+        if not src.exists():
+            sys.exit(f"qwen3vl-serve: {src} is missing from the nvidia-pytriton wheel (Python {version} unsupported?)")
+        dst = target / name
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return target.parent
+
+
+def server_command(args, backend_dir: Path | None, binary: str) -> list[str]:
+    cmd = [
+        binary,
+        f"--model-repository={args.model_repository}",
+        f"--http-port={args.http_port}",
+        f"--grpc-port={args.grpc_port}",
+        f"--metrics-port={args.metrics_port}",
+        "--model-control-mode=explicit",
+        "--exit-on-error=true",
+        f"--log-verbose={args.log_verbose}",
+    ]
+    if backend_dir:
+        cmd.append(f"--backend-directory={backend_dir}")
+    cmd += [f"--load-model={m}" for m in ROLES[args.role]]
+    return cmd + args.extra
+
+
+def server_env(args) -> dict[str, str]:
+    env = dict(os.environ)
+    # The Python backend stub must import this environment's packages (our numpy, torch,
+    # transformers and this package), whoever started us.
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    env["VIRTUAL_ENV"] = sys.prefix
+    paths = [p for p in sys.path if p and Path(p).is_dir()]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO_ROOT / "python_backend"), *paths]))
+    env["QWEN3VL_CHECKPOINT"] = str(Path(args.checkpoint).resolve())
+    env["QWEN3VL_DEVICE"] = args.device
+    env["QWEN3VL_DTYPE"] = args.dtype
+    if args.max_model_len:
+        env["QWEN3VL_MAX_MODEL_LEN"] = str(args.max_model_len)
+    return env
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if this launcher dies without forwarding a signal."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="qwen3vl-serve", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="checkpoint directory (config.json, safetensors, processor files)")
+    p.add_argument("--check", action="store_true", help="assemble the Python backend directory, print where, exit")
+    p.add_argument("--role", choices=sorted(ROLES), default="aggregated")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--max-model-len", type=int, default=0, help="prompt + generated tokens limit (0: the model's)")
+    p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.check:
+        server_dir, _ = pytriton_dirs()
+        print(f"tritonserver: {server_dir / 'bin' / 'tritonserver'}\nbackends: {python_backend_dir(server_dir)}")
+        return 0
+    if not args.checkpoint:
+        sys.exit("qwen3vl-serve: --checkpoint DIR is required")
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        sys.exit(f"qwen3vl-serve: {args.checkpoint} has no config.json (not a checkpoint directory)")
+    env = server_env(args)
+    system_binary = shutil.which("tritonserver") if os.environ.get("QWEN3VL_SYSTEM_TRITON") else None
+    if system_binary:  # e.g. the tritonserver Docker image: its own backends are in place
+        binary, backend_dir = system_binary, None
+    else:
+        server_dir, libs = pytriton_dirs()
+        binary, backend_dir = str(server_dir / "bin" / "tritonserver"), python_backend_dir(server_dir)
+        # The stub links libpython dynamically: this interpreter's LIBDIR first, or the system's
+        # older libpython loads beside our standard library.
+        libdirs = [sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
+    proc = subprocess.Popen(server_command(args, backend_dir, binary), env=env, preexec_fn=_die_with_parent)
+
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

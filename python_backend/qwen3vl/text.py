@@ -1,0 +1,245 @@
+"""The Qwen3-VL-MoE language model: our own compact decoder (checked against transformers).
+
+Module names equal checkpoint names below `model.language_model.` so loading is a copy.
+One class serves text-only and multimodal requests; deepstack is an optional argument.
+
+Shapes: B batch, T new tokens, S cache length, H hidden, D head dim, E experts, K top-k,
+I expert intermediate size, L deepstack layers, N visual tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_tensors, to_hub_expert_layout
+from .config import ModelConfig, TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back before the weight: the reference's order of operations.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MRoPE(nn.Module):
+    """Interleaved multimodal RoPE: frequency j takes its angle from stream t, h or w by j mod 3
+    (h and w only inside their sections), then the usual rotate-half application."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # stream_of[j] in {0: t, 1: h, 2: w} for each of the D/2 frequencies.
+        stream_of = torch.zeros(d // 2, dtype=torch.long)
+        for stream, offset in ((1, 1), (2, 2)):
+            stream_of[offset: cfg.mrope_section[stream] * 3: 3] = stream
+        self.register_buffer("stream_of", stream_of, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [3, B, T] -> angles [3, B, T, D/2] -> pick each frequency's stream -> [B, T, D/2]
+        angles = positions[..., None].float() * self.inv_freq
+        index = self.stream_of.view(1, 1, 1, -1).expand(1, *angles.shape[1:])
+        freqs = angles.gather(0, index)[0]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, heads, T, D]; cos/sin [B, T, D]
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Static per-layer cache: k, v [B, kv_heads, max_len, D]; `length` tokens are filled."""
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_attention_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # per head, before RoPE
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache: KVCache) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.cfg.head_dim
+        q = self.q_norm(self.q_proj(x).view(b, t, -1, d)).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_norm(self.k_proj(x).view(b, t, -1, d)).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)               # [B, Hkv, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(self.layer_idx, k, v)                          # [B, Hkv, S, D]
+        # New tokens sit at the end of the cache: causal within them, full view of the past.
+        past = k.shape[2] - t
+        mask = None
+        if t > 1:
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class SparseMoe(nn.Module):
+    """Top-k routed experts; weights fused per layer in hub layout (see checkpoint.py)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate = nn.Linear(h, e, bias=False)  # router
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))  # [E, H, 2I]
+        self.experts.down_proj = nn.Parameter(torch.empty(e, i, h))         # [E, I, H]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [M, H] -> weights [M, K] (model dtype), expert ids [M, K]
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.cfg.num_experts_per_tok, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [M, H]
+        weights, ids = self.route(x)
+        out = torch.zeros_like(x)
+        # Group token slots by expert: one gather and two matmuls per expert that was hit.
+        flat_ids = ids.flatten()
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts).tolist()
+        token_of_slot = order // ids.shape[1]
+        w_of_slot = weights.flatten()[order]
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            tokens = token_of_slot[start:start + n]
+            gate, up = (x[tokens] @ self.experts.gate_up_proj[expert]).chunk(2, dim=-1)  # [n, I] each
+            y = (F.silu(gate) * up) @ self.experts.down_proj[expert]                    # [n, H]
+            out.index_add_(0, tokens, y * w_of_slot[start:start + n, None])
+            start += n
+        return out.view(shape)
+
+
+class DenseMlp(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = SparseMoe(cfg) if cfg.is_moe_layer(layer_idx) else DenseMlp(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LanguageModel(nn.Module):
+    """`model.language_model.*` plus `lm_head`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = MRoPE(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @classmethod
+    def from_checkpoint(cls, config: ModelConfig) -> "LanguageModel":
+        cfg = config.text
+        with torch.device("meta"):
+            model = cls(cfg)
+        tensors = load_tensors(config.checkpoint, ("model.language_model.", "lm_head."),
+                               config.dtype, config.device)
+        if "weight" in tensors:  # `lm_head.weight` lost its prefix
+            tensors["lm_head.weight"] = tensors.pop("weight")
+        elif config.raw.get("tie_word_embeddings"):
+            tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+        tensors = {k: to_hub_expert_layout(k, v, cfg.hidden_size, cfg.moe_intermediate_size)
+                   for k, v in tensors.items()}
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(f"{config.checkpoint}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.rotary = MRoPE(cfg).to(config.device)  # buffers are not in the checkpoint
+        return model.eval()
+
+    def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor | None = None,
+              visual_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids [B, T] -> [B, T, H], image placeholders replaced by visual_embeds [N, H]
+        x = self.embed_tokens(input_ids)
+        if visual_embeds is not None and visual_embeds.shape[0]:
+            x = x.masked_scatter(visual_mask[..., None], visual_embeds.to(x.dtype))
+        return x
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                visual_mask: torch.Tensor | None = None,
+                deepstack_embeds: torch.Tensor | None = None,
+                last_only: bool = True) -> torch.Tensor:
+        """x [B, T, H] embeddings of the new tokens, positions [3, B, T] (t/h/w streams).
+        deepstack_embeds [L, N, H] is added after layer i < L at visual_mask [B, T] (N True).
+        Returns logits [B, 1, V] (last_only) or [B, T, V]; fp32."""
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache)
+            if deepstack_embeds is not None and i < deepstack_embeds.shape[0] and deepstack_embeds.shape[1]:
+                x = x.clone()
+                x[visual_mask] = x[visual_mask] + deepstack_embeds[i].to(x.dtype)
+        cache.length += x.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache(self.cfg, batch, max_len, w.dtype, w.device)

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random checkpoints, the transformers reference, and real servers."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen3vl.launch import Server
+from qwen3vl.make_checkpoint import make_checkpoint
+
+LOG_DIR = Path(os.environ.get("QWEN3VL_TEST_LOGS", Path(__file__).resolve().parents[1] / ".work" / "test-logs"))
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    """A random-noise PNG (noise, so every patch differs and a mix-up shows)."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-hub", "tiny", seed=0, layout="hub")
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint):
+    """transformers' model and the checkpoint's own processor: the oracle."""
+    from transformers import AutoProcessor, Qwen3VLMoeForConditionalGeneration
+
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint):
+    """One aggregated tritonserver for the session (ensemble, encoder, language)."""
+    with Server(checkpoint, LOG_DIR / "aggregated.log", models=("ensemble", "qwen3_encoder", "qwen3_language"),
+                extra=["--device", "cpu"]) as s:
+        yield s
+        assert s.alive(), f"server died during the tests:\n{s.tail()}"
+
+
+def reference_inputs(processor, prompt: str, images: list[bytes]):
+    """What transformers gets for the same request: the processor on the same image bytes, with
+    the images first in one user turn (our documented default placement)."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    pil = [Image.open(io.BytesIO(b)) for b in images]
+    return processor(text=[text], images=pil or None, return_tensors="pt")
+
+
+def reference_generate(reference, prompt: str, images: list[bytes], max_new_tokens: int) -> list[int]:
+    model, processor = reference
+    inputs = reference_inputs(processor, prompt, images)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()

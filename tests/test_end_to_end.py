@@ -1,0 +1,117 @@
+"""The served pipeline against transformers' generate(do_sample=False), through the ensemble
+over gRPC (streaming) and HTTP (one response), plus sampling, chat and error handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import png, reference_generate
+from qwen3vl.client import ServerError, ask, infer, stream_grpc
+
+MAX_NEW = 12
+CASES = {
+    "text-only": [],
+    "one-image": [png(200, 130, 1)],
+    "two-images": [png(96, 300, 2), png(260, 180, 3)],
+}
+PROMPT = "Describe the picture."
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    return {case: reference_generate(reference, PROMPT, images, MAX_NEW) for case, images in CASES.items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grpc_streaming_matches_transformers(server, expected, case):
+    chunks = list(stream_grpc(server.grpc_url, prompt=PROMPT, images=CASES[case], max_tokens=MAX_NEW, temperature=0.0))
+    ids = [t for c in chunks for t in c.token_ids]
+    assert ids == expected[case]
+    assert len(chunks) == len(ids)  # one response per new token: really streamed
+    assert all(c.finish_reason == "" for c in chunks[:-1])
+    assert chunks[-1].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_http_one_response_matches_transformers(server, expected, case):
+    answer = infer(server.http_url, "http", prompt=PROMPT, images=CASES[case], max_tokens=MAX_NEW, temperature=0.0)
+    assert answer.token_ids == expected[case]
+    assert answer.finish_reason == ("stop" if len(answer.token_ids) < MAX_NEW else "length")
+
+
+def test_language_model_serves_text_only_directly(server, expected):
+    chunks = list(stream_grpc(server.grpc_url, model="qwen3_language", prompt=PROMPT, max_tokens=MAX_NEW,
+                              temperature=0.0))
+    assert [t for c in chunks for t in c.token_ids] == expected["text-only"]
+
+
+def test_streamed_text_equals_whole_text(server, checkpoint):
+    from transformers import AutoTokenizer
+
+    images = CASES["one-image"]
+    streamed = ask(server.grpc_url, "grpc", True, prompt="Hello there", images=images, max_tokens=20, temperature=0.0)
+    whole = infer(server.grpc_url, "grpc", prompt="Hello there", images=images, max_tokens=20, temperature=0.0)
+    assert streamed.token_ids == whole.token_ids
+    assert streamed.text == whole.text
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    assert whole.text == tok.decode(whole.token_ids, skip_special_tokens=True)
+
+
+def test_sampling_with_a_seed_repeats_and_seeds_differ(server):
+    def sample(seed):
+        return infer(server.http_url, "http", prompt="Tell me a story", max_tokens=16, temperature=1.0,
+                     top_p=0.95, top_k=50, seed=seed).token_ids
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    assert sample(9) != first
+
+
+def test_chat_messages_with_system_prompt_and_image_markers(server, reference):
+    model, processor = reference
+    image = CASES["one-image"][0]
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image"},
+                                     {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A picture."},
+        {"role": "user", "content": "Say more."},
+    ]
+    import io
+
+    from PIL import Image
+
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.open(io.BytesIO(image))], return_tensors="pt")
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    got = infer(server.http_url, "http", prompt=json.dumps(messages), images=[image], max_tokens=8, temperature=0.0)
+    assert got.token_ids == want
+    # `<image>` markers place images inside a plain prompt: same as the equivalent chat.
+    marked = infer(server.http_url, "http", prompt="Look:<image>What is it?", images=[image], max_tokens=8,
+                   temperature=0.0)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image"},
+                                         {"type": "text", "text": "What is it?"}]}]
+    assert marked.token_ids == infer(server.http_url, "http", prompt=json.dumps(chat), images=[image], max_tokens=8,
+                                     temperature=0.0).token_ids
+
+
+@pytest.mark.parametrize("request_kwargs, message", [
+    (dict(prompt="hi", max_tokens=0), "max_tokens must be >= 1"),
+    (dict(prompt="hi", temperature=-1.0), "temperature must be >= 0"),
+    (dict(prompt="hi", top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(prompt="a <image> and <image>", images=[png(64, 64, 1)]), "2 '<image>' markers but the request has 1"),
+    (dict(prompt="[not json", images=[]), "not a JSON message list"),
+    (dict(prompt="hi", images=[b"\x89PNG broken"]), r"images\[0\].*not a decodable image"),
+    (dict(prompt="hi", max_tokens=10**7), "exceeds the model's limit"),
+])
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_requests_get_clear_errors_and_server_stays_healthy(server, protocol, request_kwargs, message):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    with pytest.raises(ServerError, match=message):
+        infer(url, protocol, **request_kwargs)
+    assert infer(url, protocol, prompt="still there?", max_tokens=2, temperature=0.0).finish_reason == "length"
