@@ -76,3 +76,12 @@ def test_transposed_experts_are_rejected(tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="down_proj.*fits neither"):
         Engine.from_checkpoint(ModelConfig.load(ckpt, device="cpu"))
+
+
+def test_moe_gathered_and_grouped_paths_agree(served):
+    """Decode (few slots) takes the gathered path, prefill the grouped one: same function."""
+    engine, _ = served
+    moe = engine.model.layers[0].mlp
+    x = torch.randn(5, engine.config.text.hidden_size)
+    weights, ids = moe.route(x)
+    torch.testing.assert_close(moe._gathered(x, weights, ids), moe._grouped(x, weights, ids), rtol=1e-5, atol=1e-6)

@@ -134,10 +134,32 @@ class SparseMoe(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
 
+    # Up to this many (token, expert) slots take the gathered path: no host sync, weights of
+    # the chosen experts only (decode); above it, tokens are grouped per expert (prefill).
+    GATHER_MAX_SLOTS = 64
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [M, H]
         weights, ids = self.route(x)
+        if ids.numel() <= self.GATHER_MAX_SLOTS:
+            out = self._gathered(x, weights, ids)
+        else:
+            out = self._grouped(x, weights, ids)
+        return out.view(shape)
+
+    def _gathered(self, x, weights, ids):
+        # x [M, H], ids/weights [M, K] -> per slot a [1, H] @ [H, 2I] and [1, I] @ [I, H]
+        m, k = ids.shape
+        gate_up = self.experts.gate_up_proj[ids.flatten()]           # [M*K, H, 2I]
+        down = self.experts.down_proj[ids.flatten()]                  # [M*K, I, H]
+        xs = x.repeat_interleave(k, dim=0)[:, None]                   # [M*K, 1, H]
+        gate, up = torch.bmm(xs, gate_up).chunk(2, dim=-1)            # [M*K, 1, I] each
+        y = torch.bmm(F.silu(gate) * up, down)[:, 0]                  # [M*K, H]
+        y = y * weights.reshape(-1, 1)
+        return y.view(m, k, -1).sum(dim=1)                            # [M, H]
+
+    def _grouped(self, x, weights, ids):
         out = torch.zeros_like(x)
         # Group token slots by expert: one gather and two matmuls per expert that was hit.
         flat_ids = ids.flatten()
@@ -154,7 +176,7 @@ class SparseMoe(nn.Module):
             y = (F.silu(gate) * up) @ self.experts.down_proj[expert]                    # [n, H]
             out.index_add_(0, tokens, y * w_of_slot[start:start + n, None])
             start += n
-        return out.view(shape)
+        return out
 
 
 class DenseMlp(nn.Module):
