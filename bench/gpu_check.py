@@ -101,6 +101,14 @@ def parity(preset, dtype, device, workdir):
     logits = engine.prefill_logits(prompt, features)
     tokens = [t for s in engine.generate(prompt, features, engine.params(max_tokens=32, temperature=0.0))
               for t in s.token_ids]
+    oracle = {}
+    if dtype != torch.float32:
+        # bf16 oracle: how far each bf16 implementation lands from the fp32 reference.
+        ref32 = Qwen3VLMoeForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
+        with torch.no_grad():
+            truth = ref32(**inputs.to(device)).logits[0].float()
+        del ref32
+        oracle = {"ours_vs_fp32_rel_err": rel_err(logits, truth), "transformers_vs_fp32_rel_err": rel_err(ref_logits, truth)}
     same_prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), min(len(tokens), len(ref_tokens)))
     return {
         "preset": preset, "dtype": str(dtype).removeprefix("torch."),
@@ -110,7 +118,7 @@ def parity(preset, dtype, device, workdir):
         "logits_rel_err": rel_err(logits, ref_logits),
         "logits_max_abs": float((logits - ref_logits).abs().max()),
         "argmax_agree": float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
-        "greedy_tokens_equal_prefix": f"{same_prefix}/{len(ref_tokens)}",
+        "greedy_tokens_equal_prefix": f"{same_prefix}/{len(ref_tokens)}", **oracle,
     }
 
 
@@ -275,11 +283,13 @@ def main():
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1))
 
     print(f"\n## GPU check on {result['device']} (torch {result['torch']}, transformers {result['transformers']})\n")
-    print("| parity | dtype | visual max abs | deepstack max abs | logits rel err | argmax agree | greedy prefix |")
-    print("|---|---|---|---|---|---|---|")
+    print("| parity | dtype | visual max abs | deepstack max abs | logits rel err | argmax agree | greedy prefix "
+          "| ours vs fp32 | transformers vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in result["parity"]:
         print(f"| {r['preset']} | {r['dtype']} | {r['visual_embeds_max_abs']:.2e} | {r['deepstack_max_abs']:.2e} | "
-              f"{r['logits_rel_err']:.2e} | {r['argmax_agree']:.3f} | {r['greedy_tokens_equal_prefix']} |")
+              f"{r['logits_rel_err']:.2e} | {r['argmax_agree']:.3f} | {r['greedy_tokens_equal_prefix']} | "
+              f"{r.get('ours_vs_fp32_rel_err', float('nan')):.2e} | {r.get('transformers_vs_fp32_rel_err', float('nan')):.2e} |")
     s, f = result["slice_vs_transformers"], result["full_model"]
     print(f"\n| benchmark (30B-A3B dims, random weights, bf16) | ours | transformers | ours/transformers |")
     print("|---|---|---|---|")

@@ -134,49 +134,42 @@ class SparseMoe(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
 
-    # Up to this many (token, expert) slots take the gathered path: no host sync, weights of
-    # the chosen experts only (decode); above it, tokens are grouped per expert (prefill).
-    GATHER_MAX_SLOTS = 64
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [M, H]
-        weights, ids = self.route(x)
-        if ids.numel() <= self.GATHER_MAX_SLOTS:
-            out = self._gathered(x, weights, ids)
-        else:
-            out = self._grouped(x, weights, ids)
-        return out.view(shape)
-
-    def _gathered(self, x, weights, ids):
-        # x [M, H], ids/weights [M, K] -> per slot a [1, H] @ [H, 2I] and [1, I] @ [I, H]
+        x = x.reshape(-1, shape[-1])                                  # [M, H]
+        weights, ids = self.route(x)                                  # [M, K]
         m, k = ids.shape
-        gate_up = self.experts.gate_up_proj[ids.flatten()]           # [M*K, H, 2I]
-        down = self.experts.down_proj[ids.flatten()]                  # [M*K, I, H]
-        xs = x.repeat_interleave(k, dim=0)[:, None]                   # [M*K, 1, H]
-        gate, up = torch.bmm(xs, gate_up).chunk(2, dim=-1)            # [M*K, 1, I] each
-        y = torch.bmm(F.silu(gate) * up, down)[:, 0]                  # [M*K, H]
-        y = y * weights.reshape(-1, 1)
-        return y.view(m, k, -1).sum(dim=1)                            # [M, H]
+        # Slots (token, expert) sorted by expert: each expert's rows are contiguous, so one
+        # grouped matmul per projection covers every expert that was hit (and no other).
+        sorted_ids, order = torch.sort(ids.flatten())                 # [M*K]
+        counts = torch.histc(sorted_ids.float(), bins=self.cfg.num_experts, min=0, max=self.cfg.num_experts - 1)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)             # [E], end row of each expert
+        xs = x[order // k]                                            # [M*K, H]
+        gate, up = grouped_mm(xs, self.experts.gate_up_proj, offsets).chunk(2, dim=-1)  # [M*K, I] each
+        y = grouped_mm(F.silu(gate) * up, self.experts.down_proj, offsets)            # [M*K, H]
+        y = y * weights.flatten()[order, None]
+        out = torch.empty_like(y)
+        out[order] = y                                                # back to (token, k) order
+        # One sum over k per token (fp32 accumulation, one rounding), not k in-place adds.
+        return out.view(m, k, -1).sum(dim=1).view(shape)
 
-    def _grouped(self, x, weights, ids):
-        out = torch.zeros_like(x)
-        # Group token slots by expert: one gather and two matmuls per expert that was hit.
-        flat_ids = ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts).tolist()
-        token_of_slot = order // ids.shape[1]
-        w_of_slot = weights.flatten()[order]
-        start = 0
-        for expert, n in enumerate(counts):
-            if n == 0:
-                continue
-            tokens = token_of_slot[start:start + n]
-            gate, up = (x[tokens] @ self.experts.gate_up_proj[expert]).chunk(2, dim=-1)  # [n, I] each
-            y = (F.silu(gate) * up) @ self.experts.down_proj[expert]                    # [n, H]
-            out.index_add_(0, tokens, y * w_of_slot[start:start + n, None])
-            start += n
-        return out
+
+_FAST_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """x [S, in] with rows grouped by expert, w [E, in, out], offsets [E] int32 cumulative row
+    ends -> [S, out]. torch's grouped GEMM where it takes this device and dtype (no host sync),
+    else one matmul per non-empty group."""
+    if fast and _FAST_GROUPED_MM is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return _FAST_GROUPED_MM(x, w, offs=offsets)
+    out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[expert], out=out[start:end])
+        start = end
+    return out
 
 
 class DenseMlp(nn.Module):
