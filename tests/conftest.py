@@ -49,6 +49,8 @@ def reference(checkpoint):
 @pytest.fixture(scope="session")
 def server(checkpoint):
     """One aggregated tritonserver for the session (ensemble, encoder, language)."""
+    # A short queue delay lets concurrent encoder requests meet in one forward deterministically.
+    os.environ["QWEN3VL_ENCODER_MAX_QUEUE_DELAY_MS"] = "50"
     with Server(checkpoint, LOG_DIR / "aggregated.log", models=("ensemble", "qwen3_encoder", "qwen3_language"),
                 extra=["--device", "cpu"]) as s:
         yield s

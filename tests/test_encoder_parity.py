@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
 
 from conftest import jpeg, png, reference_inputs
+from qwen3vl import client
 
 IMAGE_SETS = {
     "landscape": [png(200, 130, 1)],
@@ -18,11 +18,7 @@ IMAGE_SETS = {
 
 
 def encode(server, images: list[bytes]):
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    inp = grpcclient.InferInput("images", [len(images)], "BYTES")
-    inp.set_data_from_numpy(np.array(images, dtype=object))
-    result = client.infer("qwen3_encoder", [inp])
-    return {name: result.as_numpy(name) for name in ("visual_embeds", "deepstack_embeds", "image_grid_thw")}
+    return client.encode(server.grpc_url, images)
 
 
 @pytest.mark.parametrize("name", sorted(IMAGE_SETS))
@@ -49,15 +45,38 @@ def test_encoder_matches_transformers(server, reference, name):
 
 
 def test_encoder_without_images_returns_empty_tensors(server):
-    client = grpcclient.InferenceServerClient(server.grpc_url)
     # `images` is optional: the ensemble sends text-only requests through the encoder this way.
-    result = client.infer("qwen3_encoder", [])
-    assert result.as_numpy("visual_embeds").shape[0] == 0
-    assert result.as_numpy("deepstack_embeds").shape[:2] == (3, 0)
-    assert result.as_numpy("image_grid_thw").shape == (0, 3)
+    result = encode(server, [])
+    assert result["visual_embeds"].shape[0] == 0
+    assert result["deepstack_embeds"].shape[:2] == (3, 0)
+    assert result["image_grid_thw"].shape == (0, 3)
 
 
 def test_bad_image_is_a_clear_error_and_server_stays_healthy(server):
     with pytest.raises(Exception, match=r"images\[1\].*not a decodable image"):
         encode(server, [png(64, 64, 1), b"this is not an image"])
     assert encode(server, [png(64, 64, 1)])["visual_embeds"].shape[0] > 0
+
+
+def metric(server, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_images_of_concurrent_requests_share_one_forward(server):
+    """Requests that arrive together are encoded in one vision forward, each still getting
+    exactly its own features."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [[png(64 + 16 * i, 64, 100 + i)] for i in range(6)]
+    alone = [encode(server, r) for r in requests]
+    forwards, images = metric(server, "qwen3vl_encoder_forwards_total"), metric(server, "qwen3vl_encoder_images_total")
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: encode(server, r), requests))
+    assert metric(server, "qwen3vl_encoder_images_total") - images == len(requests)
+    assert metric(server, "qwen3vl_encoder_forwards_total") - forwards < len(requests)
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(b["visual_embeds"], a["visual_embeds"], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(b["image_grid_thw"], a["image_grid_thw"])

@@ -75,17 +75,16 @@ def _chunk(result) -> Chunk:
                  reason.reshape(-1)[0].decode() if reason is not None else "")
 
 
-def stream_grpc(url: str, model: str = "ensemble", timeout_s: float = 600, stream: bool = True,
-                **request) -> Iterator[Chunk]:
-    """Chunks of one request over gRPC's bidirectional stream (decoupled models need it): one
-    per new piece of text with `stream`, else a single one; the last has a finish reason."""
+def stream_results(url: str, model: str, inputs_for, timeout_s: float = 600) -> Iterator:
+    """Results of one request over gRPC's bidirectional stream (what decoupled models need),
+    until the response flagged final. `inputs_for(tritonclient.grpc)` builds the inputs."""
     import tritonclient.grpc as grpcclient
 
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, build_inputs(grpcclient, stream=stream, **request))
+        client.async_stream_infer(model, inputs_for(grpcclient), enable_empty_final_response=True)
         while True:
             try:
                 result, error = results.get(timeout=timeout_s)
@@ -93,13 +92,38 @@ def stream_grpc(url: str, model: str = "ensemble", timeout_s: float = 600, strea
                 raise TimeoutError(f"no response from {url} within {timeout_s} s") from None
             if error is not None:
                 raise ServerError(str(error))
-            chunk = _chunk(result)
-            yield chunk
-            if chunk.finish_reason:
+            response = result.get_response()
+            if response.outputs:
+                yield result
+            if response.parameters["triton_final_response"].bool_param:
                 return
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
+
+
+def stream_grpc(url: str, model: str = "ensemble", timeout_s: float = 600, stream: bool = True,
+                **request) -> Iterator[Chunk]:
+    """Chunks of one generation request: one per new piece of text with `stream`, else a
+    single one; the last has a finish reason."""
+    inputs_for = lambda module: build_inputs(module, stream=stream, **request)  # noqa: E731
+    for result in stream_results(url, model, inputs_for, timeout_s):
+        yield _chunk(result)
+
+
+def encode(url: str, images: list[bytes], model: str = "qwen3_encoder", timeout_s: float = 600) -> dict:
+    """The encoder's E->L tensors for these images: {name: numpy array}."""
+    def inputs_for(module):
+        if not images:
+            return []
+        t = module.InferInput(contract.IMAGES, [len(images)], "BYTES")
+        t.set_data_from_numpy(np.array(list(images), dtype=object))
+        return [t]
+
+    names = (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW)
+    for result in stream_results(url, model, inputs_for, timeout_s):
+        return {name: result.as_numpy(name) for name in names}
+    raise ServerError(f"{model} sent no outputs")
 
 
 def infer(url: str, protocol: str = "http", model: str = "ensemble", timeout_s: float = 600, **request) -> Chunk:

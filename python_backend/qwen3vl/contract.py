@@ -21,3 +21,8 @@ IMAGE_GRID_THW = "image_grid_thw"      # INT64 [k, 3]
 
 # Triton data type of each model dtype name, for the E->L tensors.
 TRITON_DTYPE = {"float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}
+
+# The language model's request inputs. Inside the ensemble they travel through the encoder
+# step unchanged: Triton requires every input of a step that follows a decoupled step (the
+# batching encoder) to come from that step, not straight from the ensemble's inputs.
+LANGUAGE_REQUEST_INPUTS = (TEXT_INPUT, MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, STREAM)

@@ -236,12 +236,18 @@ class Worker:
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
             try:
-                if job.is_cancelled():
-                    job.emit(Step([], "", "cancelled"))
-                    continue
-                for step in self.engine.generate(job.text, job.features, job.params, job.is_cancelled):
-                    job.emit(step)
-            except Exception as e:  # noqa: BLE001 - every failure goes back to its request
-                if not isinstance(e, (RequestError, ValueError)):
-                    log.exception("generation failed")
-                job.fail(e)
+                self._generate(job)
+            except Exception:  # noqa: BLE001 - a reply that cannot be sent must not stop the worker
+                log.exception("could not deliver a response")
+
+    def _generate(self, job: Job) -> None:
+        try:
+            if job.is_cancelled():
+                job.emit(Step([], "", "cancelled"))
+                return
+            for step in self.engine.generate(job.text, job.features, job.params, job.is_cancelled):
+                job.emit(step)
+        except Exception as e:  # noqa: BLE001 - every failure goes back to its request
+            if not isinstance(e, ValueError):
+                log.exception("generation failed")
+            job.fail(e)

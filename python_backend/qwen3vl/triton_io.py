@@ -14,22 +14,23 @@ from . import contract
 from .config import ModelConfig, resolve_dtype
 
 
-def model_config_from_env(parameters: dict | None = None) -> ModelConfig:
-    """The checkpoint and device for a served model: environment variables (set by
-    `qwen3vl-serve` or a container) over config.pbtxt parameters of the same lower-case name."""
+def setting(parameters: dict | None, name: str, default: str = "") -> str:
+    """A served model's setting: the environment variable QWEN3VL_<NAME> (set by `qwen3vl-serve`
+    or a container) over the config.pbtxt parameter <name>, over the default."""
     params = {k: v.get("string_value", "") for k, v in (parameters or {}).items()}
+    return os.environ.get(f"QWEN3VL_{name.upper()}") or params.get(name) or default
 
-    def setting(name: str, default: str = "") -> str:
-        return os.environ.get(f"QWEN3VL_{name.upper()}") or params.get(name) or default
 
-    checkpoint = setting("checkpoint")
+def model_config_from_env(parameters: dict | None = None) -> ModelConfig:
+    """The checkpoint, device and dtype for a served model (see `setting`)."""
+    checkpoint = setting(parameters, "checkpoint")
     if not checkpoint:
         raise ValueError("no checkpoint: set QWEN3VL_CHECKPOINT (qwen3vl-serve --checkpoint does) "
                          "or the model's `checkpoint` parameter")
-    device = setting("device", "auto")
+    device = setting(parameters, "device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ModelConfig.load(checkpoint, device=device, dtype=setting("dtype", "auto"))
+    return ModelConfig.load(checkpoint, device=device, dtype=setting(parameters, "dtype", "auto"))
 
 
 def served_dtype_name() -> str:

@@ -11,7 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -20,6 +25,9 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVis
 
 from .checkpoint import load_tensors
 from .config import ModelConfig
+
+
+log = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
@@ -111,3 +119,67 @@ class VisionEncoder:
             image_start += len(req)
             token_start += n
         return results
+
+
+@dataclass
+class EncodeJob:
+    images: list[bytes]
+    done: Callable[["VisualFeatures | Exception"], None]
+
+
+class EncodeBatcher:
+    """Collects the requests that arrive while the tower is busy (or within `max_delay_s` of
+    the first) and encodes them in one forward, up to `max_images` images per forward.
+    `on_batch(requests, images, seconds)` reports each forward (metrics)."""
+
+    def __init__(self, encoder: VisionEncoder, max_delay_s: float = 0.0, max_images: int = 64,
+                 on_batch: Callable[[int, int, float], None] | None = None):
+        self.encoder, self.max_delay_s, self.max_images = encoder, max_delay_s, max_images
+        self.on_batch = on_batch or (lambda *_: None)
+        self.jobs: queue.Queue[EncodeJob | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="qwen3vl-encoder", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: EncodeJob) -> None:
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _next_batch(self) -> list[EncodeJob] | None:
+        first = self.jobs.get()
+        if first is None:
+            return None
+        batch, images = [first], len(first.images)
+        deadline = time.monotonic() + self.max_delay_s
+        while images < self.max_images:
+            try:
+                job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:  # stop after this batch
+                self.jobs.put(None)
+                break
+            batch.append(job)
+            images += len(job.images)
+        return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            start = time.perf_counter()
+            try:
+                results = self.encoder.encode([job.images for job in batch])
+            except Exception as e:  # noqa: BLE001 - a failed forward fails its requests only
+                log.exception("vision forward failed")
+                results = [RuntimeError(f"vision encoder failed: {e}")] * len(batch)
+            encoded = sum(len(j.images) for j, r in zip(batch, results) if not isinstance(r, Exception))
+            try:
+                self.on_batch(len(batch), encoded, time.perf_counter() - start)
+            except Exception:  # noqa: BLE001 - metrics must never stop the encoder
+                log.exception("encoder batch report failed")
+            for job, result in zip(batch, results):
+                try:
+                    job.done(result)
+                except Exception:  # noqa: BLE001 - one failed reply must not stop the others
+                    log.exception("encoder reply failed")
