@@ -50,16 +50,20 @@ class Server:
     def wait_ready(self) -> None:
         import tritonclient.http as httpclient
 
-        client = httpclient.InferenceServerClient(self.http_url)
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.proc.returncode}; log:\n{self.tail()}")
+            # A fresh, closed client each poll: an open keep-alive connection would hold up the
+            # server's shutdown until its exit timeout.
+            client = httpclient.InferenceServerClient(self.http_url)
             try:
                 if client.is_server_ready() and all(client.is_model_ready(m) for m in self.models):
                     return
             except Exception:  # not listening yet
                 pass
+            finally:
+                client.close()
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"server not ready within {self.ready_timeout_s} s; log:\n{self.tail()}")

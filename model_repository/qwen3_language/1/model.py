@@ -1,6 +1,7 @@
 """Thin decoupled Triton shell over qwen3vl.engine: requests in, streamed responses out."""
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -22,15 +23,40 @@ def _response(text: str, ids: list[int], finish_reason: str):
     ])
 
 
+class _Metrics:
+    def __init__(self):
+        self.families, self.counters = [], {}
+        for key, name, description in (
+            ("requests", "qwen3vl_language_requests_total", "Generation requests finished"),
+            ("failures", "qwen3vl_language_failures_total", "Generation requests failed"),
+            ("tokens", "qwen3vl_language_generated_tokens_total", "Tokens generated"),
+            ("ttft", "qwen3vl_language_first_token_seconds_total", "Sum of time to first token"),
+        ):
+            # The family must outlive its metric: keep both.
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+            self.families.append(family)
+            self.counters[key] = family.Metric(labels={"model": "qwen3_language"})
+
+    def add(self, key: str, value: float) -> None:
+        self.counters[key].increment(value)
+
+
 class _Stream:
     """Sends a request's steps: each as it comes when streaming, else one response at the end."""
 
-    def __init__(self, sender, stream: bool):
-        self.sender, self.stream = sender, stream
+    def __init__(self, sender, stream: bool, metrics: _Metrics):
+        self.sender, self.stream, self.metrics = sender, stream, metrics
         self.text, self.ids = [], []
+        self.start, self.first = time.perf_counter(), True
 
     def emit(self, step: Step) -> None:
         done = bool(step.finish_reason)
+        if self.first:
+            self.metrics.add("ttft", time.perf_counter() - self.start)
+            self.first = False
+        self.metrics.add("tokens", len(step.token_ids))
+        if done:
+            self.metrics.add("requests", 1)
         if self.stream:
             self.sender.send(_response(step.text, step.token_ids, step.finish_reason), flags=FINAL if done else 0)
             return
@@ -40,6 +66,7 @@ class _Stream:
             self.sender.send(_response("".join(self.text), self.ids, step.finish_reason), flags=FINAL)
 
     def fail(self, error: Exception) -> None:
+        self.metrics.add("failures", 1)
         self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
 
 
@@ -66,6 +93,7 @@ class TritonPythonModel:
         self.config = model_config_from_env(model_config.get("parameters"))
         self.engine = Engine.from_checkpoint(self.config)
         self.worker = Worker(self.engine)
+        self.metrics = _Metrics()
 
     def _job(self, request, stream: _Stream) -> Job:
         text = scalar(_input(request, contract.TEXT_INPUT), str)
@@ -91,7 +119,7 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            stream = _Stream(sender, bool(scalar(_input(request, contract.STREAM), bool) or False))
+            stream = _Stream(sender, bool(scalar(_input(request, contract.STREAM), bool) or False), self.metrics)
             try:
                 self.worker.submit(self._job(request, stream))
             except Exception as e:  # bad input: this request fails, the model carries on

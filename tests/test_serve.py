@@ -1,0 +1,59 @@
+"""The launcher and the demo, as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+from conftest import LOG_DIR
+from qwen3vl.client import infer
+from qwen3vl.launch import Server
+
+
+def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
+    server = Server(checkpoint, LOG_DIR / "sigterm.log", extra=["--device", "cpu"]).start()
+    assert infer(server.http_url, "http", prompt="hi", max_tokens=2, temperature=0.0).finish_reason == "length"
+    start = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - start < 60
+    assert "successfully unloaded 'qwen3_language'" in server.tail(200)
+
+
+def test_metrics_count_requests_and_tokens(server):
+    def value(name):
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + "{"))
+
+    requests, tokens = value("qwen3vl_language_requests_total"), value("qwen3vl_language_generated_tokens_total")
+    infer(server.http_url, "http", prompt="count me", max_tokens=5, temperature=0.0)
+    assert value("qwen3vl_language_requests_total") == requests + 1
+    assert value("qwen3vl_language_generated_tokens_total") == tokens + 5
+
+
+def test_demo_prints_a_streamed_answer(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.demo", "--preset", "tiny", "--checkpoint",
+                          str(tmp_path / "ckpt"), "--max-tokens", "8"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "8 streamed responses, 8 tokens, finish_reason=length" in out.stdout
+    assert "TTFT" in out.stdout
+
+
+def test_client_cli_json(server):
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.client", "--url", server.grpc_url, "--prompt", "hello",
+                          "--max-tokens", "4", "--temperature", "0", "--stream", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    answer = json.loads(out.stdout)
+    assert len(answer["output_ids"]) == 4 and answer["finish_reason"] == "length" and answer["ttft_s"] > 0
+
+
+def test_client_cli_reports_server_errors(server):
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.client", "--url", server.http_url, "--protocol", "http",
+                          "--prompt", "hi", "--max-tokens", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "max_tokens must be >= 1" in out.stderr
