@@ -115,3 +115,36 @@ def test_bad_requests_get_clear_errors_and_server_stays_healthy(server, protocol
     with pytest.raises(ServerError, match=message):
         infer(url, protocol, **request_kwargs)
     assert infer(url, protocol, prompt="still there?", max_tokens=2, temperature=0.0).finish_reason == "length"
+
+
+def test_cancelling_a_stream_stops_generation(server):
+    """A client that goes away mid-stream frees the model: generation stops early."""
+    import queue
+    import time
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+
+    from qwen3vl.client import build_inputs
+
+    def generated():
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                   if l.startswith("qwen3vl_language_generated_tokens_total{"))
+
+    before = generated()
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("qwen3_language", build_inputs(grpcclient, "Tell me everything", max_tokens=4000,
+                                                              temperature=0.0, stream=True))
+    for _ in range(3):
+        result, error = results.get(timeout=60)
+        assert error is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    # The next request is served promptly: the cancelled one no longer holds the model.
+    start = time.monotonic()
+    assert infer(server.http_url, "http", prompt="next", max_tokens=2, temperature=0.0).finish_reason == "length"
+    assert time.monotonic() - start < 30
+    assert generated() - before < 4000
