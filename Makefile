@@ -8,7 +8,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup demo test serve checkpoint bench clean
+.PHONY: setup demo test serve checkpoint perf gpu-check clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,14 @@ demo: setup
 serve: checkpoint
 	$(VENV)/bin/qwen3vl-serve --checkpoint $(CHECKPOINTS)/small \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# perf_analyzer over gRPC streaming against a running server (make serve in another shell).
+perf: setup
+	$(PY) -m qwen3vl.perf --url 127.0.0.1:$(GRPC_PORT) $(PERF_ARGS)
+
+# The prepared GPU check (parity in bf16, real-size benchmark); needs a CUDA GPU.
+gpu-check: setup
+	$(PY) bench/gpu_check.py --out bench/results
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -291,7 +291,7 @@ def main():
               f"{r['logits_rel_err']:.2e} | {r['argmax_agree']:.3f} | {r['greedy_tokens_equal_prefix']} | "
               f"{r.get('ours_vs_fp32_rel_err', float('nan')):.2e} | {r.get('transformers_vs_fp32_rel_err', float('nan')):.2e} |")
     s, f = result["slice_vs_transformers"], result["full_model"]
-    print(f"\n| benchmark (30B-A3B dims, random weights, bf16) | ours | transformers | ours/transformers |")
+    print("\n| benchmark (30B-A3B dims, random weights, bf16) | ours | transformers | ours/transformers |")
     print("|---|---|---|---|")
     print(f"| {s['layers']}-layer slice, prefill {s['prompt_len']} tokens (ms) | {s['ours_prefill_ms']:.1f} | "
           f"{s['hf_prefill_ms']:.1f} | {s['prefill_ratio_ours_over_hf']:.3f} |")

@@ -32,6 +32,22 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
+# Prompts with no, one and two images (different sizes and aspect ratios), shared by the tests.
+IMAGE_CASES = {
+    "text-only": [],
+    "one-image": [png(200, 130, 1)],
+    "two-images": [png(96, 300, 2), png(260, 180, 3)],
+}
+
+
+def metric(server, name: str) -> float:
+    """A counter's value summed over its labels, from the server's Prometheus endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-hub", "tiny", seed=0, layout="hub")

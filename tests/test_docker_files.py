@@ -238,7 +238,7 @@ def test_the_container_command_serves_a_tiny_checkpoint(checkpoint, tmp_path):
             (base,) = instructions("FROM")
             assert version == triton_release_of_tag(base.partition(":")[2])
             answer = ask(f"127.0.0.1:{grpc}", "grpc", stream=True, prompt="What is this?",
-                         images=[png(64, 48, seed=5)], max_tokens=4, temperature=0.0)
+                         images=[png(64, 48, seed=5)], max_tokens=4, temperature=0.0, timeout_s=120)
             assert answer.token_ids and answer.finish_reason in ("stop", "length")
         finally:
             proc.send_signal(signal.SIGTERM)

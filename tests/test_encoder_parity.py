@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import jpeg, png, reference_inputs
+from conftest import jpeg, metric, png, reference_inputs
 from qwen3vl import client
 
 IMAGE_SETS = {
@@ -53,16 +53,11 @@ def test_encoder_without_images_returns_empty_tensors(server):
 
 
 def test_bad_image_is_a_clear_error_and_server_stays_healthy(server):
+    failures = metric(server, "qwen3vl_encoder_failures_total")
     with pytest.raises(Exception, match=r"images\[1\].*not a decodable image"):
         encode(server, [png(64, 64, 1), b"this is not an image"])
+    assert metric(server, "qwen3vl_encoder_failures_total") == failures + 1
     assert encode(server, [png(64, 64, 1)])["visual_embeds"].shape[0] > 0
-
-
-def metric(server, name: str) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_images_of_concurrent_requests_share_one_forward(server):

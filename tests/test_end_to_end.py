@@ -8,15 +8,11 @@ import json
 import pytest
 import torch
 
-from conftest import png, reference_generate
+from conftest import IMAGE_CASES, metric, png, reference_generate
 from qwen3vl.client import ServerError, ask, infer, stream_grpc
 
 MAX_NEW = 12
-CASES = {
-    "text-only": [],
-    "one-image": [png(200, 130, 1)],
-    "two-images": [png(96, 300, 2), png(260, 180, 3)],
-}
+CASES = IMAGE_CASES
 PROMPT = "Describe the picture."
 
 
@@ -121,16 +117,13 @@ def test_cancelling_a_stream_stops_generation(server):
     """A client that goes away mid-stream frees the model: generation stops early."""
     import queue
     import time
-    import urllib.request
 
     import tritonclient.grpc as grpcclient
 
     from qwen3vl.client import build_inputs
 
     def generated():
-        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-                   if l.startswith("qwen3vl_language_generated_tokens_total{"))
+        return metric(server, "qwen3vl_language_generated_tokens_total")
 
     before = generated()
     results: queue.Queue = queue.Queue()

@@ -6,17 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import png, reference_inputs
+from conftest import IMAGE_CASES, reference_inputs
 from qwen3vl.config import ModelConfig
 from qwen3vl.engine import Engine
 from qwen3vl.make_checkpoint import make_checkpoint
 from qwen3vl.vision import VisionEncoder
 
-CASES = {
-    "text-only": [],
-    "one-image": [png(200, 130, 1)],
-    "two-images": [png(96, 300, 2), png(260, 180, 3)],
-}
+CASES = IMAGE_CASES
 PROMPT = "What is in the picture? Answer in one sentence."
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 
-from conftest import LOG_DIR
+from conftest import LOG_DIR, metric
 from qwen3vl.client import infer
 from qwen3vl.launch import Server
 
@@ -23,8 +22,7 @@ def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
 
 def test_metrics_count_requests_and_tokens(server):
     def value(name):
-        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + "{"))
+        return metric(server, name)
 
     requests, tokens = value("qwen3vl_language_requests_total"), value("qwen3vl_language_generated_tokens_total")
     infer(server.http_url, "http", prompt="count me", max_tokens=5, temperature=0.0)

@@ -17,8 +17,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
+DEFAULT_MODEL_REPOSITORY = os.environ.get("QWEN3VL_MODEL_REPOSITORY") or str(REPO_ROOT / "model_repository")
 
 # Which models each role loads from the one repository (explicit model control), and the
 # config variant (`configs/<name>.pbtxt`) it selects where a model has one.
@@ -83,7 +83,8 @@ def server_env(args) -> dict[str, str]:
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     env["VIRTUAL_ENV"] = sys.prefix
     paths = [p for p in sys.path if p and Path(p).is_dir()]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO_ROOT / "python_backend"), *paths]))
+    package_root = str(Path(__file__).resolve().parents[1])  # wherever this package is imported from
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *paths]))
     env["QWEN3VL_CHECKPOINT"] = str(Path(args.checkpoint).resolve())
     env["QWEN3VL_DEVICE"] = args.device
     env["QWEN3VL_DTYPE"] = args.dtype
@@ -129,17 +130,21 @@ def main(argv=None) -> int:
         sys.exit("qwen3vl-serve: --checkpoint DIR is required")
     if not (Path(args.checkpoint) / "config.json").is_file():
         sys.exit(f"qwen3vl-serve: {args.checkpoint} has no config.json (not a checkpoint directory)")
+    if not (Path(args.model_repository) / "ensemble" / "config.pbtxt").is_file():
+        sys.exit(f"qwen3vl-serve: {args.model_repository} is not this project's model repository; "
+                 "pass --model-repository or set QWEN3VL_MODEL_REPOSITORY")
     env = server_env(args)
+    # The Python backend stub links libpython dynamically: this interpreter's LIBDIR first, or
+    # the system's older libpython loads beside our standard library.
+    libdirs = [sysconfig.get_config_var("LIBDIR")]
     system_binary = shutil.which("tritonserver") if os.environ.get("QWEN3VL_SYSTEM_TRITON") else None
     if system_binary:  # e.g. the tritonserver Docker image: its own backends are in place
         binary, backend_dir = system_binary, None
     else:
         server_dir, libs = pytriton_dirs()
         binary, backend_dir = str(server_dir / "bin" / "tritonserver"), python_backend_dir(server_dir)
-        # The stub links libpython dynamically: this interpreter's LIBDIR first, or the system's
-        # older libpython loads beside our standard library.
-        libdirs = [sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH", "")]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
+        libdirs.append(str(libs))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in [*libdirs, env.get("LD_LIBRARY_PATH", "")] if d)
     proc = subprocess.Popen(server_command(args, backend_dir, binary), env=env, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):

@@ -45,6 +45,7 @@ class TritonPythonModel:
             "images": _counter(f, "qwen3vl_encoder_images_total", "Images encoded"),
             "forwards": _counter(f, "qwen3vl_encoder_forwards_total", "Vision tower forwards (one per batch)"),
             "seconds": _counter(f, "qwen3vl_encoder_forward_seconds_total", "Time in preprocessing and forwards"),
+            "failures": _counter(f, "qwen3vl_encoder_failures_total", "Requests answered with an error"),
         }
         self.batcher = EncodeBatcher(
             encoder,
@@ -72,9 +73,9 @@ class TritonPythonModel:
                 lambda result, sender=sender, passthrough=passthrough: self._respond(sender, result, passthrough)))
         return None
 
-    @staticmethod
-    def _respond(sender, result, passthrough):
+    def _respond(self, sender, result, passthrough):
         if isinstance(result, Exception):
+            self.metrics["failures"].increment(1)
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))), flags=FINAL)
             return
         sender.send(pb_utils.InferenceResponse(output_tensors=[
