@@ -248,3 +248,16 @@ def test_the_container_command_serves_a_tiny_checkpoint(checkpoint, tmp_path):
                 proc.kill()
                 rc = proc.wait()
     assert rc == 0, log_path.read_text()[-4000:]
+
+
+def test_disaggregated_compose_commands_parse_and_wire_encoders_to_the_language_server():
+    from qwen3vl.serve import parse_args
+
+    services = yaml.safe_load((DOCKER / "docker-compose.disaggregated.yml").read_text())["services"]
+    roles = {name: parse_args(s["command"][1:]) for name, s in services.items()}
+    encoders = [n for n, a in roles.items() if a.role == "encoder"]
+    (language,) = [a for a in roles.values() if a.role == "language"]
+    assert len(encoders) >= 2
+    assert sorted(language.encoder_url) == sorted(f"{n}:{roles[n].grpc_port}" for n in encoders)
+    for s in services.values():
+        assert s["build"]["dockerfile"] == "docker/Dockerfile"

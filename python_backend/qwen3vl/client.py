@@ -82,6 +82,7 @@ def stream_results(url: str, model: str, inputs_for, timeout_s: float = 600) -> 
 
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
+    finished = False
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
         client.async_stream_infer(model, inputs_for(grpcclient), enable_empty_final_response=True)
@@ -93,12 +94,16 @@ def stream_results(url: str, model: str, inputs_for, timeout_s: float = 600) -> 
             if error is not None:
                 raise ServerError(str(error))
             response = result.get_response()
+            final = response.parameters["triton_final_response"].bool_param
+            finished = final
             if response.outputs:
                 yield result
-            if response.parameters["triton_final_response"].bool_param:
+            if final:
                 return
     finally:
-        client.stop_stream(cancel_requests=True)
+        # Cancel only a request that is still running (we stopped reading early): cancelling a
+        # finished one is needless, and a server shutting down right after must not wait on it.
+        client.stop_stream(cancel_requests=not finished)
         client.close()
 
 

@@ -28,22 +28,26 @@ class Server:
     """A running server: `.http_url`, `.grpc_url`, `.metrics_url`; a context manager."""
 
     def __init__(self, checkpoint: str | Path, log_path: str | Path, role: str = "aggregated",
-                 models: tuple[str, ...] = ("ensemble",), ready_timeout_s: float = 600, extra: list[str] = ()):
+                 models: tuple[str, ...] = ("ensemble",), ready_timeout_s: float = 600, extra: list[str] = (),
+                 env: dict[str, str] | None = None):
         self.checkpoint, self.log_path, self.role = Path(checkpoint), Path(log_path), role
         self.models, self.ready_timeout_s, self.extra = models, ready_timeout_s, list(extra)
+        self.env = {**os.environ, **(env or {})}
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.http_url = f"127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Server":
+    def start(self, append: bool = False) -> "Server":
+        if self.alive():
+            raise RuntimeError(f"server on {self.grpc_url} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "ab" if append else "wb")
         cmd = [sys.executable, "-m", "qwen3vl.serve", "--checkpoint", str(self.checkpoint), "--role", self.role,
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), *self.extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         self.wait_ready()
         return self
 
@@ -74,6 +78,23 @@ class Server:
         except OSError:
             return ""
 
+    def restart(self) -> "Server":
+        """Stop and start again on the same ports (fault tests: an encoder that comes back)."""
+        self.stop()
+        return self.start(append=True)
+
+    def kill(self) -> None:
+        """SIGKILL tritonserver (a crash, not a shutdown); its launcher then exits too."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid)], check=False)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -91,7 +112,7 @@ class Server:
         return self.proc.returncode
 
     def __enter__(self):
-        return self.start()
+        return self if self.alive() else self.start()
 
     def __exit__(self, *exc):
         self.stop()

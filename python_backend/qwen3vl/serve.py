@@ -21,9 +21,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable
 DEFAULT_MODEL_REPOSITORY = os.environ.get("QWEN3VL_MODEL_REPOSITORY") or str(REPO_ROOT / "model_repository")
 
 # Which models each role loads from the one repository (explicit model control), and the
-# config variant (`configs/<name>.pbtxt`) it selects where a model has one.
+# config variant (`configs/<name>.pbtxt`) it selects where a model has one: a language server's
+# qwen3_encoder forwards to the encoder servers.
 ROLES = {
-    "aggregated": ["qwen3_encoder", "qwen3_language", "ensemble"],
+    "aggregated": (["qwen3_encoder", "qwen3_language", "ensemble"], None),
+    "encoder": (["qwen3_encoder"], None),
+    "language": (["qwen3_encoder", "qwen3_language", "ensemble"], "language"),
 }
 
 
@@ -71,7 +74,10 @@ def server_command(args, backend_dir: Path | None, binary: str) -> list[str]:
     ]
     if backend_dir:
         cmd.append(f"--backend-directory={backend_dir}")
-    cmd += [f"--load-model={m}" for m in ROLES[args.role]]
+    models, config_name = ROLES[args.role]
+    cmd += [f"--load-model={m}" for m in models]
+    if config_name:
+        cmd.append(f"--model-config-name={config_name}")
     return cmd + args.extra
 
 
@@ -90,6 +96,10 @@ def server_env(args) -> dict[str, str]:
     env["QWEN3VL_DTYPE"] = args.dtype
     if args.max_model_len:
         env["QWEN3VL_MAX_MODEL_LEN"] = str(args.max_model_len)
+    if args.encoder_url:
+        env["QWEN3VL_ENCODER_URLS"] = ",".join(args.encoder_url)
+    if args.chunk_tokens:
+        env["QWEN3VL_TRANSFER_CHUNK_TOKENS"] = str(args.chunk_tokens)
     return env
 
 
@@ -108,6 +118,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="checkpoint directory (config.json, safetensors, processor files)")
     p.add_argument("--check", action="store_true", help="assemble the Python backend directory, print where, exit")
     p.add_argument("--role", choices=sorted(ROLES), default="aggregated")
+    p.add_argument("--encoder-url", action="append", default=[],
+                   help="language role: an encoder server's gRPC HOST:PORT; repeat for several")
+    p.add_argument("--chunk-tokens", type=int, default=0, help="language role: visual tokens per transfer chunk")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -128,6 +141,8 @@ def main(argv=None) -> int:
         return 0
     if not args.checkpoint:
         sys.exit("qwen3vl-serve: --checkpoint DIR is required")
+    if args.role == "language" and not (args.encoder_url or os.environ.get("QWEN3VL_ENCODER_URLS")):
+        sys.exit("qwen3vl-serve: --role language needs --encoder-url HOST:PORT (an encoder server's gRPC port)")
     if not (Path(args.checkpoint) / "config.json").is_file():
         sys.exit(f"qwen3vl-serve: {args.checkpoint} has no config.json (not a checkpoint directory)")
     if not (Path(args.model_repository) / "ensemble" / "config.pbtxt").is_file():

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,17 +49,22 @@ class VisualFeatures:
                    torch.empty(0, 3, dtype=torch.int64))
 
 
+def image_file_bytes(data: bytes, index: int) -> bytes:
+    """The image file itself: raw bytes as given, or the payload of a base64 `data:` URL (what
+    JSON clients of Triton's HTTP generate endpoint send). Cache keys and routing hash these
+    bytes, so the same image hits the same cache entry whichever way it came."""
+    if data[:5] != b"data:":
+        return data
+    header, _, payload = data.partition(b",")
+    if not header.endswith(b";base64"):
+        raise ImageError(f"images[{index}]: a data URL must be base64 (data:image/...;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as e:
+        raise ImageError(f"images[{index}]: bad base64 in data URL: {e}") from None
+
+
 def decode_image(data: bytes, index: int) -> Image.Image:
-    """Raw image file bytes, or a base64 `data:` URL (what JSON clients of Triton's HTTP
-    generate endpoint can send)."""
-    if data[:5] == b"data:":
-        header, _, payload = data.partition(b",")
-        if not header.endswith(b";base64"):
-            raise ImageError(f"images[{index}]: a data URL must be base64 (data:image/...;base64,...)")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except binascii.Error as e:
-            raise ImageError(f"images[{index}]: bad base64 in data URL: {e}") from None
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -67,9 +74,11 @@ def decode_image(data: bytes, index: int) -> Image.Image:
 
 
 class VisionEncoder:
-    def __init__(self, config: ModelConfig, image_processor):
+    def __init__(self, config: ModelConfig, image_processor, cache_bytes: int = 1 << 30):
         self.config = config
         self.image_processor = image_processor
+        self.cache = FeatureCache(cache_bytes, image_processor.to_json_string())
+        self.last = EncodeReport()
         vcfg = Qwen3VLMoeVisionConfig(**{k: v for k, v in config.vision.items() if k != "model_type"})
         vcfg._attn_implementation = "sdpa"
         with torch.device("meta"):
@@ -92,33 +101,109 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def encode(self, per_request: list[list[bytes]]) -> list[VisualFeatures | ImageError]:
-        """One vision forward for all images of all requests; results split back per request.
-        A request with an undecodable image gets its ImageError back; the others still run."""
-        decoded: list[list[Image.Image] | ImageError] = []
-        for req in per_request:
-            try:
-                decoded.append([decode_image(b, i) for i, b in enumerate(req)])
-            except ImageError as e:
-                decoded.append(e)
-        flat = [im for req in decoded if not isinstance(req, ImageError) for im in req]
-        if not flat:
-            return [req if isinstance(req, ImageError) else VisualFeatures.empty(self.config) for req in decoded]
-        pixels, grids = self.preprocess(flat)
+        """One vision forward for all images of all requests that the cache lacks; results
+        assembled per request. A request with an undecodable image gets its ImageError back;
+        the others still run. `self.last` describes what this call did (metrics)."""
+        keys = [[self.cache.key(b) for b in req] for req in per_request]
+        # Decode only what the cache lacks, once per distinct image.
+        todo: dict[str, Image.Image] = {}
+        failed: dict[int, ImageError] = {}
+        hits = 0
+        for r, (req, req_keys) in enumerate(zip(per_request, keys)):
+            for i, (data, key) in enumerate(zip(req, req_keys)):
+                if key in todo:
+                    continue
+                if self.cache.get(key) is not None:
+                    hits += 1
+                    continue
+                try:
+                    todo[key] = decode_image(data, i)
+                except ImageError as e:
+                    failed[r] = e
+                    break
+        if todo:
+            self._forward(todo)
+        self.last = EncodeReport(requests=len(per_request), images=sum(map(len, per_request)),
+                                 cache_hits=hits, encoded=len(todo), forwards=1 if todo else 0)
+        results = [failed.get(r) or self._assemble(req_keys) for r, req_keys in enumerate(keys)]
+        self.cache.unpin()
+        return results
+
+    def _forward(self, images: dict[str, Image.Image]) -> None:
+        pixels, grids = self.preprocess(list(images.values()))
         out = self.model(pixels.to(self.config.device, self.config.dtype), grid_thw=grids.to(self.config.device))
-        tokens_per_image = (grids.prod(-1) // self.config.spatial_merge_size**2).tolist()
+        tokens = (grids.prod(-1) // self.config.spatial_merge_size**2).tolist()
         embeds = out.pooler_output                        # [N_all, H]
         deepstack = torch.stack(out.deepstack_features)   # [L, N_all, H]
-        results, image_start, token_start = [], 0, 0
-        for req in decoded:
-            if isinstance(req, ImageError):
-                results.append(req)
-                continue
-            n = sum(tokens_per_image[image_start:image_start + len(req)])
-            sl = slice(token_start, token_start + n)
-            results.append(VisualFeatures(embeds[sl], deepstack[:, sl], grids[image_start:image_start + len(req)]))
-            image_start += len(req)
-            token_start += n
-        return results
+        start = 0
+        for i, (key, n) in enumerate(zip(images, tokens)):
+            # clone: a cached image must not pin the whole batch's output in memory
+            self.cache.put(key, VisualFeatures(embeds[start:start + n].clone(), deepstack[:, start:start + n].clone(),
+                                               grids[i:i + 1].clone()))
+            start += n
+
+    def _assemble(self, keys: list[str]) -> VisualFeatures:
+        if not keys:
+            return VisualFeatures.empty(self.config)
+        parts = [self.cache.get(k) for k in keys]
+        if len(parts) == 1:
+            return parts[0]
+        return VisualFeatures(torch.cat([p.visual_embeds for p in parts]),
+                              torch.cat([p.deepstack_embeds for p in parts], dim=1),
+                              torch.cat([p.image_grid_thw for p in parts]))
+
+
+@dataclass
+class EncodeReport:
+    requests: int = 0
+    images: int = 0
+    cache_hits: int = 0  # images served from the cache
+    encoded: int = 0     # distinct images that went through the tower
+    forwards: int = 0
+
+
+class FeatureCache:
+    """Per-image features, LRU, bounded in bytes. Key: a hash of the image bytes plus the image
+    processor's settings (the same bytes under other settings give other features)."""
+
+    def __init__(self, max_bytes: int, settings: str):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.salt = hashlib.sha256(settings.encode()).digest()
+        self.items: OrderedDict[str, VisualFeatures] = OrderedDict()
+        self.lock = threading.Lock()
+        # Features of the current batch stay reachable even if the cache is too small to keep
+        # them; the batch's results are assembled before the next batch runs.
+        self.pinned: dict[str, VisualFeatures] = {}
+
+    def key(self, data: bytes) -> str:
+        return hashlib.sha256(self.salt + data).hexdigest()
+
+    @staticmethod
+    def size(f: VisualFeatures) -> int:
+        return sum(t.numel() * t.element_size() for t in (f.visual_embeds, f.deepstack_embeds, f.image_grid_thw))
+
+    def get(self, key: str) -> VisualFeatures | None:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+            return self.pinned.get(key)
+
+    def put(self, key: str, features: VisualFeatures) -> None:
+        size = self.size(features)
+        with self.lock:
+            self.pinned[key] = features
+            if size > self.max_bytes or key in self.items:
+                return
+            self.items[key] = features
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= self.size(old)
+
+    def unpin(self) -> None:
+        with self.lock:
+            self.pinned.clear()
 
 
 @dataclass
@@ -130,10 +215,10 @@ class EncodeJob:
 class EncodeBatcher:
     """Collects the requests that arrive while the tower is busy (or within `max_delay_s` of
     the first) and encodes them in one forward, up to `max_images` images per forward.
-    `on_batch(requests, images, seconds)` reports each forward (metrics)."""
+    `on_batch(report, seconds)` describes each batch (metrics)."""
 
     def __init__(self, encoder: VisionEncoder, max_delay_s: float = 0.0, max_images: int = 64,
-                 on_batch: Callable[[int, int, float], None] | None = None):
+                 on_batch: Callable[[EncodeReport, float], None] | None = None):
         self.encoder, self.max_delay_s, self.max_images = encoder, max_delay_s, max_images
         self.on_batch = on_batch or (lambda *_: None)
         self.jobs: queue.Queue[EncodeJob | None] = queue.Queue()
@@ -168,14 +253,15 @@ class EncodeBatcher:
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             start = time.perf_counter()
+            report = EncodeReport(requests=len(batch))
             try:
                 results = self.encoder.encode([job.images for job in batch])
+                report = self.encoder.last
             except Exception as e:  # noqa: BLE001 - a failed forward fails its requests only
                 log.exception("vision forward failed")
                 results = [RuntimeError(f"vision encoder failed: {e}")] * len(batch)
-            encoded = sum(len(j.images) for j, r in zip(batch, results) if not isinstance(r, Exception))
             try:
-                self.on_batch(len(batch), encoded, time.perf_counter() - start)
+                self.on_batch(report, time.perf_counter() - start)
             except Exception:  # noqa: BLE001 - metrics must never stop the encoder
                 log.exception("encoder batch report failed")
             for job, result in zip(batch, results):
@@ -183,3 +269,4 @@ class EncodeBatcher:
                     job.done(result)
                 except Exception:  # noqa: BLE001 - one failed reply must not stop the others
                     log.exception("encoder reply failed")
+

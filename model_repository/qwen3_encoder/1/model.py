@@ -1,26 +1,48 @@
-"""Thin Triton shell over qwen3vl.vision: requests in, batched encode, tensors out."""
+"""Thin Triton shell over qwen3vl.vision (local mode) or qwen3vl.transfer (remote mode).
+
+local:  the vision tower runs here (aggregated and encoder servers).
+remote: the same inputs and outputs, served by fetching from encoder servers (language servers).
+A request with `chunk_tokens` gets one response per chunk of visual tokens (from `resume_from`);
+without it, one response with everything (the ensemble's way).
+"""
 
 import json
 
+import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from qwen3vl import contract
-from qwen3vl.triton_io import bytes_list, e2l_outputs, model_config_from_env, served_dtype_name, setting
+from qwen3vl import contract, transfer
+from qwen3vl.triton_io import bytes_list, e2l_outputs, model_config_from_env, scalar, served_dtype_name, setting
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+METRICS = {
+    # key: (name, description); counters labelled with the mode
+    "requests": ("qwen3vl_encoder_requests_total", "Requests answered"),
+    "failures": ("qwen3vl_encoder_failures_total", "Requests answered with an error"),
+    "images": ("qwen3vl_encoder_images_total", "Images in requests"),
+    "forwards": ("qwen3vl_encoder_forwards_total", "Vision tower forwards (one per batch)"),
+    "cache_hits": ("qwen3vl_encoder_cache_hits_total", "Images served from the feature cache"),
+    "cache_misses": ("qwen3vl_encoder_cache_misses_total", "Images run through the vision tower"),
+    "seconds": ("qwen3vl_encoder_seconds_total", "Time encoding (local) or fetching (remote)"),
+    "chunks_sent": ("qwen3vl_transfer_chunks_sent_total", "E->L chunks sent to language servers"),
+    "bytes_sent": ("qwen3vl_transfer_bytes_sent_total", "E->L bytes sent to language servers"),
+    "chunks_received": ("qwen3vl_transfer_chunks_received_total", "E->L chunks received from encoders"),
+    "bytes_received": ("qwen3vl_transfer_bytes_received_total", "E->L bytes received from encoders"),
+    "resumes": ("qwen3vl_transfer_resumes_total", "Transfers resumed after a broken connection or encoder"),
+    "failovers": ("qwen3vl_transfer_failovers_total", "Transfers moved to another encoder"),
+}
 
 
 def _tensor(name, t: torch.Tensor):
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(t.contiguous()))
 
 
-def _counter(families, name, description):
-    # The family must outlive its metrics: keep both.
-    family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-    families.append(family)
-    return family.Metric(labels={"model": "qwen3_encoder"})
+def _optional(request, name, cast):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else scalar(t.as_numpy(), cast)
 
 
 class TritonPythonModel:
@@ -31,22 +53,33 @@ class TritonPythonModel:
         return auto_complete_model_config
 
     def initialize(self, args):
-        from transformers import AutoImageProcessor
-
-        from qwen3vl.vision import EncodeBatcher, VisionEncoder
+        from qwen3vl.vision import EncodeBatcher
 
         params = json.loads(args["model_config"]).get("parameters")
         self.config = model_config_from_env(params)
-        encoder = VisionEncoder(self.config, AutoImageProcessor.from_pretrained(self.config.checkpoint))
-        self.metric_families = []
-        f = self.metric_families
-        self.metrics = {
-            "requests": _counter(f, "qwen3vl_encoder_requests_total", "Requests encoded"),
-            "images": _counter(f, "qwen3vl_encoder_images_total", "Images encoded"),
-            "forwards": _counter(f, "qwen3vl_encoder_forwards_total", "Vision tower forwards (one per batch)"),
-            "seconds": _counter(f, "qwen3vl_encoder_forward_seconds_total", "Time in preprocessing and forwards"),
-            "failures": _counter(f, "qwen3vl_encoder_failures_total", "Requests answered with an error"),
-        }
+        self.mode = setting(params, "encoder_mode", "local")
+        # The family must outlive its metrics: keep both.
+        self.families = {k: pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.COUNTER)
+                         for k, (n, d) in METRICS.items()}
+        self.metrics = {k: f.Metric(labels={"model": "qwen3_encoder", "mode": self.mode})
+                        for k, f in self.families.items()}
+        if self.mode == "local":
+            from transformers import AutoImageProcessor
+
+            from qwen3vl.vision import VisionEncoder
+
+            encoder = VisionEncoder(self.config, AutoImageProcessor.from_pretrained(self.config.checkpoint),
+                                    cache_bytes=int(float(setting(params, "encoder_cache_mb", "1024")) * 2**20))
+        elif self.mode == "remote":
+            urls = [u for u in setting(params, "encoder_urls").replace(",", " ").split() if u]
+            encoder = transfer.RemoteEncoder(
+                urls, self.config,
+                chunk_tokens=int(setting(params, "transfer_chunk_tokens", "1024")),
+                timeout_s=float(setting(params, "encoder_timeout_s", "30")),
+                same_encoder_wait_s=float(setting(params, "encoder_same_wait_s", "3")),
+            )
+        else:
+            raise ValueError(f"encoder_mode must be local or remote, not {self.mode!r}")
         self.batcher = EncodeBatcher(
             encoder,
             max_delay_s=float(setting(params, "encoder_max_queue_delay_ms", "0")) / 1000,
@@ -54,36 +87,79 @@ class TritonPythonModel:
             on_batch=self._count_batch,
         )
 
-    def _count_batch(self, requests, images, seconds):
-        self.metrics["requests"].increment(requests)
-        self.metrics["images"].increment(images)
-        self.metrics["forwards"].increment(1 if images else 0)
-        self.metrics["seconds"].increment(seconds)
+    def _count(self, key, value):
+        if value:
+            self.metrics[key].increment(value)
+
+    def _count_batch(self, report, seconds):
+        self._count("seconds", seconds)
+        if isinstance(report, transfer.TransferStats):
+            self._count("chunks_received", report.chunks)
+            self._count("bytes_received", report.bytes)
+            self._count("resumes", report.resumes)
+            self._count("failovers", len(report.failovers))
+            self._count("images", report.images)
+            return
+        self._count("images", report.images)
+        self._count("forwards", report.forwards)
+        self._count("cache_hits", report.cache_hits)
+        self._count("cache_misses", report.encoded)
 
     def execute(self, requests):
-        from qwen3vl.vision import EncodeJob
+        from qwen3vl.vision import EncodeJob, image_file_bytes
 
         for request in requests:
-            images = pb_utils.get_input_tensor_by_name(request, contract.IMAGES)
             sender = request.get_response_sender()
-            passthrough = [pb_utils.Tensor(name, t.as_numpy().copy()) for name in contract.LANGUAGE_REQUEST_INPUTS
-                           if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
-            self.batcher.submit(EncodeJob(
-                bytes_list(images.as_numpy() if images is not None else None),
-                lambda result, sender=sender, passthrough=passthrough: self._respond(sender, result, passthrough)))
+            try:
+                images = pb_utils.get_input_tensor_by_name(request, contract.IMAGES)
+                chunking = (_optional(request, transfer.CHUNK_TOKENS, int), _optional(request, transfer.RESUME_FROM, int))
+                passthrough = [pb_utils.Tensor(name, t.as_numpy().copy()) for name in contract.LANGUAGE_REQUEST_INPUTS
+                               if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+                files = [image_file_bytes(b, i) for i, b in enumerate(bytes_list(
+                    images.as_numpy() if images is not None else None))]
+                self.batcher.submit(EncodeJob(
+                    files,
+                    lambda result, s=sender, p=passthrough, c=chunking: self._respond(s, result, p, *c)))
+            except Exception as e:  # bad input: this request fails, the model carries on
+                self._fail(sender, e)
         return None
 
-    def _respond(self, sender, result, passthrough):
+    def _fail(self, sender, error):
+        self._count("requests", 1)
+        self._count("failures", 1)
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
+
+    def _respond(self, sender, result, passthrough, chunk_tokens, resume_from):
         if isinstance(result, Exception):
-            self.metrics["failures"].increment(1)
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))), flags=FINAL)
+            self._fail(sender, result)
             return
-        sender.send(pb_utils.InferenceResponse(output_tensors=[
-            _tensor(contract.VISUAL_EMBEDS, result.visual_embeds),
-            _tensor(contract.DEEPSTACK_EMBEDS, result.deepstack_embeds),
-            _tensor(contract.IMAGE_GRID_THW, result.image_grid_thw.to(torch.int64)),
-            *passthrough,
-        ]), flags=FINAL)
+        if chunk_tokens is None:
+            self._count("requests", 1)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                _tensor(contract.VISUAL_EMBEDS, result.visual_embeds),
+                _tensor(contract.DEEPSTACK_EMBEDS, result.deepstack_embeds),
+                _tensor(contract.IMAGE_GRID_THW, result.image_grid_thw.to(torch.int64)),
+                *passthrough,
+            ]), flags=FINAL)
+            return
+        try:
+            pieces = list(transfer.chunks(result, chunk_tokens, resume_from or 0))
+        except ValueError as e:
+            self._fail(sender, e)
+            return
+        total = np.array([result.visual_embeds.shape[0]], dtype=np.int64)
+        for i, (start, piece) in enumerate(pieces):
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                _tensor(contract.VISUAL_EMBEDS, piece.visual_embeds),
+                _tensor(contract.DEEPSTACK_EMBEDS, piece.deepstack_embeds),
+                _tensor(contract.IMAGE_GRID_THW, piece.image_grid_thw.to(torch.int64)),
+                pb_utils.Tensor(transfer.CHUNK_START, np.array([start], dtype=np.int64)),
+                pb_utils.Tensor(transfer.TOTAL_TOKENS, total),
+            ]), flags=FINAL if i == len(pieces) - 1 else 0)
+            self._count("chunks_sent", 1)
+            self._count("bytes_sent", piece.visual_embeds.numel() * piece.visual_embeds.element_size()
+                        + piece.deepstack_embeds.numel() * piece.deepstack_embeds.element_size())
+        self._count("requests", 1)
 
     def finalize(self):
         self.batcher.stop()

@@ -1,0 +1,181 @@
+"""Disaggregated deployment: encoder servers + language servers, chunked resumable transfer,
+encoder cache, routing. Every test starts real servers on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import IMAGE_CASES, LOG_DIR, metric, png
+from qwen3vl.client import ServerError, encode, infer
+from qwen3vl.launch import Server
+from qwen3vl.transfer import HashRing
+from tcp_proxy import CuttingProxy
+
+CHUNK = 8                 # visual tokens per chunk: many chunks even for small images
+FAULT_IMAGE_SIZE = 320    # -> 100 visual tokens, 13 chunks of ~8 KiB (fp32, tiny preset)
+LARGE = png(1440, 1440, 7)  # -> 2025 visual tokens
+
+
+def start_encoder(checkpoint, name):
+    return Server(checkpoint, LOG_DIR / f"{name}.log", role="encoder", models=("qwen3_encoder",),
+                  extra=["--device", "cpu"])
+
+
+def start_language(checkpoint, name, urls, **settings):
+    env = {f"QWEN3VL_{k.upper()}": str(v) for k, v in settings.items()}
+    extra = ["--device", "cpu", "--chunk-tokens", str(CHUNK)] + [a for u in urls for a in ("--encoder-url", u)]
+    return Server(checkpoint, LOG_DIR / f"{name}.log", role="language", extra=extra, env=env)
+
+
+def generate(server, images, max_tokens=8):
+    return infer(server.http_url, "http", prompt="Describe.", images=images, max_tokens=max_tokens,
+                 temperature=0.0).token_ids
+
+
+def image_owned_by(url: str, urls: list[str], seed: int = 0) -> bytes:
+    """An image whose content hash routes to `url` first."""
+    ring = HashRing(urls)
+    while True:
+        image = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, seed)
+        if ring.order(hashlib.sha256(image).hexdigest())[0] == url:
+            return image
+        seed += 1
+
+
+@pytest.fixture(scope="module")
+def encoder_a(checkpoint):
+    with start_encoder(checkpoint, "encoder-a") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def language(checkpoint, encoder_a):
+    with start_language(checkpoint, "language", [encoder_a.grpc_url]) as s:
+        yield s
+
+
+@pytest.mark.parametrize("case", ["text-only", "one-image", "two-images", "large-image"])
+def test_disaggregated_outputs_are_bit_identical(server, encoder_a, language, case):
+    images = [LARGE] if case == "large-image" else IMAGE_CASES[case]
+    assert generate(language, images) == generate(server, images)
+    if images:
+        sent = encode(encoder_a.grpc_url, images)      # what the encoder server computes
+        arrived = encode(language.grpc_url, images)    # what reaches the language server
+        for name in sent:
+            assert sent[name].dtype == arrived[name].dtype and sent[name].shape == arrived[name].shape
+            assert sent[name].tobytes() == arrived[name].tobytes(), name
+        if case == "large-image":
+            assert sent["visual_embeds"].shape[0] >= 2000
+
+
+def test_repeated_image_runs_no_vision_forward(encoder_a, language):
+    """The second request with an image runs no vision forward, even when it comes another way
+    (raw bytes over gRPC first, a base64 data URL over HTTP second)."""
+    from qwen3vl.client import stream_grpc
+
+    image = png(150, 120, 42)
+    list(stream_grpc(language.grpc_url, prompt="Describe.", images=[image], max_tokens=2, temperature=0.0))
+    forwards, hits = metric(encoder_a, "qwen3vl_encoder_forwards_total"), metric(encoder_a, "qwen3vl_encoder_cache_hits_total")
+    generate(language, [image])
+    assert metric(encoder_a, "qwen3vl_encoder_forwards_total") == forwards
+    assert metric(encoder_a, "qwen3vl_encoder_cache_hits_total") == hits + 1
+
+
+def chunks_of(n_tokens: int) -> int:
+    return -(-n_tokens // CHUNK)
+
+
+def test_cut_connection_resumes_with_only_the_missing_chunks(checkpoint, server, encoder_a):
+    proxy = CuttingProxy(encoder_a.grpc_port)
+    with start_language(checkpoint, "language-proxy", [proxy.url], encoder_same_wait_s=10) as lang:
+        image = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 1000)
+        want = generate(server, [image])
+        misses = metric(encoder_a, "qwen3vl_encoder_cache_misses_total")
+        proxy.arm(cut_after_bytes=40_000)  # a few chunks in
+        assert generate(lang, [image]) == want
+        assert proxy.cuts == 1
+        assert metric(lang, "qwen3vl_transfer_resumes_total") == 1
+        assert metric(lang, "qwen3vl_transfer_chunks_received_total") == chunks_of(100)  # none twice
+        assert metric(encoder_a, "qwen3vl_encoder_cache_misses_total") == misses + 1     # tower ran once
+    proxy.close()
+
+
+def test_dead_encoder_fails_over_to_another(checkpoint, server):
+    with start_encoder(checkpoint, "encoder-dying") as dying, start_encoder(checkpoint, "encoder-b") as encoder_b:
+        proxy = CuttingProxy(dying.grpc_port)
+        urls = [proxy.url, encoder_b.grpc_url]
+        with start_language(checkpoint, "language-failover", urls, encoder_same_wait_s=1) as lang:
+            image = image_owned_by(proxy.url, urls)
+            want = generate(server, [image])
+            proxy.arm(cut_after_bytes=40_000, on_cut=dying.kill)
+            assert generate(lang, [image]) == want
+            assert proxy.cuts == 1
+            assert not dying.alive()
+            received_before = chunks_of(100) - metric(encoder_b, "qwen3vl_transfer_chunks_sent_total")
+            assert 0 < received_before < chunks_of(100)  # B sent only what A had not delivered
+            assert metric(encoder_b, "qwen3vl_encoder_cache_misses_total") == 1  # B re-encoded
+            assert metric(lang, "qwen3vl_transfer_chunks_received_total") == chunks_of(100)
+            assert metric(lang, "qwen3vl_transfer_failovers_total") == 1
+        proxy.close()
+
+
+def test_restarted_encoder_serves_only_the_missing_chunks(checkpoint, server):
+    with start_encoder(checkpoint, "encoder-restarting") as enc:
+        proxy = CuttingProxy(enc.grpc_port)
+        with start_language(checkpoint, "language-restart", [proxy.url], encoder_same_wait_s=120,
+                            encoder_timeout_s=180) as lang:
+            image = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 2000)
+            want = generate(server, [image])
+            restarted = threading.Event()
+
+            def crash_and_restart():
+                enc.kill()
+                threading.Thread(target=lambda: (enc.start(append=True), restarted.set()), daemon=True).start()
+
+            proxy.arm(cut_after_bytes=40_000, on_cut=crash_and_restart)
+            assert generate(lang, [image]) == want
+            assert restarted.is_set()
+            # The new encoder process: one forward for this image, only the missing chunks.
+            assert metric(enc, "qwen3vl_encoder_forwards_total") == 1
+            sent_after = metric(enc, "qwen3vl_transfer_chunks_sent_total")
+            assert 0 < sent_after < chunks_of(100)
+            assert metric(lang, "qwen3vl_transfer_resumes_total") == 1
+            assert metric(lang, "qwen3vl_transfer_chunks_received_total") == chunks_of(100)
+        proxy.close()
+
+
+def test_routing_is_sticky_and_survives_a_dead_encoder(checkpoint, encoder_a):
+    with start_encoder(checkpoint, "encoder-c") as encoder_c:
+        urls = [encoder_a.grpc_url, encoder_c.grpc_url]
+        with start_language(checkpoint, "language-routing", urls, encoder_same_wait_s=0.5) as lang:
+            def images_on(s):
+                return metric(s, "qwen3vl_encoder_images_total")
+
+            image = png(100, 100, 3000)
+            before = [images_on(s) for s in (encoder_a, encoder_c)]
+            for _ in range(3):
+                generate(lang, [image], max_tokens=2)
+            after = [images_on(s) for s in (encoder_a, encoder_c)]
+            assert sorted(a - b for a, b in zip(after, before)) == [0, 3]  # all three on one encoder
+            owners = {HashRing(urls).order(hashlib.sha256(png(90, 90, s)).hexdigest())[0] for s in range(8)}
+            assert owners == set(urls)  # and images spread over both
+            encoder_c.stop()
+            for s in range(8):
+                assert len(generate(lang, [png(90, 90, s)], max_tokens=2)) == 2
+
+
+def test_no_reachable_encoder_is_a_clear_error_and_text_still_works(checkpoint):
+    from qwen3vl.launch import free_ports
+
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+    with start_language(checkpoint, "language-orphan", [dead], encoder_timeout_s=3, encoder_same_wait_s=0.5) as lang:
+        start = time.monotonic()
+        with pytest.raises(ServerError, match=rf"no encoder could serve it within 3 s.*{dead}"):
+            generate(lang, [png(64, 64, 1)])
+        assert time.monotonic() - start < 20
+        assert len(generate(lang, [])) == 8
