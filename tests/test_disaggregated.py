@@ -7,7 +7,6 @@ import hashlib
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from conftest import IMAGE_CASES, LOG_DIR, metric, png

@@ -18,7 +18,6 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import LOG_DIR, png
