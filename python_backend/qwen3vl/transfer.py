@@ -167,6 +167,10 @@ class RemoteEncoder:
             received = buf.received if buf else 0
             try:
                 for start, total, piece in self._stream(url, image, received):
+                    wire = piece.visual_embeds.dtype.name
+                    if wire != str(self.dtype).removeprefix("torch."):
+                        raise EncoderRejected(f"encoder {url} sends {wire} tensors but this server runs "
+                                              f"{self.dtype}: start both with the same --dtype")
                     buf = buf or Buffers.allocate(total, piece)
                     buf.write(start, piece, url)
                     stats.chunks += 1
