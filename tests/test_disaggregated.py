@@ -138,7 +138,7 @@ def test_restarted_encoder_serves_only_the_missing_chunks(checkpoint, server):
 
             proxy.arm(cut_after_bytes=40_000, on_cut=crash_and_restart)
             assert generate(lang, [image]) == want
-            assert restarted.is_set()
+            assert restarted.wait(60)  # start() returns a moment after the server became ready
             # The new encoder process: one forward for this image, only the missing chunks.
             assert metric(enc, "qwen3vl_encoder_forwards_total") == 1
             sent_after = metric(enc, "qwen3vl_transfer_chunks_sent_total")
