@@ -178,3 +178,21 @@ def test_no_reachable_encoder_is_a_clear_error_and_text_still_works(checkpoint):
             generate(lang, [png(64, 64, 1)])
         assert time.monotonic() - start < 20
         assert len(generate(lang, [])) == 8
+
+
+def test_shared_memory_transfer_is_bit_identical(checkpoint, server, encoder_a):
+    """Same host, opt-in: the bulk of each image travels through Triton's system shared memory."""
+    extra = ["--shared-memory"]
+    lang = Server(checkpoint, LOG_DIR / "language-shm.log", role="language",
+                  extra=["--device", "cpu", "--chunk-tokens", str(CHUNK), "--encoder-url", encoder_a.grpc_url, *extra])
+    with lang:
+        images = IMAGE_CASES["two-images"]
+        sent, arrived = encode(encoder_a.grpc_url, images), encode(lang.grpc_url, images)
+        for name in sent:
+            assert sent[name].tobytes() == arrived[name].tobytes(), name
+        # All but each image's first chunk (which tells the total) came through shared memory.
+        first_chunks = 2 * CHUNK * (sent["visual_embeds"].nbytes + sent["deepstack_embeds"].nbytes) // len(sent["visual_embeds"])
+        total = sent["visual_embeds"].nbytes + sent["deepstack_embeds"].nbytes
+        assert metric(lang, "qwen3vl_transfer_shm_bytes_received_total") == total - first_chunks
+        assert metric(lang, "qwen3vl_transfer_bytes_received_total") == first_chunks
+        assert generate(lang, images) == generate(server, images)

@@ -100,6 +100,8 @@ def server_env(args) -> dict[str, str]:
         env["QWEN3VL_ENCODER_URLS"] = ",".join(args.encoder_url)
     if args.chunk_tokens:
         env["QWEN3VL_TRANSFER_CHUNK_TOKENS"] = str(args.chunk_tokens)
+    if args.shared_memory:
+        env["QWEN3VL_TRANSFER_SHARED_MEMORY"] = "1"
     return env
 
 
@@ -121,6 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--encoder-url", action="append", default=[],
                    help="language role: an encoder server's gRPC HOST:PORT; repeat for several")
     p.add_argument("--chunk-tokens", type=int, default=0, help="language role: visual tokens per transfer chunk")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="language role, encoders on this host: move E->L tensors through system shared memory")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -34,6 +36,7 @@ CHUNK_TOKENS = "chunk_tokens"  # INT32 [1]: visual tokens per chunk (asks for ch
 RESUME_FROM = "resume_from"    # INT64 [1]: first visual token wanted
 CHUNK_START = "chunk_start"    # INT64 [1]: where this chunk's rows go
 TOTAL_TOKENS = "total_tokens"  # INT64 [1]: N of the whole request
+MAX_CHUNKS = "max_chunks"      # INT32 [1]: stop after this many chunks (0: all)
 
 
 def chunks(features: VisualFeatures, chunk_tokens: int, resume_from: int = 0) -> Iterator[tuple[int, VisualFeatures]]:
@@ -98,12 +101,14 @@ class TransferStats:
     chunks: int = 0
     bytes: int = 0
     resumes: int = 0
+    shm_bytes: int = 0
     seconds: float = 0.0
     failovers: list[str] = field(default_factory=list)
 
     def add(self, other: "TransferStats") -> None:
         self.chunks += other.chunks
         self.bytes += other.bytes
+        self.shm_bytes += other.shm_bytes
         self.resumes += other.resumes
         self.failovers += other.failovers
 
@@ -124,13 +129,17 @@ class RemoteEncoder:
     """`encode(per_request)` like VisionEncoder's, served by encoder servers over gRPC."""
 
     def __init__(self, urls: list[str], config: ModelConfig, chunk_tokens: int = 1024, timeout_s: float = 30.0,
-                 same_encoder_wait_s: float = 3.0, chunk_timeout_s: float = 10.0, workers: int = 8):
+                 same_encoder_wait_s: float = 3.0, chunk_timeout_s: float = 10.0, workers: int = 8,
+                 shared_memory: bool = False):
         if not urls:
             raise ValueError("remote encoder mode needs at least one encoder URL (qwen3vl-serve --encoder-url)")
         self.ring = HashRing(urls)
         self.config, self.dtype, self.chunk_tokens = config, config.dtype, chunk_tokens
         self.timeout_s, self.same_encoder_wait_s, self.chunk_timeout_s = timeout_s, same_encoder_wait_s, chunk_timeout_s
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen3vl-fetch")
+        # Same-host encoders: move the bulk through Triton's system shared memory. Per encoder,
+        # falls back to gRPC for good after one failure to set it up (e.g. another host).
+        self.shm, self.shm_ok = shared_memory, {}
         self.last = TransferStats()
         self.lock = threading.Lock()
 
@@ -165,8 +174,24 @@ class RemoteEncoder:
         url = order[0]
         while True:
             received = buf.received if buf else 0
+            # With shared memory, the first chunk comes over gRPC (it tells the total) and the
+            # rest lands in a shared-memory region in one response.
+            use_shm = self.shm and self.shm_ok.get(url, True)
             try:
-                for start, total, piece in self._stream(url, image, received):
+                if use_shm and buf and not buf.complete:
+                    try:
+                        stats.shm_bytes += self._rest_through_shm(url, image, buf, deadline)
+                        stats.chunks += 1
+                    except (ConnectionError, EncoderRejected, TimeoutError):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - e.g. another host: use gRPC from now on
+                        log.warning("shared-memory transfer from %s unavailable, using gRPC: %s", url, e)
+                        self.shm_ok[url] = False
+                    if buf.complete:
+                        return buf.features(self.dtype), stats
+                for start, total, piece in self._stream(url, image, buf.received if buf else 0,
+                                                        max_chunks=1 if use_shm and not buf else 0,
+                                                        first_timeout_s=max(1.0, deadline - time.monotonic())):
                     wire = piece.visual_embeds.dtype.name
                     if wire != str(self.dtype).removeprefix("torch."):
                         raise EncoderRejected(f"encoder {url} sends {wire} tensors but this server runs "
@@ -177,6 +202,8 @@ class RemoteEncoder:
                     stats.bytes += piece.visual_embeds.nbytes + piece.deepstack_embeds.nbytes
                 if buf and buf.complete:
                     return buf.features(self.dtype), stats
+                if use_shm and buf and self.shm_ok.get(url, True):
+                    continue  # first chunk in: the rest through shared memory
                 raise ConnectionError(f"the stream ended at visual token {buf.received if buf else 0}")
             except EncoderRejected as e:
                 raise EncoderRejected(f"images[{index}]: {e}") from None
@@ -210,8 +237,12 @@ class RemoteEncoder:
             time.sleep(0.2)
         return None
 
-    def _stream(self, url: str, image: bytes, resume_from: int) -> Iterator[tuple[int, int, VisualFeatures]]:
-        """(chunk start, total tokens, chunk as numpy arrays) as the encoder sends them."""
+    def _stream(self, url: str, image: bytes, resume_from: int, chunk_tokens: int | None = None,
+                max_chunks: int = 0, outputs: list | None = None,
+                first_timeout_s: float | None = None) -> Iterator[tuple[int, int, VisualFeatures]]:
+        """(chunk start, total tokens, chunk as numpy arrays) as the encoder sends them
+        (the arrays are None for outputs directed to shared memory). The first chunk may take
+        as long as an encode (`first_timeout_s`); later ones `chunk_timeout_s`."""
         import tritonclient.grpc as grpcclient
 
         results: queue.Queue = queue.Queue()
@@ -219,19 +250,23 @@ class RemoteEncoder:
         finished = False
         try:
             inputs = []
-            for name, value, dtype in ((contract.IMAGES, np.array([image], dtype=object), "BYTES"),
-                                       (CHUNK_TOKENS, np.array([self.chunk_tokens], dtype=np.int32), "INT32"),
-                                       (RESUME_FROM, np.array([resume_from], dtype=np.int64), "INT64")):
+            for name, value, dtype in (
+                    (contract.IMAGES, np.array([image], dtype=object), "BYTES"),
+                    (CHUNK_TOKENS, np.array([chunk_tokens or self.chunk_tokens], dtype=np.int32), "INT32"),
+                    (RESUME_FROM, np.array([resume_from], dtype=np.int64), "INT64"),
+                    (MAX_CHUNKS, np.array([max_chunks], dtype=np.int32), "INT32")):
                 t = grpcclient.InferInput(name, list(value.shape), dtype)
                 t.set_data_from_numpy(value)
                 inputs.append(t)
             client.start_stream(callback=lambda result, error: results.put((result, error)))
-            client.async_stream_infer("qwen3_encoder", inputs, enable_empty_final_response=True)
+            client.async_stream_infer("qwen3_encoder", inputs, outputs=outputs, enable_empty_final_response=True)
+            wait = first_timeout_s or self.chunk_timeout_s
             while True:
                 try:
-                    result, error = results.get(timeout=self.chunk_timeout_s)
+                    result, error = results.get(timeout=wait)
                 except queue.Empty:
-                    raise TimeoutError(f"no chunk within {self.chunk_timeout_s:g} s") from None
+                    raise TimeoutError(f"no chunk within {wait:g} s") from None
+                wait = self.chunk_timeout_s
                 if error is not None:
                     if _transient(error):
                         raise ConnectionError(str(error))
@@ -239,9 +274,10 @@ class RemoteEncoder:
                 response = result.get_response()
                 finished = response.parameters["triton_final_response"].bool_param
                 if response.outputs:
+                    in_shm = outputs is not None  # the big tensors are in the shared-memory region
                     yield (int(result.as_numpy(CHUNK_START)[0]), int(result.as_numpy(TOTAL_TOKENS)[0]),
-                           VisualFeatures(result.as_numpy(contract.VISUAL_EMBEDS),
-                                          result.as_numpy(contract.DEEPSTACK_EMBEDS),
+                           VisualFeatures(None if in_shm else result.as_numpy(contract.VISUAL_EMBEDS),
+                                          None if in_shm else result.as_numpy(contract.DEEPSTACK_EMBEDS),
                                           result.as_numpy(contract.IMAGE_GRID_THW)))
                 if finished:
                     return
@@ -251,6 +287,44 @@ class RemoteEncoder:
                 client.close()
             except Exception:  # noqa: BLE001 - closing a dead connection
                 pass
+
+    def _rest_through_shm(self, url: str, image: bytes, buf: "Buffers", deadline: float) -> int:
+        """Same host: the rest of the image in one response that Triton writes into a system
+        shared-memory region we registered with the encoder server (Triton's shared-memory
+        extension), instead of gRPC message copies. Returns the bytes moved."""
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as shm
+
+        n = buf.embeds.shape[0] - buf.received
+        embeds_bytes = n * buf.embeds.shape[1] * buf.embeds.itemsize
+        deepstack_bytes = buf.deepstack.shape[0] * n * buf.deepstack.shape[2] * buf.deepstack.itemsize
+        name = f"qwen3vl-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        handle = shm.create_shared_memory_region(name, "/" + name, embeds_bytes + deepstack_bytes)
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            client.register_system_shared_memory(name, "/" + name, embeds_bytes + deepstack_bytes)
+            outputs = [grpcclient.InferRequestedOutput(x) for x in
+                       (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW, CHUNK_START, TOTAL_TOKENS)]
+            outputs[0].set_shared_memory(name, embeds_bytes, 0)
+            outputs[1].set_shared_memory(name, deepstack_bytes, embeds_bytes)
+            pieces = list(self._stream(url, image, buf.received, chunk_tokens=n, max_chunks=1, outputs=outputs,
+                                       first_timeout_s=max(1.0, deadline - time.monotonic())))
+            if len(pieces) != 1 or pieces[0][0] != buf.received:
+                raise RuntimeError(f"shared-memory transfer from {url} returned {len(pieces)} responses")
+            wire = np.uint16 if buf.embeds.dtype.itemsize == 2 else buf.embeds.dtype
+            start = buf.received
+            buf.embeds[start:] = shm.get_contents_as_numpy(handle, wire, [n, buf.embeds.shape[1]]).view(buf.embeds.dtype)
+            buf.deepstack[:, start:] = shm.get_contents_as_numpy(
+                handle, wire, [buf.deepstack.shape[0], n, buf.deepstack.shape[2]], offset=embeds_bytes).view(buf.deepstack.dtype)
+            buf.received += n
+            return embeds_bytes + deepstack_bytes
+        finally:
+            try:
+                client.unregister_system_shared_memory(name)
+                client.close()
+            except Exception:  # noqa: BLE001 - the server may be gone
+                pass
+            shm.destroy_shared_memory_region(handle)
 
 
 def _is_live(url: str) -> bool:

@@ -31,6 +31,7 @@ METRICS = {
     "bytes_sent": ("qwen3vl_transfer_bytes_sent_total", "E->L bytes sent to language servers"),
     "chunks_received": ("qwen3vl_transfer_chunks_received_total", "E->L chunks received from encoders"),
     "bytes_received": ("qwen3vl_transfer_bytes_received_total", "E->L bytes received from encoders"),
+    "shm_bytes_received": ("qwen3vl_transfer_shm_bytes_received_total", "E->L bytes received through shared memory"),
     "resumes": ("qwen3vl_transfer_resumes_total", "Transfers resumed after a broken connection or encoder"),
     "failovers": ("qwen3vl_transfer_failovers_total", "Transfers moved to another encoder"),
 }
@@ -77,6 +78,7 @@ class TritonPythonModel:
                 chunk_tokens=int(setting(params, "transfer_chunk_tokens", "1024")),
                 timeout_s=float(setting(params, "encoder_timeout_s", "30")),
                 same_encoder_wait_s=float(setting(params, "encoder_same_wait_s", "3")),
+                shared_memory=setting(params, "transfer_shared_memory", "0").lower() in ("1", "true", "yes"),
             )
         else:
             raise ValueError(f"encoder_mode must be local or remote, not {self.mode!r}")
@@ -96,6 +98,7 @@ class TritonPythonModel:
         if isinstance(report, transfer.TransferStats):
             self._count("chunks_received", report.chunks)
             self._count("bytes_received", report.bytes)
+            self._count("shm_bytes_received", report.shm_bytes)
             self._count("resumes", report.resumes)
             self._count("failovers", len(report.failovers))
             self._count("images", report.images)
@@ -112,7 +115,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 images = pb_utils.get_input_tensor_by_name(request, contract.IMAGES)
-                chunking = (_optional(request, transfer.CHUNK_TOKENS, int), _optional(request, transfer.RESUME_FROM, int))
+                chunking = (_optional(request, transfer.CHUNK_TOKENS, int), _optional(request, transfer.RESUME_FROM, int),
+                            _optional(request, transfer.MAX_CHUNKS, int))
                 passthrough = [pb_utils.Tensor(name, t.as_numpy().copy()) for name in contract.LANGUAGE_REQUEST_INPUTS
                                if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
                 files = [image_file_bytes(b, i) for i, b in enumerate(bytes_list(
@@ -129,7 +133,7 @@ class TritonPythonModel:
         self._count("failures", 1)
         sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
 
-    def _respond(self, sender, result, passthrough, chunk_tokens, resume_from):
+    def _respond(self, sender, result, passthrough, chunk_tokens, resume_from, max_chunks):
         if isinstance(result, Exception):
             self._fail(sender, result)
             return
@@ -143,7 +147,7 @@ class TritonPythonModel:
             ]), flags=FINAL)
             return
         try:
-            pieces = list(transfer.chunks(result, chunk_tokens, resume_from or 0))
+            pieces = list(transfer.chunks(result, chunk_tokens, resume_from or 0))[:max_chunks or None]
         except ValueError as e:
             self._fail(sender, e)
             return
