@@ -37,6 +37,8 @@ RESUME_FROM = "resume_from"    # INT64 [1]: first visual token wanted
 CHUNK_START = "chunk_start"    # INT64 [1]: where this chunk's rows go
 TOTAL_TOKENS = "total_tokens"  # INT64 [1]: N of the whole request
 MAX_CHUNKS = "max_chunks"      # INT32 [1]: stop after this many chunks (0: all)
+IMAGE_DIGESTS = "image_digests"  # BYTES [-1]: SHA-256 of image files the encoder may have cached
+NOT_CACHED = "not in the encoder's cache"
 
 
 def chunks(features: VisualFeatures, chunk_tokens: int, resume_from: int = 0) -> Iterator[tuple[int, VisualFeatures]]:
@@ -120,6 +122,8 @@ _TRANSIENT = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "UNKNO
 def _transient(error) -> bool:
     status = str(getattr(error, "status", lambda: "")() or "")
     message = str(error)
+    if NOT_CACHED in message:
+        return False
     if "Socket closed" in message or "failed to connect" in message.lower() or "Connection reset" in message:
         return True
     return any(code in status for code in _TRANSIENT) and "not a decodable image" not in message
@@ -172,6 +176,9 @@ class RemoteEncoder:
         errors: dict[str, str] = {}
         deadline = time.monotonic() + self.timeout_s
         url = order[0]
+        # A resume first names the image by digest (no upload); the file goes again only when
+        # that encoder lacks it (a restarted or different encoder).
+        by_digest = False
         while True:
             received = buf.received if buf else 0
             # With shared memory, the first chunk comes over gRPC (it tells the total) and the
@@ -182,7 +189,11 @@ class RemoteEncoder:
                     try:
                         stats.shm_bytes += self._rest_through_shm(url, image, buf, deadline)
                         stats.chunks += 1
-                    except (ConnectionError, EncoderRejected, TimeoutError):
+                    except EncoderRejected as e:
+                        if NOT_CACHED not in str(e):
+                            raise
+                        # evicted meanwhile: the gRPC path below sends the file again
+                    except (ConnectionError, TimeoutError):
                         raise
                     except Exception as e:  # noqa: BLE001 - e.g. another host: use gRPC from now on
                         log.warning("shared-memory transfer from %s unavailable, using gRPC: %s", url, e)
@@ -191,7 +202,8 @@ class RemoteEncoder:
                         return buf.features(self.dtype), stats
                 for start, total, piece in self._stream(url, image, buf.received if buf else 0,
                                                         max_chunks=1 if use_shm and not buf else 0,
-                                                        first_timeout_s=max(1.0, deadline - time.monotonic())):
+                                                        first_timeout_s=max(1.0, deadline - time.monotonic()),
+                                                        by_digest=by_digest):
                     wire = piece.visual_embeds.dtype.name
                     if wire != str(self.dtype).removeprefix("torch."):
                         raise EncoderRejected(f"encoder {url} sends {wire} tensors but this server runs "
@@ -206,12 +218,16 @@ class RemoteEncoder:
                     continue  # first chunk in: the rest through shared memory
                 raise ConnectionError(f"the stream ended at visual token {buf.received if buf else 0}")
             except EncoderRejected as e:
+                if by_digest and NOT_CACHED in str(e):
+                    by_digest = False
+                    continue
                 raise EncoderRejected(f"images[{index}]: {e}") from None
             except Exception as e:  # noqa: BLE001 - any transport failure: resume here or elsewhere
                 errors[url] = f"{type(e).__name__}: {e}"
                 received = buf.received if buf else 0
                 log.warning("image %s from %s failed after %d visual tokens: %s", key[:12], url, received, e)
                 stats.resumes += bool(received)
+                by_digest = bool(received)
                 failed, url = url, self._next_encoder(url, order, deadline)
                 if url is None:
                     detail = "; ".join(f"{u}: {m}" for u, m in errors.items())
@@ -239,7 +255,7 @@ class RemoteEncoder:
 
     def _stream(self, url: str, image: bytes, resume_from: int, chunk_tokens: int | None = None,
                 max_chunks: int = 0, outputs: list | None = None,
-                first_timeout_s: float | None = None) -> Iterator[tuple[int, int, VisualFeatures]]:
+                first_timeout_s: float | None = None, by_digest: bool = False) -> Iterator[tuple[int, int, VisualFeatures]]:
         """(chunk start, total tokens, chunk as numpy arrays) as the encoder sends them
         (the arrays are None for outputs directed to shared memory). The first chunk may take
         as long as an encode (`first_timeout_s`); later ones `chunk_timeout_s`."""
@@ -250,8 +266,10 @@ class RemoteEncoder:
         finished = False
         try:
             inputs = []
+            image_input = ((IMAGE_DIGESTS, np.array([hashlib.sha256(image).digest()], dtype=object), "BYTES")
+                           if by_digest else (contract.IMAGES, np.array([image], dtype=object), "BYTES"))
             for name, value, dtype in (
-                    (contract.IMAGES, np.array([image], dtype=object), "BYTES"),
+                    image_input,
                     (CHUNK_TOKENS, np.array([chunk_tokens or self.chunk_tokens], dtype=np.int32), "INT32"),
                     (RESUME_FROM, np.array([resume_from], dtype=np.int64), "INT64"),
                     (MAX_CHUNKS, np.array([max_chunks], dtype=np.int32), "INT32")):
@@ -307,8 +325,9 @@ class RemoteEncoder:
                        (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW, CHUNK_START, TOTAL_TOKENS)]
             outputs[0].set_shared_memory(name, embeds_bytes, 0)
             outputs[1].set_shared_memory(name, deepstack_bytes, embeds_bytes)
+            # The image was encoded for the first chunk: name it by digest, don't upload it again.
             pieces = list(self._stream(url, image, buf.received, chunk_tokens=n, max_chunks=1, outputs=outputs,
-                                       first_timeout_s=max(1.0, deadline - time.monotonic())))
+                                       first_timeout_s=max(1.0, deadline - time.monotonic()), by_digest=True))
             if len(pieces) != 1 or pieces[0][0] != buf.received:
                 raise RuntimeError(f"shared-memory transfer from {url} returned {len(pieces)} responses")
             wire = np.uint16 if buf.embeds.dtype.itemsize == 2 else buf.embeds.dtype

@@ -32,6 +32,17 @@ from .config import ModelConfig
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CachedImage:
+    """An image named by the SHA-256 of its file instead of sent again: a resume or a repeat
+    between servers costs no upload. Served from the cache, or NotCached."""
+    digest: bytes
+
+
+class NotCached(LookupError):
+    """A CachedImage the cache does not hold (evicted, or another encoder): send the file."""
+
+
 class ImageError(ValueError):
     """An input that is not a decodable image; the message names which one."""
 
@@ -100,14 +111,14 @@ class VisionEncoder:
         return out["pixel_values"], out["image_grid_thw"]
 
     @torch.inference_mode()
-    def encode(self, per_request: list[list[bytes]]) -> list[VisualFeatures | ImageError]:
+    def encode(self, per_request: list[list["bytes | CachedImage"]]) -> list[VisualFeatures | Exception]:
         """One vision forward for all images of all requests that the cache lacks; results
         assembled per request. A request with an undecodable image gets its ImageError back;
         the others still run. `self.last` describes what this call did (metrics)."""
         keys = [[self.cache.key(b) for b in req] for req in per_request]
         # Decode only what the cache lacks, once per distinct image.
         todo: dict[str, Image.Image] = {}
-        failed: dict[int, ImageError] = {}
+        failed: dict[int, Exception] = {}
         hits = 0
         for r, (req, req_keys) in enumerate(zip(per_request, keys)):
             for i, (data, key) in enumerate(zip(req, req_keys)):
@@ -116,6 +127,9 @@ class VisionEncoder:
                 if self.cache.get(key) is not None:
                     hits += 1
                     continue
+                if isinstance(data, CachedImage):
+                    failed[r] = NotCached(f"images[{i}] is not in the encoder's cache: send the image itself")
+                    break
                 try:
                     todo[key] = decode_image(data, i)
                 except ImageError as e:
@@ -175,8 +189,9 @@ class FeatureCache:
         # them; the batch's results are assembled before the next batch runs.
         self.pinned: dict[str, VisualFeatures] = {}
 
-    def key(self, data: bytes) -> str:
-        return hashlib.sha256(self.salt + data).hexdigest()
+    def key(self, data: "bytes | CachedImage") -> str:
+        digest = data.digest if isinstance(data, CachedImage) else hashlib.sha256(data).digest()
+        return hashlib.sha256(self.salt + digest).hexdigest()
 
     @staticmethod
     def size(f: VisualFeatures) -> int:

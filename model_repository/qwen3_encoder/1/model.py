@@ -109,7 +109,7 @@ class TritonPythonModel:
         self._count("cache_misses", report.encoded)
 
     def execute(self, requests):
-        from qwen3vl.vision import EncodeJob, image_file_bytes
+        from qwen3vl.vision import CachedImage, EncodeJob, image_file_bytes
 
         for request in requests:
             sender = request.get_response_sender()
@@ -121,6 +121,11 @@ class TritonPythonModel:
                                if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
                 files = [image_file_bytes(b, i) for i, b in enumerate(bytes_list(
                     images.as_numpy() if images is not None else None))]
+                digests = pb_utils.get_input_tensor_by_name(request, transfer.IMAGE_DIGESTS)
+                if digests is not None:
+                    if files:
+                        raise ValueError(f"send either {contract.IMAGES} or {transfer.IMAGE_DIGESTS}, not both")
+                    files = [CachedImage(d) for d in bytes_list(digests.as_numpy())]
                 self.batcher.submit(EncodeJob(
                     files,
                     lambda result, s=sender, p=passthrough, c=chunking: self._respond(s, result, p, *c)))
