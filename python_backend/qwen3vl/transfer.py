@@ -169,25 +169,26 @@ class RemoteEncoder:
 
     # -- one image
     def fetch(self, image: bytes, index: int = 0) -> tuple[VisualFeatures, TransferStats]:
-        key = hashlib.sha256(image).hexdigest()
+        digest = hashlib.sha256(image).digest()  # once: hashing a large file is not free
+        key = digest.hex()
         order = self.ring.order(key)
         stats = TransferStats()
         buf: Buffers | None = None  # preallocated at the first chunk, filled in place
         errors: dict[str, str] = {}
         deadline = time.monotonic() + self.timeout_s
         url = order[0]
-        # A resume first names the image by digest (no upload); the file goes again only when
-        # that encoder lacks it (a restarted or different encoder).
-        by_digest = False
+        # Name the image by digest first (no upload: a repeat, a resume); the file goes only when
+        # that encoder lacks it (new image, restarted or different encoder): one round trip more.
+        by_digest = True
         while True:
             received = buf.received if buf else 0
-            # With shared memory, the first chunk comes over gRPC (it tells the total) and the
-            # rest lands in a shared-memory region in one response.
+            # With shared memory, a one-token first chunk comes over gRPC (it tells the total)
+            # and the rest lands in a shared-memory region in one response.
             use_shm = self.shm and self.shm_ok.get(url, True)
             try:
                 if use_shm and buf and not buf.complete:
                     try:
-                        stats.shm_bytes += self._rest_through_shm(url, image, buf, deadline)
+                        stats.shm_bytes += self._rest_through_shm(url, digest, buf, deadline)
                         stats.chunks += 1
                     except EncoderRejected as e:
                         if NOT_CACHED not in str(e):
@@ -200,8 +201,10 @@ class RemoteEncoder:
                         self.shm_ok[url] = False
                     if buf.complete:
                         return buf.features(self.dtype), stats
-                for start, total, piece in self._stream(url, image, buf.received if buf else 0,
-                                                        max_chunks=1 if use_shm and not buf else 0,
+                probe = use_shm and not buf  # with shm, one token over gRPC tells the total
+                for start, total, piece in self._stream(url, digest if by_digest else image, buf.received if buf else 0,
+                                                        chunk_tokens=1 if probe else None,
+                                                        max_chunks=1 if probe else 0,
                                                         first_timeout_s=max(1.0, deadline - time.monotonic()),
                                                         by_digest=by_digest):
                     wire = piece.visual_embeds.dtype.name
@@ -227,7 +230,7 @@ class RemoteEncoder:
                 received = buf.received if buf else 0
                 log.warning("image %s from %s failed after %d visual tokens: %s", key[:12], url, received, e)
                 stats.resumes += bool(received)
-                by_digest = bool(received)
+                by_digest = True
                 failed, url = url, self._next_encoder(url, order, deadline)
                 if url is None:
                     detail = "; ".join(f"{u}: {m}" for u, m in errors.items())
@@ -256,7 +259,8 @@ class RemoteEncoder:
     def _stream(self, url: str, image: bytes, resume_from: int, chunk_tokens: int | None = None,
                 max_chunks: int = 0, outputs: list | None = None,
                 first_timeout_s: float | None = None, by_digest: bool = False) -> Iterator[tuple[int, int, VisualFeatures]]:
-        """(chunk start, total tokens, chunk as numpy arrays) as the encoder sends them
+        """(chunk start, total tokens, chunk as numpy arrays) as the encoder sends them for
+        `image` (the file, or its SHA-256 digest with `by_digest`)
         (the arrays are None for outputs directed to shared memory). The first chunk may take
         as long as an encode (`first_timeout_s`); later ones `chunk_timeout_s`."""
         import tritonclient.grpc as grpcclient
@@ -266,8 +270,7 @@ class RemoteEncoder:
         finished = False
         try:
             inputs = []
-            image_input = ((IMAGE_DIGESTS, np.array([hashlib.sha256(image).digest()], dtype=object), "BYTES")
-                           if by_digest else (contract.IMAGES, np.array([image], dtype=object), "BYTES"))
+            image_input = (IMAGE_DIGESTS if by_digest else contract.IMAGES, np.array([image], dtype=object), "BYTES")
             for name, value, dtype in (
                     image_input,
                     (CHUNK_TOKENS, np.array([chunk_tokens or self.chunk_tokens], dtype=np.int32), "INT32"),
@@ -306,7 +309,7 @@ class RemoteEncoder:
             except Exception:  # noqa: BLE001 - closing a dead connection
                 pass
 
-    def _rest_through_shm(self, url: str, image: bytes, buf: "Buffers", deadline: float) -> int:
+    def _rest_through_shm(self, url: str, digest: bytes, buf: "Buffers", deadline: float) -> int:
         """Same host: the rest of the image in one response that Triton writes into a system
         shared-memory region we registered with the encoder server (Triton's shared-memory
         extension), instead of gRPC message copies. Returns the bytes moved."""
@@ -326,7 +329,7 @@ class RemoteEncoder:
             outputs[0].set_shared_memory(name, embeds_bytes, 0)
             outputs[1].set_shared_memory(name, deepstack_bytes, embeds_bytes)
             # The image was encoded for the first chunk: name it by digest, don't upload it again.
-            pieces = list(self._stream(url, image, buf.received, chunk_tokens=n, max_chunks=1, outputs=outputs,
+            pieces = list(self._stream(url, digest, buf.received, chunk_tokens=n, max_chunks=1, outputs=outputs,
                                        first_timeout_s=max(1.0, deadline - time.monotonic()), by_digest=True))
             if len(pieces) != 1 or pieces[0][0] != buf.received:
                 raise RuntimeError(f"shared-memory transfer from {url} returned {len(pieces)} responses")
