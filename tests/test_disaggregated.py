@@ -153,7 +153,9 @@ def test_routing_is_sticky_and_survives_a_dead_encoder(checkpoint, encoder_a):
         urls = [encoder_a.grpc_url, encoder_c.grpc_url]
         with start_language(checkpoint, "language-routing", urls, encoder_same_wait_s=0.5) as lang:
             def images_on(s):
-                return metric(s, "qwen3vl_encoder_images_total")
+                # served images: from the cache or through the tower (a digest probe that
+                # missed and was followed by the file counts once)
+                return metric(s, "qwen3vl_encoder_cache_hits_total") + metric(s, "qwen3vl_encoder_cache_misses_total")
 
             image = png(100, 100, 3000)
             before = [images_on(s) for s in (encoder_a, encoder_c)]
