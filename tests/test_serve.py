@@ -6,14 +6,18 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import LOG_DIR, metric
-from qwen3vl.client import infer
+from qwen3vl.client import ServerError, infer
 from qwen3vl.launch import Server
 
 
 def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
-    server = Server(checkpoint, LOG_DIR / "sigterm.log", extra=["--device", "cpu"]).start()
+    server = Server(checkpoint, LOG_DIR / "sigterm.log", extra=["--device", "cpu", "--max-model-len", "64"]).start()
     assert infer(server.http_url, "http", prompt="hi", max_tokens=2, temperature=0.0).finish_reason == "length"
+    with pytest.raises(ServerError, match="exceeds the model's limit of 64 tokens"):  # --max-model-len reached it
+        infer(server.http_url, "http", prompt="hi", max_tokens=60, temperature=0.0)
     start = time.monotonic()
     assert server.stop() == 0
     assert time.monotonic() - start < 60

@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from qwen3vl import contract
 from qwen3vl.engine import Engine, Job, Step, Worker
-from qwen3vl.triton_io import e2l_outputs, model_config_from_env, scalar, served_dtype_name
+from qwen3vl.triton_io import e2l_outputs, model_config_from_env, scalar, served_dtype_name, setting
 from qwen3vl.vision import VisualFeatures
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -89,9 +89,9 @@ class TritonPythonModel:
         return auto_complete_model_config
 
     def initialize(self, args):
-        model_config = json.loads(args["model_config"])
-        self.config = model_config_from_env(model_config.get("parameters"))
-        self.engine = Engine.from_checkpoint(self.config)
+        params = json.loads(args["model_config"]).get("parameters")
+        self.config = model_config_from_env(params)
+        self.engine = Engine.from_checkpoint(self.config, int(setting(params, "max_model_len", "0")) or None)
         self.worker = Worker(self.engine)
         self.metrics = _Metrics()
 
