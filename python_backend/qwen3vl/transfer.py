@@ -144,6 +144,9 @@ class RemoteEncoder:
         # Same-host encoders: move the bulk through Triton's system shared memory. Per encoder,
         # falls back to gRPC for good after one failure to set it up (e.g. another host).
         self.shm, self.shm_ok = shared_memory, {}
+        # One gRPC client per (fetch thread, encoder), kept between fetches: a new channel per
+        # request costs a connection setup that dwarfs a small chunk.
+        self.clients = threading.local()
         self.last = TransferStats()
         self.lock = threading.Lock()
 
@@ -266,7 +269,7 @@ class RemoteEncoder:
         import tritonclient.grpc as grpcclient
 
         results: queue.Queue = queue.Queue()
-        client = grpcclient.InferenceServerClient(url)
+        client = self._client(url)
         finished = False
         try:
             inputs = []
@@ -305,6 +308,23 @@ class RemoteEncoder:
         finally:
             try:
                 client.stop_stream(cancel_requests=not finished)
+            except Exception:  # noqa: BLE001 - a dead connection
+                finished = False
+            if not finished:  # broken or abandoned: the next fetch from this encoder reconnects
+                self._drop_client(url)
+
+    def _client(self, url: str):
+        import tritonclient.grpc as grpcclient
+
+        cache = self.clients.__dict__.setdefault("by_url", {})
+        if url not in cache:
+            cache[url] = grpcclient.InferenceServerClient(url)
+        return cache[url]
+
+    def _drop_client(self, url: str) -> None:
+        client = self.clients.__dict__.get("by_url", {}).pop(url, None)
+        if client is not None:
+            try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing a dead connection
                 pass
@@ -321,7 +341,7 @@ class RemoteEncoder:
         deepstack_bytes = buf.deepstack.shape[0] * n * buf.deepstack.shape[2] * buf.deepstack.itemsize
         name = f"qwen3vl-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         handle = shm.create_shared_memory_region(name, "/" + name, embeds_bytes + deepstack_bytes)
-        client = grpcclient.InferenceServerClient(url)
+        client = self._client(url)
         try:
             client.register_system_shared_memory(name, "/" + name, embeds_bytes + deepstack_bytes)
             outputs = [grpcclient.InferRequestedOutput(x) for x in
@@ -343,7 +363,6 @@ class RemoteEncoder:
         finally:
             try:
                 client.unregister_system_shared_memory(name)
-                client.close()
             except Exception:  # noqa: BLE001 - the server may be gone
                 pass
             shm.destroy_shared_memory_region(handle)
