@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -20,6 +18,7 @@ from .config import ModelConfig
 from .prompt import Prompt, PromptBuilder
 from .text import LanguageModel
 from .vision import VisualFeatures
+from .worker import JobThread
 
 log = logging.getLogger(__name__)
 
@@ -216,22 +215,13 @@ class Job:
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
 
 
-class Worker:
+class Worker(JobThread[Job]):
     """Runs jobs one after another on a background thread, so a decoupled Triton model's
     execute() returns at once and responses stream from here."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="qwen3vl-engine", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=30)
+        super().__init__("qwen3vl-engine")
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:

@@ -27,6 +27,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVis
 
 from .checkpoint import load_tensors
 from .config import ModelConfig
+from .worker import JobThread
 
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class EncodeJob:
     done: Callable[["VisualFeatures | Exception"], None]
 
 
-class EncodeBatcher:
+class EncodeBatcher(JobThread[EncodeJob]):
     """Collects the requests that arrive while the tower is busy (or within `max_delay_s` of
     the first) and encodes them in one forward, up to `max_images` images per forward.
     `on_batch(report, seconds)` describes each batch (metrics)."""
@@ -236,16 +237,7 @@ class EncodeBatcher:
                  on_batch: Callable[[EncodeReport, float], None] | None = None):
         self.encoder, self.max_delay_s, self.max_images = encoder, max_delay_s, max_images
         self.on_batch = on_batch or (lambda *_: None)
-        self.jobs: queue.Queue[EncodeJob | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="qwen3vl-encoder", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: EncodeJob) -> None:
-        self.jobs.put(job)
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=30)
+        super().__init__("qwen3vl-encoder")
 
     def _next_batch(self) -> list[EncodeJob] | None:
         first = self.jobs.get()

@@ -1,0 +1,29 @@
+"""A job queue drained by one background thread: how the decoupled shells hand work off so
+that execute() returns at once (the engine's decode loop, the encoder's batcher)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Generic, TypeVar
+
+J = TypeVar("J")
+
+
+class JobThread(Generic[J]):
+    """Subclasses implement `_run`, reading `self.jobs` until it yields None (stop)."""
+
+    def __init__(self, name: str):
+        self.jobs: queue.Queue[J | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, job: J) -> None:
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        raise NotImplementedError
