@@ -141,3 +141,21 @@ def test_cancelling_a_stream_stops_generation(server):
     assert infer(server.http_url, "http", prompt="next", max_tokens=2, temperature=0.0).finish_reason == "length"
     assert time.monotonic() - start < 30
     assert generated() - before < 4000
+
+
+def test_repeated_image_is_restored_from_the_prefix_cache(server, reference):
+    """A second question about the same image restores the image's KV instead of prefilling it,
+    and still answers what transformers answers."""
+    image = [png(224, 160, 77)]
+    visual_tokens = (224 // 32) * (160 // 32)  # 16-pixel patches, 2x2 merge
+    ask(server.grpc_url, "grpc", True, prompt="Describe the picture.", images=image, max_tokens=2, temperature=0.0)
+    hits, cached = metric(server, "qwen3vl_language_prefix_cache_hits_total"), \
+        metric(server, "qwen3vl_language_prefix_cache_tokens_total")
+    prefilled = metric(server, "qwen3vl_language_prefill_tokens_total")
+    question = "Which colour is in the top left corner?"
+    answer = ask(server.grpc_url, "grpc", True, prompt=question, images=image, max_tokens=MAX_NEW, temperature=0.0)
+    assert metric(server, "qwen3vl_language_prefix_cache_hits_total") == hits + 1
+    restored = metric(server, "qwen3vl_language_prefix_cache_tokens_total") - cached
+    assert restored >= visual_tokens
+    assert metric(server, "qwen3vl_language_prefill_tokens_total") - prefilled < 30  # the question, not the image
+    assert answer.token_ids == reference_generate(reference, question, image, MAX_NEW)

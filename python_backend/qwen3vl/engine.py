@@ -15,8 +15,9 @@ from typing import Callable, Iterator
 import torch
 
 from .config import ModelConfig
+from .prefix_cache import PrefixCache, Segment
 from .prompt import Prompt, PromptBuilder
-from .text import LanguageModel
+from .text import KVCache, LanguageModel
 from .vision import VisualFeatures
 from .worker import JobThread
 
@@ -117,15 +118,26 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
+@dataclass
+class PrefillReport:
+    """One request's prefill: prompt tokens restored from the prefix cache and computed."""
+    cached_tokens: int = 0
+    computed_tokens: int = 0
+
+
 class Engine:
     def __init__(self, config: ModelConfig, model: LanguageModel, prompts: PromptBuilder, tokenizer,
-                 defaults: SamplingParams, stop_ids: list[int], max_model_len: int | None = None):
+                 defaults: SamplingParams, stop_ids: list[int], max_model_len: int | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.config, self.model, self.prompts, self.tokenizer = config, model, prompts, tokenizer
         self.defaults, self.stop_ids = defaults, set(stop_ids)
         self.max_model_len = max_model_len or config.text.max_position_embeddings
+        self.prefix_cache = prefix_cache
+        self.on_prefill: Callable[[PrefillReport], None] = lambda report: None
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, max_model_len: int | None = None) -> "Engine":
+    def from_checkpoint(cls, config: ModelConfig, max_model_len: int | None = None,
+                        prefix_cache_bytes: int = 0) -> "Engine":
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(config.checkpoint)
@@ -134,7 +146,11 @@ class Engine:
         if not stop_ids and processor.tokenizer.eos_token_id is not None:
             stop_ids = [processor.tokenizer.eos_token_id]
         prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size)
-        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, max_model_len)
+        prefix_cache = None
+        if prefix_cache_bytes > 0:
+            turn_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            prefix_cache = PrefixCache(prefix_cache_bytes, turn_end if isinstance(turn_end, int) else None)
+        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, max_model_len, prefix_cache)
 
     def params(self, **given) -> SamplingParams:
         """Request parameters over the checkpoint's defaults; None means not given."""
@@ -162,6 +178,34 @@ class Engine:
         x, mask, deepstack = self._prefill_inputs(prompt, features)
         return self.model(x, prompt.positions[:, None].to(x.device), cache, mask, deepstack, last_only=False)[0]
 
+    def _prefill(self, prompt: Prompt, features: VisualFeatures, cache: KVCache) -> torch.Tensor:
+        """Fill `cache` with the prompt; the last position's logits [1, 1, V]. With a prefix
+        cache, segment by segment (see prefix_cache.py), restoring the leading ones it has."""
+        n = len(prompt.input_ids)
+        if self.prefix_cache is None:
+            segs = [Segment(0, n, 0, prompt.num_visual_tokens, b"")]
+            restored = []
+        else:
+            segs = self.prefix_cache.segments(prompt, features)
+            restored = self.prefix_cache.lookup(segs)
+        for block in restored:
+            cache.append(block)
+        dev = self.config.device
+        for i, seg in enumerate(segs[len(restored):], start=len(restored)):
+            ids = prompt.input_ids[None, seg.start:seg.end].to(dev)
+            mask = prompt.visual_mask[None, seg.start:seg.end].to(dev)
+            visual = deepstack = None
+            if seg.v_end > seg.v_start:
+                visual = features.visual_embeds[seg.v_start:seg.v_end].to(dev)
+                deepstack = features.deepstack_embeds[:, seg.v_start:seg.v_end].to(dev)
+            positions = prompt.positions[:, None, seg.start:seg.end].to(dev)
+            logits = self.model(self.model.embed(ids, mask, visual), positions, cache, mask, deepstack)
+            if self.prefix_cache is not None and i < len(segs) - 1:
+                self.prefix_cache.put(seg.key, cache.export(seg.start, seg.end))
+        cached = segs[len(restored)].start
+        self.on_prefill(PrefillReport(cached_tokens=cached, computed_tokens=n - cached))
+        return logits
+
     def _prefill_inputs(self, prompt: Prompt, features: VisualFeatures):
         dev = self.config.device
         ids, mask = prompt.input_ids[None].to(dev), prompt.visual_mask[None].to(dev)
@@ -183,8 +227,7 @@ class Engine:
             generator = torch.Generator(device=dev)
             generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         cache = self.model.new_cache(1, total)
-        x, mask, deepstack = self._prefill_inputs(prompt, features)
-        logits = self.model(x, prompt.positions[:, None].to(dev), cache, mask, deepstack)
+        logits = self._prefill(prompt, features, cache)
         detok = IncrementalDetokenizer(self.tokenizer)
         for n in range(1, params.max_tokens + 1):
             token = sample(logits[0, -1], params, generator)

@@ -96,6 +96,8 @@ def server_env(args) -> dict[str, str]:
     env["QWEN3VL_DTYPE"] = args.dtype
     if args.max_model_len:
         env["QWEN3VL_MAX_MODEL_LEN"] = str(args.max_model_len)
+    if args.prefix_cache_mb is not None:
+        env["QWEN3VL_PREFIX_CACHE_MB"] = str(args.prefix_cache_mb)
     if args.encoder_url:
         env["QWEN3VL_ENCODER_URLS"] = ",".join(args.encoder_url)
     if args.chunk_tokens:
@@ -131,6 +133,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--max-model-len", type=int, default=0, help="prompt + generated tokens limit (0: the model's)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="KV of repeated prompt prefixes (images, earlier turns) kept for reuse; 0 turns it off "
+                        "(default: the model config's, 1024)")
     p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("extra", nargs="*", help="further tritonserver flags, after --")

@@ -84,6 +84,20 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def export(self, start: int, end: int) -> torch.Tensor:
+        """A copy of batch row 0's tokens [start, end): [layers, 2, kv_heads, end - start, D]."""
+        return torch.stack([torch.stack((k[0, :, start:end], v[0, :, start:end])) for k, v in zip(self.k, self.v)])
+
+    def append(self, block: torch.Tensor) -> None:
+        """Write an exported block [layers, 2, kv_heads, n, D] at the end of batch row 0."""
+        start, end = self.length, self.length + block.shape[3]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            k[0, :, start:end] = block[layer, 0]
+            v[0, :, start:end] = block[layer, 1]
+        self.length = end
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):

@@ -31,6 +31,11 @@ class _Metrics:
             ("failures", "qwen3vl_language_failures_total", "Generation requests failed"),
             ("tokens", "qwen3vl_language_generated_tokens_total", "Tokens generated"),
             ("ttft", "qwen3vl_language_first_token_seconds_total", "Sum of time to first token"),
+            ("prefill_tokens", "qwen3vl_language_prefill_tokens_total", "Prompt tokens run through the model"),
+            ("prefix_cached_tokens", "qwen3vl_language_prefix_cache_tokens_total",
+             "Prompt tokens restored from the prefix cache instead"),
+            ("prefix_cache_hits", "qwen3vl_language_prefix_cache_hits_total",
+             "Requests that restored part of their prompt from the prefix cache"),
         ):
             # The family must outlive its metric: keep both.
             family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
@@ -38,7 +43,13 @@ class _Metrics:
             self.counters[key] = family.Metric(labels={"model": "qwen3_language"})
 
     def add(self, key: str, value: float) -> None:
-        self.counters[key].increment(value)
+        if value:
+            self.counters[key].increment(value)
+
+    def prefill(self, report) -> None:
+        self.add("prefill_tokens", report.computed_tokens)
+        self.add("prefix_cached_tokens", report.cached_tokens)
+        self.add("prefix_cache_hits", int(report.cached_tokens > 0))
 
 
 class _Stream:
@@ -91,9 +102,12 @@ class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"]).get("parameters")
         self.config = model_config_from_env(params)
-        self.engine = Engine.from_checkpoint(self.config, int(setting(params, "max_model_len", "0")) or None)
-        self.worker = Worker(self.engine)
+        self.engine = Engine.from_checkpoint(
+            self.config, int(setting(params, "max_model_len", "0")) or None,
+            prefix_cache_bytes=int(float(setting(params, "prefix_cache_mb", "1024")) * 2**20))
         self.metrics = _Metrics()
+        self.engine.on_prefill = self.metrics.prefill
+        self.worker = Worker(self.engine)
 
     def _job(self, request, stream: _Stream) -> Job:
         text = scalar(_input(request, contract.TEXT_INPUT), str)
