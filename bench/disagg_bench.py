@@ -42,9 +42,11 @@ def ttft(server: Server, image: bytes) -> float:
 
 
 def shm_vs_grpc(ckpt, enc: Server, logs: Path, cpu: list[str], args) -> dict:
-    """Fetch time of one cached image of about `--transfer-mib` MiB of E->L tensors, read from
-    each language server's own metrics (so the bench client's copy back is not counted):
-    a language server using system shared memory and one using gRPC, interleaved."""
+    """Transfer time of one cached image of about `--transfer-mib` MiB of E->L tensors, read
+    from each language server's own metrics (qwen3vl_transfer_seconds_total: from the first
+    request to the encoder to the assembled tensors; the bench client's own upload and copy
+    back are not counted): a language server using system shared memory and one using gRPC,
+    interleaved."""
     from qwen3vl.config import ModelConfig
 
     config = ModelConfig.load(ckpt, device="cpu")
@@ -58,9 +60,9 @@ def shm_vs_grpc(ckpt, enc: Server, logs: Path, cpu: list[str], args) -> dict:
             Server(ckpt, logs / "bench-language-grpc.log", role="language", extra=common, env=env,
                    models=("qwen3_encoder",)) as grpc_lang:
         def fetch_s(server):
-            before = metric(server, "qwen3vl_encoder_seconds_total")
+            before = metric(server, "qwen3vl_transfer_seconds_total")
             tensors = encode(server.grpc_url, [image], timeout_s=900)
-            return metric(server, "qwen3vl_encoder_seconds_total") - before, tensors
+            return metric(server, "qwen3vl_transfer_seconds_total") - before, tensors
 
         _, tensors = fetch_s(grpc_lang)  # encodes once; every fetch after this is a cache hit
         fetch_s(shm_lang)

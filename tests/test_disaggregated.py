@@ -197,4 +197,33 @@ def test_shared_memory_transfer_is_bit_identical(checkpoint, server, encoder_a):
         total = sent["visual_embeds"].nbytes + sent["deepstack_embeds"].nbytes
         assert metric(lang, "qwen3vl_transfer_shm_bytes_received_total") == total - first_chunks
         assert metric(lang, "qwen3vl_transfer_bytes_received_total") == first_chunks
+        # Regions stay registered: a fetch thread that has one needs no one-token probe again.
+        shm_bytes, grpc_bytes = (metric(lang, f"qwen3vl_transfer_{k}_received_total") for k in ("shm_bytes", "bytes"))
+        again = encode(lang.grpc_url, images)
+        for name in sent:
+            assert sent[name].tobytes() == again[name].tobytes(), name
+        moved_by_shm = metric(lang, "qwen3vl_transfer_shm_bytes_received_total") - shm_bytes
+        moved_by_grpc = metric(lang, "qwen3vl_transfer_bytes_received_total") - grpc_bytes
+        assert moved_by_shm + moved_by_grpc == total
+        assert moved_by_shm >= total - first_chunks  # at most the probes of threads without a region
         assert generate(lang, images) == generate(server, images)
+
+
+def test_shared_memory_survives_an_encoder_restart(checkpoint, server):
+    """A restarted encoder has forgotten the regions registered with it: the language server
+    registers new ones and goes on through shared memory, bit for bit."""
+    with start_encoder(checkpoint, "encoder-shm-restart") as enc:
+        with start_language(checkpoint, "language-shm-restart", [enc.grpc_url], transfer_shared_memory=1,
+                            encoder_same_wait_s=60, encoder_timeout_s=120) as lang:
+            first, second = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 3000), png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 3001)
+            assert generate(lang, [first]) == generate(server, [first])
+            enc.restart()
+            shm_bytes = metric(lang, "qwen3vl_transfer_shm_bytes_received_total")
+            assert generate(lang, [second]) == generate(server, [second])
+            assert generate(lang, [first]) == generate(server, [first])  # re-encoded after the restart
+            assert metric(lang, "qwen3vl_transfer_shm_bytes_received_total") > shm_bytes
+            assert "using gRPC" not in lang.tail(200)
+        # No request naming a forgotten region reached it: one would hold up its shutdown.
+        start = time.monotonic()
+        enc.stop()
+        assert time.monotonic() - start < 20

@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -104,10 +105,12 @@ class TransferStats:
     bytes: int = 0
     resumes: int = 0
     shm_bytes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0           # the whole encode() call
+    transfer_seconds: float = 0.0  # per image, from the first request to the assembled tensors, summed
     failovers: list[str] = field(default_factory=list)
 
     def add(self, other: "TransferStats") -> None:
+        self.transfer_seconds += other.transfer_seconds
         self.chunks += other.chunks
         self.bytes += other.bytes
         self.shm_bytes += other.shm_bytes
@@ -126,6 +129,9 @@ def _transient(error) -> bool:
         return False
     if "Socket closed" in message or "failed to connect" in message.lower() or "Connection reset" in message:
         return True
+    # A server shutting down (or still starting) answers while its model is not loaded.
+    if "unknown model" in message or "has no available versions" in message or "is not ready" in message:
+        return True
     return any(code in status for code in _TRANSIENT) and "not a decodable image" not in message
 
 
@@ -134,7 +140,7 @@ class RemoteEncoder:
 
     def __init__(self, urls: list[str], config: ModelConfig, chunk_tokens: int = 1024, timeout_s: float = 30.0,
                  same_encoder_wait_s: float = 3.0, chunk_timeout_s: float = 10.0, workers: int = 8,
-                 shared_memory: bool = False):
+                 shared_memory: bool = False, shm_region_mib: float = 64):
         if not urls:
             raise ValueError("remote encoder mode needs at least one encoder URL (qwen3vl-serve --encoder-url)")
         self.ring = HashRing(urls)
@@ -143,7 +149,14 @@ class RemoteEncoder:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen3vl-fetch")
         # Same-host encoders: move the bulk through Triton's system shared memory. Per encoder,
         # falls back to gRPC for good after one failure to set it up (e.g. another host).
+        # Each fetch thread keeps one registered region per encoder (see ShmRegion).
         self.shm, self.shm_ok = shared_memory, {}
+        self.row_bytes = config.visual_hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        self.token_bytes = self.row_bytes * (1 + config.deepstack_layers)
+        self.shm_region_tokens = max(1, int(shm_region_mib * 2**20) // self.token_bytes)
+        self.regions: list[ShmRegion] = []  # every thread's, for close()
+        self.sessions: list = []  # every thread's gRPC clients, for close()
+        self.wire_dtype = contract.TRITON_DTYPE[str(self.dtype).removeprefix("torch.")].removeprefix("TYPE_")
         # One gRPC client per (fetch thread, encoder), kept between fetches: a new channel per
         # request costs a connection setup that dwarfs a small chunk.
         self.clients = threading.local()
@@ -172,57 +185,26 @@ class RemoteEncoder:
 
     # -- one image
     def fetch(self, image: bytes, index: int = 0) -> tuple[VisualFeatures, TransferStats]:
-        digest = hashlib.sha256(image).digest()  # once: hashing a large file is not free
-        key = digest.hex()
+        t = ImageTransfer(image, hashlib.sha256(image).digest())  # hashed once: a large file is not free
+        key = t.digest.hex()
         order = self.ring.order(key)
-        stats = TransferStats()
-        buf: Buffers | None = None  # preallocated at the first chunk, filled in place
         errors: dict[str, str] = {}
+        started = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
         url = order[0]
         # Name the image by digest first (no upload: a repeat, a resume); the file goes only when
         # that encoder lacks it (new image, restarted or different encoder): one round trip more.
         by_digest = True
         while True:
-            received = buf.received if buf else 0
-            # With shared memory, a one-token first chunk comes over gRPC (it tells the total)
-            # and the rest lands in a shared-memory region in one response.
-            use_shm = self.shm and self.shm_ok.get(url, True)
             try:
-                if use_shm and buf and not buf.complete:
-                    try:
-                        stats.shm_bytes += self._rest_through_shm(url, digest, buf, deadline)
-                        stats.chunks += 1
-                    except EncoderRejected as e:
-                        if NOT_CACHED not in str(e):
-                            raise
-                        # evicted meanwhile: the gRPC path below sends the file again
-                    except (ConnectionError, TimeoutError):
-                        raise
-                    except Exception as e:  # noqa: BLE001 - e.g. another host: use gRPC from now on
-                        log.warning("shared-memory transfer from %s unavailable, using gRPC: %s", url, e)
-                        self.shm_ok[url] = False
-                    if buf.complete:
-                        return buf.features(self.dtype), stats
-                probe = use_shm and not buf  # with shm, one token over gRPC tells the total
-                for start, total, piece in self._stream(url, digest if by_digest else image, buf.received if buf else 0,
-                                                        chunk_tokens=1 if probe else None,
-                                                        max_chunks=1 if probe else 0,
-                                                        first_timeout_s=max(1.0, deadline - time.monotonic()),
-                                                        by_digest=by_digest):
-                    wire = piece.visual_embeds.dtype.name
-                    if wire != str(self.dtype).removeprefix("torch."):
-                        raise EncoderRejected(f"encoder {url} sends {wire} tensors but this server runs "
-                                              f"{self.dtype}: start both with the same --dtype")
-                    buf = buf or Buffers.allocate(total, piece)
-                    buf.write(start, piece, url)
-                    stats.chunks += 1
-                    stats.bytes += piece.visual_embeds.nbytes + piece.deepstack_embeds.nbytes
-                if buf and buf.complete:
-                    return buf.features(self.dtype), stats
-                if use_shm and buf and self.shm_ok.get(url, True):
-                    continue  # first chunk in: the rest through shared memory
-                raise ConnectionError(f"the stream ended at visual token {buf.received if buf else 0}")
+                if by_digest and self._shm_usable(url, t):
+                    self._through_shm(url, t, deadline)
+                if not t.complete:
+                    self._through_grpc(url, t, deadline, by_digest)
+                    by_digest = True  # that encoder has it now
+                if t.complete:
+                    t.stats.transfer_seconds = time.perf_counter() - started
+                    return t.buf.features(self.dtype), t.stats
             except EncoderRejected as e:
                 if by_digest and NOT_CACHED in str(e):
                     by_digest = False
@@ -230,17 +212,31 @@ class RemoteEncoder:
                 raise EncoderRejected(f"images[{index}]: {e}") from None
             except Exception as e:  # noqa: BLE001 - any transport failure: resume here or elsewhere
                 errors[url] = f"{type(e).__name__}: {e}"
-                received = buf.received if buf else 0
-                log.warning("image %s from %s failed after %d visual tokens: %s", key[:12], url, received, e)
-                stats.resumes += bool(received)
+                log.warning("image %s from %s failed after %d visual tokens: %s", key[:12], url, t.received, e)
+                t.stats.resumes += bool(t.received)
                 by_digest = True
                 failed, url = url, self._next_encoder(url, order, deadline)
                 if url is None:
                     detail = "; ".join(f"{u}: {m}" for u, m in errors.items())
                     raise EncoderUnavailable(f"images[{index}]: no encoder could serve it within {self.timeout_s:g} s "
-                                             f"({received} visual tokens had arrived): {detail}") from None
+                                             f"({t.received} visual tokens had arrived): {detail}") from None
                 if url != failed:
-                    stats.failovers.append(url)
+                    t.stats.failovers.append(url)
+
+    def _through_grpc(self, url: str, t: "ImageTransfer", deadline: float, by_digest: bool) -> None:
+        """The rest of the image as gRPC chunks; with shared memory on, only a one-token first
+        chunk (it tells the total, and uploads the file on a cache miss)."""
+        probe = self.shm and self.shm_ok.get(url, True)
+        for start, total, piece in self._stream(url, t.digest if by_digest else t.image, t.received,
+                                                chunk_tokens=1 if probe else None, max_chunks=1 if probe else 0,
+                                                first_timeout_s=max(1.0, deadline - time.monotonic()),
+                                                by_digest=by_digest):
+            t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config, piece.visual_embeds.dtype)
+            t.buf.write(start, piece, url)
+            t.stats.chunks += 1
+            t.stats.bytes += piece.visual_embeds.nbytes + piece.deepstack_embeds.nbytes
+        if t.buf is None or not (t.complete or probe):
+            raise ConnectionError(f"the stream ended at visual token {t.received}")
 
     def _next_encoder(self, failed: str, order: list[str], deadline: float) -> str | None:
         """The same encoder if it is back within `same_encoder_wait_s`, else the next live one
@@ -282,6 +278,8 @@ class RemoteEncoder:
                 t = grpcclient.InferInput(name, list(value.shape), dtype)
                 t.set_data_from_numpy(value)
                 inputs.append(t)
+            # A stream per request, not one kept open: an open stream holds up the encoder
+            # server's shutdown until its exit timeout.
             client.start_stream(callback=lambda result, error: results.put((result, error)))
             client.async_stream_infer("qwen3_encoder", inputs, outputs=outputs, enable_empty_final_response=True)
             wait = first_timeout_s or self.chunk_timeout_s
@@ -298,6 +296,10 @@ class RemoteEncoder:
                 response = result.get_response()
                 finished = response.parameters["triton_final_response"].bool_param
                 if response.outputs:
+                    wire = result.get_output(contract.VISUAL_EMBEDS).datatype
+                    if wire != self.wire_dtype:
+                        raise EncoderRejected(f"encoder {url} sends {wire} tensors but this server runs "
+                                              f"{self.dtype}: start both with the same --dtype")
                     in_shm = outputs is not None  # the big tensors are in the shared-memory region
                     yield (int(result.as_numpy(CHUNK_START)[0]), int(result.as_numpy(TOTAL_TOKENS)[0]),
                            VisualFeatures(None if in_shm else result.as_numpy(contract.VISUAL_EMBEDS),
@@ -310,62 +312,235 @@ class RemoteEncoder:
                 client.stop_stream(cancel_requests=not finished)
             except Exception:  # noqa: BLE001 - a dead connection
                 finished = False
-            if not finished:  # broken or abandoned: the next fetch from this encoder reconnects
+            if not finished:  # broken, refused or abandoned: the next fetch reconnects
                 self._drop_client(url)
 
     def _client(self, url: str):
+        """This thread's gRPC client for `url`, kept between fetches: a new channel per request
+        costs a connection setup that dwarfs a small chunk."""
         import tritonclient.grpc as grpcclient
 
-        cache = self.clients.__dict__.setdefault("by_url", {})
-        if url not in cache:
-            cache[url] = grpcclient.InferenceServerClient(url)
-        return cache[url]
+        clients = self.clients.__dict__.setdefault("by_url", {})
+        if url not in clients:
+            clients[url] = grpcclient.InferenceServerClient(url)
+            with self.lock:
+                self.sessions.append(clients[url])
+        return clients[url]
 
     def _drop_client(self, url: str) -> None:
         client = self.clients.__dict__.get("by_url", {}).pop(url, None)
         if client is not None:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection
-                pass
+            with self.lock:
+                self.sessions.remove(client)
+            _close(client)
 
-    def _rest_through_shm(self, url: str, digest: bytes, buf: "Buffers", deadline: float) -> int:
-        """Same host: the rest of the image in one response that Triton writes into a system
-        shared-memory region we registered with the encoder server (Triton's shared-memory
-        extension), instead of gRPC message copies. Returns the bytes moved."""
+    # -- same host: Triton's system shared memory
+    def _shm_usable(self, url: str, t: "ImageTransfer") -> bool:
+        """Shared memory for the rest of this image: on, not failed for this encoder, and the
+        size known (a first chunk arrived) or a region already registered with that encoder."""
+        if not self.shm or not self.shm_ok.get(url, True) or t.complete:
+            return False
+        return t.buf is not None or url in self._regions()
+
+    def _regions(self) -> dict[str, "ShmRegion"]:
+        return self.clients.__dict__.setdefault("regions", {})
+
+    def _region(self, url: str, tokens: int) -> "ShmRegion":
+        """This thread's region registered with `url`, holding at least `tokens` visual tokens
+        (capped at shm_region_mib; a larger image takes several responses)."""
+        tokens = min(max(tokens, 1), self.shm_region_tokens)
+        region = self._regions().get(url)
+        if region is not None and region.tokens >= tokens and region.registered(self._client(url)):
+            return region
+        if region is not None:
+            self._drop_region(url)
+        try:
+            region = ShmRegion(url, self._client(url), tokens, self.row_bytes, self.config.deepstack_layers)
+        except Exception as e:  # noqa: BLE001 - e.g. an encoder on another host: gRPC from now on
+            if _transient(e):
+                raise ConnectionError(str(e)) from None
+            log.warning("shared-memory transfer from %s unavailable, using gRPC: %s", url, e)
+            self.shm_ok[url] = False
+            raise ShmUnavailable(str(e)) from None
+        self._regions()[url] = region
+        with self.lock:
+            self.regions.append(region)
+        return region
+
+    def _drop_region(self, url: str) -> None:
+        region = self._regions().pop(url, None)
+        if region is not None:
+            with self.lock:
+                self.regions.remove(region)
+            region.close(self._client(url))
+
+    def _through_shm(self, url: str, t: "ImageTransfer", deadline: float) -> None:
+        """The rest of the image, one response per region-full, written by Triton straight into
+        a region this thread registered with the encoder server, instead of gRPC message copies.
+        Returns early, leaving the rest to gRPC, when shared memory is out for this encoder."""
+        import tritonclient.grpc as grpcclient
+
+        retried = False
+        while not t.complete:
+            if t.buf is None and url not in self._regions():
+                return  # dropped below: a gRPC probe tells the size first
+            # Sized for the whole image, so the next image of this size needs no new region.
+            want = t.buf.total if t.buf else self._regions()[url].tokens
+            try:
+                region = self._region(url, want)
+            except ShmUnavailable:
+                return
+            resume_from = t.received
+            outputs = [grpcclient.InferRequestedOutput(x) for x in
+                       (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW, CHUNK_START, TOTAL_TOKENS)]
+            outputs[0].set_shared_memory(region.name, region.embeds_bytes, 0)
+            outputs[1].set_shared_memory(region.name, region.size - region.embeds_bytes, region.embeds_bytes)
+            try:
+                pieces = list(self._stream(url, t.digest, resume_from, chunk_tokens=region.tokens, max_chunks=1,
+                                           outputs=outputs, first_timeout_s=max(1.0, deadline - time.monotonic()),
+                                           by_digest=True))
+            except EncoderRejected as e:
+                if NOT_CACHED in str(e):
+                    raise
+                # e.g. the encoder restarted and forgot the region: register a new one, or use gRPC
+                self._drop_region(url)
+                if retried:
+                    self.shm_ok[url] = False
+                    log.warning("shared-memory transfer from %s failed twice, using gRPC: %s", url, e)
+                    return
+                retried = True
+                continue
+            except Exception:
+                self._drop_region(url)  # a restarted encoder will not know it
+                raise
+            if len(pieces) != 1 or pieces[0][0] != resume_from:
+                raise RuntimeError(f"shared-memory transfer from {url} returned {len(pieces)} responses")
+            _, total, piece = pieces[0]
+            t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config, region.wire_dtype(self.dtype))
+            n = min(region.tokens, total - resume_from)
+            embeds, deepstack = region.read(n, t.buf)
+            t.buf.write(resume_from, VisualFeatures(embeds, deepstack, piece.image_grid_thw), url)
+            t.stats.shm_bytes += embeds.nbytes + deepstack.nbytes
+            t.stats.chunks += 1
+            region.confirmed = time.monotonic()
+
+    def close(self) -> None:
+        """Unregister and free every thread's shared-memory regions."""
+        with self.lock:
+            regions, self.regions = self.regions, []
+        for region in regions:
+            region.close(None)
+        with self.lock:
+            clients, self.sessions = self.sessions, []
+        for client in clients:
+            _close(client)
+        self.pool.shutdown(wait=False)
+
+
+@dataclass
+class ImageTransfer:
+    """One image being fetched; what has arrived survives a failed attempt."""
+    image: bytes
+    digest: bytes
+    stats: TransferStats = field(default_factory=TransferStats)
+    buf: "Buffers | None" = None  # allocated at the first response, filled in place
+
+    @property
+    def received(self) -> int:
+        return self.buf.received if self.buf else 0
+
+    @property
+    def complete(self) -> bool:
+        return self.buf is not None and self.buf.complete
+
+
+class ShmUnavailable(RuntimeError):
+    """A shared-memory region could not be set up with an encoder (e.g. another host)."""
+
+
+class ShmRegion:
+    """A system shared-memory region registered with one encoder server and reused by one fetch
+    thread (registering costs a round trip, a fresh mapping page faults). Layout for `tokens`
+    visual tokens: visual_embeds [tokens, H] at 0, deepstack_embeds [L, tokens, H] after it; a
+    response of n <= tokens tokens fills [n, H] and [L, n, H] at those offsets."""
+
+    # A registration confirmed this recently is still there: a restarted server (which forgets
+    # them) takes longer than this to come back.
+    CONFIRMED_FOR_S = 1.0
+
+    def __init__(self, url: str, client, tokens: int, row_bytes: int, layers: int):
+        import tritonclient.utils.shared_memory as shm
+
+        self.tokens, self.layers, self.url = tokens, layers, url
+        self.confirmed = time.monotonic()
+        self.embeds_bytes = tokens * row_bytes
+        self.size = self.embeds_bytes * (1 + layers)
+        self.name = f"qwen3vl-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.handle = shm.create_shared_memory_region(self.name, "/" + self.name, self.size)
+        try:
+            client.register_system_shared_memory(self.name, "/" + self.name, self.size)
+        except Exception:
+            shm.destroy_shared_memory_region(self.handle)
+            raise
+
+    def registered(self, client) -> bool:
+        """Whether the server still has this region. Asked (one round trip) only when it has
+        not been used for CONFIRMED_FOR_S: a request naming a region the server does not know
+        is refused, and (Triton 2.51) then holds up that server's shutdown until its exit
+        timeout, so a restarted encoder must never see one."""
+        if time.monotonic() - self.confirmed < self.CONFIRMED_FOR_S:
+            return True
+        try:
+            status = client.get_system_shared_memory_status(self.name, client_timeout=2.0)
+        except Exception:  # noqa: BLE001 - unknown region, or the server is gone
+            return False
+        if self.name not in str(status):
+            return False
+        self.confirmed = time.monotonic()
+        return True
+
+    @staticmethod
+    def wire_dtype(dtype: torch.dtype) -> np.dtype:
+        return np.dtype(np.uint16) if dtype in (torch.bfloat16, torch.float16) else np.dtype(str(dtype).removeprefix("torch."))
+
+    def read(self, n: int, like: "Buffers") -> tuple[np.ndarray, np.ndarray]:
+        """Views of the first n tokens the last response wrote: [n, H], [L, n, H]."""
+        import tritonclient.utils.shared_memory as shm
+
+        h = like.embeds.shape[1]
+        embeds = shm.get_contents_as_numpy(self.handle, like.embeds.dtype, [n, h])
+        deepstack = shm.get_contents_as_numpy(self.handle, like.embeds.dtype, [self.layers, n, h],
+                                              offset=self.embeds_bytes)
+        return embeds, deepstack
+
+    def close(self, client=None) -> None:
+        """Unregister (with `client`, or a fresh one) and free the region."""
         import tritonclient.grpc as grpcclient
         import tritonclient.utils.shared_memory as shm
 
-        n = buf.embeds.shape[0] - buf.received
-        embeds_bytes = n * buf.embeds.shape[1] * buf.embeds.itemsize
-        deepstack_bytes = buf.deepstack.shape[0] * n * buf.deepstack.shape[2] * buf.deepstack.itemsize
-        name = f"qwen3vl-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        handle = shm.create_shared_memory_region(name, "/" + name, embeds_bytes + deepstack_bytes)
-        client = self._client(url)
         try:
-            client.register_system_shared_memory(name, "/" + name, embeds_bytes + deepstack_bytes)
-            outputs = [grpcclient.InferRequestedOutput(x) for x in
-                       (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW, CHUNK_START, TOTAL_TOKENS)]
-            outputs[0].set_shared_memory(name, embeds_bytes, 0)
-            outputs[1].set_shared_memory(name, deepstack_bytes, embeds_bytes)
-            # The image was encoded for the first chunk: name it by digest, don't upload it again.
-            pieces = list(self._stream(url, digest, buf.received, chunk_tokens=n, max_chunks=1, outputs=outputs,
-                                       first_timeout_s=max(1.0, deadline - time.monotonic()), by_digest=True))
-            if len(pieces) != 1 or pieces[0][0] != buf.received:
-                raise RuntimeError(f"shared-memory transfer from {url} returned {len(pieces)} responses")
-            wire = np.uint16 if buf.embeds.dtype.itemsize == 2 else buf.embeds.dtype
-            start = buf.received
-            buf.embeds[start:] = shm.get_contents_as_numpy(handle, wire, [n, buf.embeds.shape[1]]).view(buf.embeds.dtype)
-            buf.deepstack[:, start:] = shm.get_contents_as_numpy(
-                handle, wire, [buf.deepstack.shape[0], n, buf.deepstack.shape[2]], offset=embeds_bytes).view(buf.deepstack.dtype)
-            buf.received += n
-            return embeds_bytes + deepstack_bytes
-        finally:
+            own = client is None
+            client = client or grpcclient.InferenceServerClient(self.url)
             try:
-                client.unregister_system_shared_memory(name)
-            except Exception:  # noqa: BLE001 - the server may be gone
-                pass
-            shm.destroy_shared_memory_region(handle)
+                client.unregister_system_shared_memory(self.name, client_timeout=2.0)
+            finally:
+                if own:
+                    client.close()
+        except Exception:  # noqa: BLE001 - the server may be gone
+            pass
+        try:
+            shm.destroy_shared_memory_region(self.handle)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def _close(client) -> None:
+    """Cancel what is in flight on the client's stream and close its channel."""
+    try:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    except Exception:  # noqa: BLE001 - closing a dead connection
+        pass
 
 
 def _is_live(url: str) -> bool:
@@ -389,25 +564,46 @@ class Buffers:
         self.received = 0
 
     @classmethod
-    def allocate(cls, total: int, first: VisualFeatures) -> "Buffers":
-        e, d = first.visual_embeds, first.deepstack_embeds
-        return cls(np.empty((total, e.shape[1]), e.dtype), np.empty((d.shape[0], total, d.shape[2]), d.dtype),
-                   np.array(first.image_grid_thw, dtype=np.int64))
+    def allocate(cls, total: int, grids, config: ModelConfig, dtype: np.dtype) -> "Buffers":
+        h = config.visual_hidden_size
+        return cls(np.empty((total, h), dtype), np.empty((config.deepstack_layers, total, h), dtype),
+                   np.array(grids, dtype=np.int64))
+
+    @property
+    def total(self) -> int:
+        return self.embeds.shape[0]
 
     @property
     def complete(self) -> bool:
-        return self.received == self.embeds.shape[0]
+        return self.received == self.total
 
     def write(self, start: int, piece: VisualFeatures, url: str) -> None:
         n = piece.visual_embeds.shape[0]
-        if start != self.received or start + n > self.embeds.shape[0]:
+        if start != self.received or start + n > self.total:
             raise RuntimeError(f"encoder {url} sent visual tokens [{start}, {start + n}), expected from {self.received}")
-        self.embeds[start:start + n] = piece.visual_embeds
-        self.deepstack[:, start:start + n] = piece.deepstack_embeds
+        if piece.visual_embeds.shape[1:] != self.embeds.shape[1:] or piece.deepstack_embeds.shape[0] != self.deepstack.shape[0]:
+            raise RuntimeError(f"encoder {url} sent tensors of shape {piece.visual_embeds.shape} and "
+                               f"{piece.deepstack_embeds.shape}; this server's model expects [N, {self.embeds.shape[1]}] "
+                               f"and [{self.deepstack.shape[0]}, N, {self.embeds.shape[1]}]")
+        _copy(self.embeds[start:start + n], piece.visual_embeds)
+        _copy(self.deepstack[:, start:start + n], piece.deepstack_embeds)
         self.received += n
 
     def features(self, dtype: torch.dtype) -> VisualFeatures:
         return VisualFeatures(_torch(self.embeds, dtype), _torch(self.deepstack, dtype), torch.from_numpy(self.grids))
+
+
+_SAME_SIZE_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src bit for bit, through torch's multi-threaded copy (numpy's is one thread).
+    Both are viewed as integers of the same width: torch has no ml_dtypes.bfloat16."""
+    as_int = _SAME_SIZE_INT[dst.itemsize]
+    with warnings.catch_warnings():  # src may be a read-only gRPC buffer: it is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        source = torch.from_numpy(np.asarray(src).view(as_int))
+    torch.from_numpy(dst.view(as_int)).copy_(source)
 
 
 def _torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

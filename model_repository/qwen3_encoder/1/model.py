@@ -6,6 +6,7 @@ A request with `chunk_tokens` gets one response per chunk of visual tokens (from
 without it, one response with everything (the ensemble's way).
 """
 
+import itertools
 import json
 
 import numpy as np
@@ -32,6 +33,8 @@ METRICS = {
     "chunks_received": ("qwen3vl_transfer_chunks_received_total", "E->L chunks received from encoders"),
     "bytes_received": ("qwen3vl_transfer_bytes_received_total", "E->L bytes received from encoders"),
     "shm_bytes_received": ("qwen3vl_transfer_shm_bytes_received_total", "E->L bytes received through shared memory"),
+    "transfer_seconds": ("qwen3vl_transfer_seconds_total",
+                         "Time fetching E->L tensors, per image from first request to assembled, summed"),
     "resumes": ("qwen3vl_transfer_resumes_total", "Transfers resumed after a broken connection or encoder"),
     "failovers": ("qwen3vl_transfer_failovers_total", "Transfers moved to another encoder"),
 }
@@ -79,6 +82,7 @@ class TritonPythonModel:
                 timeout_s=float(setting(params, "encoder_timeout_s", "30")),
                 same_encoder_wait_s=float(setting(params, "encoder_same_wait_s", "3")),
                 shared_memory=setting(params, "transfer_shared_memory", "0").lower() in ("1", "true", "yes"),
+                shm_region_mib=float(setting(params, "transfer_shm_region_mib", "64")),
             )
         else:
             raise ValueError(f"encoder_mode must be local or remote, not {self.mode!r}")
@@ -99,6 +103,7 @@ class TritonPythonModel:
             self._count("chunks_received", report.chunks)
             self._count("bytes_received", report.bytes)
             self._count("shm_bytes_received", report.shm_bytes)
+            self._count("transfer_seconds", report.transfer_seconds)
             self._count("resumes", report.resumes)
             self._count("failovers", len(report.failovers))
             self._count("images", report.images)
@@ -152,7 +157,8 @@ class TritonPythonModel:
             ]), flags=FINAL)
             return
         try:
-            pieces = list(transfer.chunks(result, chunk_tokens, resume_from or 0))[:max_chunks or None]
+            # islice: a one-token probe must not slice every chunk of the image first.
+            pieces = list(itertools.islice(transfer.chunks(result, chunk_tokens, resume_from or 0), max_chunks or None))
         except ValueError as e:
             self._fail(sender, e)
             return
@@ -172,3 +178,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.batcher.stop()
+        if self.mode == "remote":
+            self.batcher.encoder.close()  # unregister the shared-memory regions
