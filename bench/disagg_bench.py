@@ -4,7 +4,8 @@
 
 Starts three real servers on loopback (aggregated; encoder; language pointed at the encoder),
 then interleaves in each round: a fresh image through the aggregated server, a fresh image
-through the disaggregated one, and that same image again (the encoder's cache). Reports the
+through the disaggregated one, and that same image again with another question (the encoder's
+feature cache and the language server's prefix cache; the question is prefilled). Reports the
 median of per-round ratios, and the gRPC transfer throughput of the E->L tensors. Prints one
 table and writes a JSON file.
 """
@@ -36,9 +37,12 @@ def photo(size: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def ttft(server: Server, image: bytes) -> float:
-    return ask(server.grpc_url, "grpc", True, prompt="Describe the picture.", images=[image], max_tokens=1,
-               temperature=0.0).ttft_s
+QUESTION = "Describe the picture."
+FOLLOW_UP = "Which colour covers most of the picture?"  # the repeat asks something else
+
+
+def ttft(server: Server, image: bytes, prompt: str = QUESTION) -> float:
+    return ask(server.grpc_url, "grpc", True, prompt=prompt, images=[image], max_tokens=1, temperature=0.0).ttft_s
 
 
 def shm_vs_grpc(ckpt, enc: Server, logs: Path, cpu: list[str], args) -> dict:
@@ -110,7 +114,7 @@ def main():
             a_img, d_img = photo(args.image_size, 2 * r), photo(args.image_size, 2 * r + 1)
             agg_s = ttft(agg, a_img)
             dis_s = ttft(lang, d_img)
-            cached_s = ttft(lang, d_img)
+            cached_s = ttft(lang, d_img, FOLLOW_UP)
             start = time.perf_counter()
             tensors = encode(lang.grpc_url, [d_img])  # cached on the encoder: pure transfer
             transfer_s = time.perf_counter() - start
@@ -136,7 +140,8 @@ def main():
     print("| measure | value | target |")
     print("|---|---|---|")
     print(f"| disaggregated / aggregated TTFT | {result['disaggregated_over_aggregated_ttft']:.3f} | <= 1.2 |")
-    print(f"| cached / uncached TTFT (repeated image) | {result['cached_over_uncached_ttft']:.3f} | <= 0.3 |")
+    print(f"| cached / uncached TTFT (repeated image, another question) | {result['cached_over_uncached_ttft']:.3f} "
+          f"| <= 0.3 |")
     print(f"| shared memory / gRPC transfer throughput, {transfer['mib']:.1f} MiB "
           f"({transfer['shm_mib_per_s']:.0f} vs {transfer['grpc_mib_per_s']:.0f} MiB/s) | "
           f"{transfer['shm_over_grpc_throughput']:.2f} | >= 5 |")
