@@ -211,12 +211,15 @@ def test_shared_memory_transfer_is_bit_identical(checkpoint, server, encoder_a):
 
 def test_shared_memory_survives_an_encoder_restart(checkpoint, server):
     """A restarted encoder has forgotten the regions registered with it: the language server
-    registers new ones and goes on through shared memory, bit for bit."""
+    registers new ones and goes on through shared memory, bit for bit. Regions are capped
+    here at 20 visual tokens (20 KiB), so each 100-token image takes several responses."""
     with start_encoder(checkpoint, "encoder-shm-restart") as enc:
         with start_language(checkpoint, "language-shm-restart", [enc.grpc_url], transfer_shared_memory=1,
-                            encoder_same_wait_s=60, encoder_timeout_s=120) as lang:
+                            transfer_shm_region_mib=20 / 1024, encoder_same_wait_s=60, encoder_timeout_s=120) as lang:
             first, second = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 3000), png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 3001)
             assert generate(lang, [first]) == generate(server, [first])
+            # a one-token probe over gRPC, then 99 tokens through shared memory, 20 at a time
+            assert metric(lang, "qwen3vl_transfer_chunks_received_total") == 1 + 5
             enc.restart()
             shm_bytes = metric(lang, "qwen3vl_transfer_shm_bytes_received_total")
             assert generate(lang, [second]) == generate(server, [second])
