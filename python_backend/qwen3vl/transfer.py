@@ -331,7 +331,8 @@ class RemoteEncoder:
         client = self.clients.__dict__.get("by_url", {}).pop(url, None)
         if client is not None:
             with self.lock:
-                self.sessions.remove(client)
+                if client in self.sessions:  # not already taken by close()
+                    self.sessions.remove(client)
             _close(client)
 
     # -- same host: Triton's system shared memory
@@ -371,7 +372,8 @@ class RemoteEncoder:
         region = self._regions().pop(url, None)
         if region is not None:
             with self.lock:
-                self.regions.remove(region)
+                if region in self.regions:  # not already taken by close()
+                    self.regions.remove(region)
             region.close(self._client(url))
 
     def _through_shm(self, url: str, t: "ImageTransfer", deadline: float) -> None:
