@@ -155,7 +155,7 @@ class RemoteEncoder:
         self.token_bytes = self.row_bytes * (1 + config.deepstack_layers)
         self.shm_region_tokens = max(1, int(shm_region_mib * 2**20) // self.token_bytes)
         self.regions: list[ShmRegion] = []  # every thread's, for close()
-        self.sessions: list = []  # every thread's gRPC clients, for close()
+        self.all_clients: list = []  # every thread's gRPC clients, for close()
         self.wire_dtype = contract.TRITON_DTYPE[str(self.dtype).removeprefix("torch.")].removeprefix("TYPE_")
         # One gRPC client per (fetch thread, encoder), kept between fetches: a new channel per
         # request costs a connection setup that dwarfs a small chunk.
@@ -324,15 +324,15 @@ class RemoteEncoder:
         if url not in clients:
             clients[url] = grpcclient.InferenceServerClient(url)
             with self.lock:
-                self.sessions.append(clients[url])
+                self.all_clients.append(clients[url])
         return clients[url]
 
     def _drop_client(self, url: str) -> None:
         client = self.clients.__dict__.get("by_url", {}).pop(url, None)
         if client is not None:
             with self.lock:
-                if client in self.sessions:  # not already taken by close()
-                    self.sessions.remove(client)
+                if client in self.all_clients:  # not already taken by close()
+                    self.all_clients.remove(client)
             _close(client)
 
     # -- same host: Triton's system shared memory
@@ -433,7 +433,7 @@ class RemoteEncoder:
         for region in regions:
             region.close(None)
         with self.lock:
-            clients, self.sessions = self.sessions, []
+            clients, self.all_clients = self.all_clients, []
         for client in clients:
             _close(client)
         self.pool.shutdown(wait=False)
