@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import IMAGE_CASES, LOG_DIR, metric, png
-from qwen3vl.client import ServerError, encode, infer
+from qwen3vl.client import ServerError, encode, infer, stream_results
 from qwen3vl.launch import Server
 from qwen3vl.transfer import HashRing
 from tcp_proxy import CuttingProxy
@@ -183,7 +183,8 @@ def test_no_reachable_encoder_is_a_clear_error_and_text_still_works(checkpoint):
 
 
 def test_shared_memory_transfer_is_bit_identical(checkpoint, server, encoder_a):
-    """Same host, opt-in: the bulk of each image travels through Triton's system shared memory."""
+    """Same host, opt-in: the encoder writes the bulk of each image into the language server's
+    shared memory; a repeat comes in one response per image, handed on without a copy."""
     extra = ["--shared-memory"]
     lang = Server(checkpoint, LOG_DIR / "language-shm.log", role="language",
                   extra=["--device", "cpu", "--chunk-tokens", str(CHUNK), "--encoder-url", encoder_a.grpc_url, *extra])
@@ -197,7 +198,7 @@ def test_shared_memory_transfer_is_bit_identical(checkpoint, server, encoder_a):
         total = sent["visual_embeds"].nbytes + sent["deepstack_embeds"].nbytes
         assert metric(lang, "qwen3vl_transfer_shm_bytes_received_total") == total - first_chunks
         assert metric(lang, "qwen3vl_transfer_bytes_received_total") == first_chunks
-        # Regions stay registered: a fetch thread that has one needs no one-token probe again.
+        # Regions are kept for the next fetch: it needs no one-token probe again.
         shm_bytes, grpc_bytes = (metric(lang, f"qwen3vl_transfer_{k}_received_total") for k in ("shm_bytes", "bytes"))
         again = encode(lang.grpc_url, images)
         for name in sent:
@@ -210,9 +211,9 @@ def test_shared_memory_transfer_is_bit_identical(checkpoint, server, encoder_a):
 
 
 def test_shared_memory_survives_an_encoder_restart(checkpoint, server):
-    """A restarted encoder has forgotten the regions registered with it: the language server
-    registers new ones and goes on through shared memory, bit for bit. Regions are capped
-    here at 20 visual tokens (20 KiB), so each 100-token image takes several responses."""
+    """Across an encoder restart the language server goes on through shared memory, bit for
+    bit, and the encoder still stops promptly. Regions are capped here at 20 visual tokens
+    (20 KiB), so each 100-token image takes several responses."""
     with start_encoder(checkpoint, "encoder-shm-restart") as enc:
         with start_language(checkpoint, "language-shm-restart", [enc.grpc_url], transfer_shared_memory=1,
                             transfer_shm_region_mib=20 / 1024, encoder_same_wait_s=60, encoder_timeout_s=120) as lang:
@@ -226,7 +227,61 @@ def test_shared_memory_survives_an_encoder_restart(checkpoint, server):
             assert generate(lang, [first]) == generate(server, [first])  # re-encoded after the restart
             assert metric(lang, "qwen3vl_transfer_shm_bytes_received_total") > shm_bytes
             assert "using gRPC" not in lang.tail(200)
-        # No request naming a forgotten region reached it: one would hold up its shutdown.
         start = time.monotonic()
         enc.stop()
         assert time.monotonic() - start < 20
+
+
+def test_encoder_refuses_shared_memory_it_must_not_write(encoder_a):
+    """A region name outside the transfer prefix, one that does not exist on the encoder's
+    host, or one without a size: a clear error, and the encoder serves the next request."""
+    import numpy as np
+
+    from qwen3vl import shm
+
+    image = png(64, 64, 5)
+
+    def request(region: str, chunk_tokens: int | None):
+        def inputs_for(grpcclient):
+            values = [("images", np.array([image], dtype=object), "BYTES"),
+                      ("shm_region", np.array([region.encode()], dtype=object), "BYTES")]
+            if chunk_tokens:
+                values.append(("chunk_tokens", np.array([chunk_tokens], dtype=np.int32), "INT32"))
+            inputs = []
+            for name, value, dtype in values:
+                inputs.append(grpcclient.InferInput(name, list(value.shape), dtype))
+                inputs[-1].set_data_from_numpy(value)
+            return inputs
+        return list(stream_results(encoder_a.grpc_url, "qwen3_encoder", inputs_for, timeout_s=60))
+
+    for region, chunk_tokens, why in [("../../etc/hostname", 64, "is not a transfer region"),
+                                      ("qwen3vl-transfer-nobody", 64, "does not exist on the encoder's host"),
+                                      ("qwen3vl-transfer-nobody", None, "shm_region needs chunk_tokens")]:
+        with pytest.raises(ServerError, match=why) as e:
+            request(region, chunk_tokens)
+        if chunk_tokens:
+            assert shm.UNAVAILABLE in str(e.value)  # the language server's cue to use gRPC
+    assert encode(encoder_a.grpc_url, [image])["visual_embeds"].shape[0] > 0
+
+
+def test_shared_memory_falls_back_to_grpc_across_hosts(checkpoint, encoder_a, monkeypatch, tmp_path):
+    """An encoder that cannot see the language side's regions (another host, another IPC
+    namespace; here: regions made outside /dev/shm) answers so, and the transfer goes on over
+    gRPC, bit for bit."""
+    from qwen3vl import shm
+    from qwen3vl.config import ModelConfig
+    from qwen3vl.transfer import RemoteEncoder
+
+    monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path))
+    image = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 77)
+    remote = RemoteEncoder([encoder_a.grpc_url], ModelConfig.load(checkpoint, device="cpu"), chunk_tokens=CHUNK,
+                           shared_memory=True)
+    try:
+        got, stats = remote.fetch(image)
+        assert remote.shm_ok == {encoder_a.grpc_url: False}
+        assert stats.shm_bytes == 0 and stats.bytes == got.visual_embeds.nbytes + got.deepstack_embeds.nbytes
+    finally:
+        remote.close()
+    sent = encode(encoder_a.grpc_url, [image])
+    assert sent["visual_embeds"].tobytes() == got.visual_embeds.numpy().tobytes()
+    assert sent["deepstack_embeds"].tobytes() == got.deepstack_embeds.numpy().tobytes()

@@ -6,7 +6,8 @@ The encoder server answers a request that carries `chunk_tokens` with one respon
 fetches each image from the encoder its content hash routes to, writes chunks in place into
 preallocated tensors, and after a broken connection or a dead encoder asks only for the chunks
 it lacks: from the same encoder if it is back within `same_encoder_wait_s`, else from the next
-one on the ring (which re-encodes on a cache miss).
+one on the ring (which re-encodes on a cache miss). With shared memory on (same host), the
+encoder writes the chunks into the language server's regions instead (shm.py).
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import contract
+from . import contract, shm
 from .config import ModelConfig
 from .vision import VisualFeatures
 
@@ -39,6 +38,7 @@ CHUNK_START = "chunk_start"    # INT64 [1]: where this chunk's rows go
 TOTAL_TOKENS = "total_tokens"  # INT64 [1]: N of the whole request
 MAX_CHUNKS = "max_chunks"      # INT32 [1]: stop after this many chunks (0: all)
 IMAGE_DIGESTS = "image_digests"  # BYTES [-1]: SHA-256 of image files the encoder may have cached
+SHM_REGION = "shm_region"      # BYTES [1]: write the chunk into this shared-memory region (shm.py)
 NOT_CACHED = "not in the encoder's cache"
 
 
@@ -147,14 +147,13 @@ class RemoteEncoder:
         self.config, self.dtype, self.chunk_tokens = config, config.dtype, chunk_tokens
         self.timeout_s, self.same_encoder_wait_s, self.chunk_timeout_s = timeout_s, same_encoder_wait_s, chunk_timeout_s
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qwen3vl-fetch")
-        # Same-host encoders: move the bulk through Triton's system shared memory. Per encoder,
-        # falls back to gRPC for good after one failure to set it up (e.g. another host).
-        # Each fetch thread keeps one registered region per encoder (see ShmRegion).
+        # Same-host encoders write the bulk straight into a shared-memory region of ours (shm.py).
+        # Per encoder, falls back to gRPC for good when it cannot see the region (another host).
         self.shm, self.shm_ok = shared_memory, {}
-        self.row_bytes = config.visual_hidden_size * torch.empty((), dtype=self.dtype).element_size()
-        self.token_bytes = self.row_bytes * (1 + config.deepstack_layers)
-        self.shm_region_tokens = max(1, int(shm_region_mib * 2**20) // self.token_bytes)
-        self.regions: list[ShmRegion] = []  # every thread's, for close()
+        token_bytes = shm.token_bytes(config.visual_hidden_size, config.deepstack_layers,
+                                      torch.empty((), dtype=self.dtype).element_size())
+        self.regions = shm.RegionPool(config.visual_hidden_size, config.deepstack_layers, self.dtype,
+                                      max_tokens=max(1, int(shm_region_mib * 2**20) // token_bytes), keep=workers)
         self.all_clients: list = []  # every thread's gRPC clients, for close()
         self.wire_dtype = contract.TRITON_DTYPE[str(self.dtype).removeprefix("torch.")].removeprefix("TYPE_")
         # One gRPC client per (fetch thread, encoder), kept between fetches: a new channel per
@@ -256,12 +255,12 @@ class RemoteEncoder:
         return None
 
     def _stream(self, url: str, image: bytes, resume_from: int, chunk_tokens: int | None = None,
-                max_chunks: int = 0, outputs: list | None = None,
+                max_chunks: int = 0, shm_region: str | None = None,
                 first_timeout_s: float | None = None, by_digest: bool = False) -> Iterator[tuple[int, int, VisualFeatures]]:
         """(chunk start, total tokens, chunk as numpy arrays) as the encoder sends them for
-        `image` (the file, or its SHA-256 digest with `by_digest`)
-        (the arrays are None for outputs directed to shared memory). The first chunk may take
-        as long as an encode (`first_timeout_s`); later ones `chunk_timeout_s`."""
+        `image` (the file, or its SHA-256 digest with `by_digest`); with `shm_region`, the
+        arrays arrive empty and the chunk is in that region. The first chunk may take as long
+        as an encode (`first_timeout_s`); later ones `chunk_timeout_s`."""
         import tritonclient.grpc as grpcclient
 
         results: queue.Queue = queue.Queue()
@@ -274,14 +273,15 @@ class RemoteEncoder:
                     image_input,
                     (CHUNK_TOKENS, np.array([chunk_tokens or self.chunk_tokens], dtype=np.int32), "INT32"),
                     (RESUME_FROM, np.array([resume_from], dtype=np.int64), "INT64"),
-                    (MAX_CHUNKS, np.array([max_chunks], dtype=np.int32), "INT32")):
+                    (MAX_CHUNKS, np.array([max_chunks], dtype=np.int32), "INT32"),
+                    *([(SHM_REGION, np.array([shm_region.encode()], dtype=object), "BYTES")] if shm_region else [])):
                 t = grpcclient.InferInput(name, list(value.shape), dtype)
                 t.set_data_from_numpy(value)
                 inputs.append(t)
             # A stream per request, not one kept open: an open stream holds up the encoder
             # server's shutdown until its exit timeout.
             client.start_stream(callback=lambda result, error: results.put((result, error)))
-            client.async_stream_infer("qwen3_encoder", inputs, outputs=outputs, enable_empty_final_response=True)
+            client.async_stream_infer("qwen3_encoder", inputs, enable_empty_final_response=True)
             wait = first_timeout_s or self.chunk_timeout_s
             while True:
                 try:
@@ -300,10 +300,9 @@ class RemoteEncoder:
                     if wire != self.wire_dtype:
                         raise EncoderRejected(f"encoder {url} sends {wire} tensors but this server runs "
                                               f"{self.dtype}: start both with the same --dtype")
-                    in_shm = outputs is not None  # the big tensors are in the shared-memory region
                     yield (int(result.as_numpy(CHUNK_START)[0]), int(result.as_numpy(TOTAL_TOKENS)[0]),
-                           VisualFeatures(None if in_shm else result.as_numpy(contract.VISUAL_EMBEDS),
-                                          None if in_shm else result.as_numpy(contract.DEEPSTACK_EMBEDS),
+                           VisualFeatures(result.as_numpy(contract.VISUAL_EMBEDS),
+                                          result.as_numpy(contract.DEEPSTACK_EMBEDS),
                                           result.as_numpy(contract.IMAGE_GRID_THW)))
                 if finished:
                     return
@@ -335,103 +334,63 @@ class RemoteEncoder:
                     self.all_clients.remove(client)
             _close(client)
 
-    # -- same host: Triton's system shared memory
+    # -- same host: the encoder writes into our shared memory
     def _shm_usable(self, url: str, t: "ImageTransfer") -> bool:
         """Shared memory for the rest of this image: on, not failed for this encoder, and the
-        size known (a first chunk arrived) or a region already registered with that encoder."""
+        size known (a first chunk arrived) or a region at hand to ask with."""
         if not self.shm or not self.shm_ok.get(url, True) or t.complete:
             return False
-        return t.buf is not None or url in self._regions()
-
-    def _regions(self) -> dict[str, "ShmRegion"]:
-        return self.clients.__dict__.setdefault("regions", {})
-
-    def _region(self, url: str, tokens: int) -> "ShmRegion":
-        """This thread's region registered with `url`, holding at least `tokens` visual tokens
-        (capped at shm_region_mib; a larger image takes several responses)."""
-        tokens = min(max(tokens, 1), self.shm_region_tokens)
-        region = self._regions().get(url)
-        if region is not None and region.tokens >= tokens and region.registered(self._client(url)):
-            return region
-        if region is not None:
-            self._drop_region(url)
-        try:
-            region = ShmRegion(url, self._client(url), tokens, self.row_bytes, self.config.deepstack_layers)
-        except Exception as e:  # noqa: BLE001 - e.g. an encoder on another host: gRPC from now on
-            if _transient(e):
-                raise ConnectionError(str(e)) from None
-            log.warning("shared-memory transfer from %s unavailable, using gRPC: %s", url, e)
-            self.shm_ok[url] = False
-            raise ShmUnavailable(str(e)) from None
-        self._regions()[url] = region
-        with self.lock:
-            self.regions.append(region)
-        return region
-
-    def _drop_region(self, url: str) -> None:
-        region = self._regions().pop(url, None)
-        if region is not None:
-            with self.lock:
-                if region in self.regions:  # not already taken by close()
-                    self.regions.remove(region)
-            region.close(self._client(url))
+        return t.buf is not None or self.regions.has_idle()
 
     def _through_shm(self, url: str, t: "ImageTransfer", deadline: float) -> None:
-        """The rest of the image, one response per region-full, written by Triton straight into
-        a region this thread registered with the encoder server, instead of gRPC message copies.
-        Returns early, leaving the rest to gRPC, when shared memory is out for this encoder."""
-        import tritonclient.grpc as grpcclient
-
-        retried = False
+        """The rest of the image, one response per region-full, written by the encoder model
+        straight into a region of ours. A whole image in one response is not copied: the region
+        becomes its tensors. Returns early, leaving the rest to gRPC, when the encoder cannot
+        reach the region (another host)."""
         while not t.complete:
-            if t.buf is None and url not in self._regions():
-                return  # dropped below: a gRPC probe tells the size first
-            # Sized for the whole image, so the next image of this size needs no new region.
-            want = t.buf.total if t.buf else self._regions()[url].tokens
             try:
-                region = self._region(url, want)
-            except ShmUnavailable:
+                # Sized for the whole image, so that the next one of its size comes in one piece.
+                region = self.regions.take(t.buf.total if t.buf else None)
+            except LookupError:  # another fetch took the last idle region: a gRPC probe tells the size
                 return
             resume_from = t.received
-            outputs = [grpcclient.InferRequestedOutput(x) for x in
-                       (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW, CHUNK_START, TOTAL_TOKENS)]
-            outputs[0].set_shared_memory(region.name, region.embeds_bytes, 0)
-            outputs[1].set_shared_memory(region.name, region.size - region.embeds_bytes, region.embeds_bytes)
             try:
                 pieces = list(self._stream(url, t.digest, resume_from, chunk_tokens=region.tokens, max_chunks=1,
-                                           outputs=outputs, first_timeout_s=max(1.0, deadline - time.monotonic()),
-                                           by_digest=True))
-            except EncoderRejected as e:
-                if NOT_CACHED in str(e):
+                                           shm_region=region.name, by_digest=True,
+                                           first_timeout_s=max(1.0, deadline - time.monotonic())))
+            except EncoderRejected as e:  # it answered: it will not write into the region now
+                self.regions.give_back(region)
+                if shm.UNAVAILABLE not in str(e):
                     raise
-                # e.g. the encoder restarted and forgot the region: register a new one, or use gRPC
-                self._drop_region(url)
-                if retried:
-                    self.shm_ok[url] = False
-                    log.warning("shared-memory transfer from %s failed twice, using gRPC: %s", url, e)
-                    return
-                retried = True
-                continue
-            except Exception:
-                self._drop_region(url)  # a restarted encoder will not know it
+                log.warning("shared-memory transfer from %s unavailable, using gRPC: %s", url, e)
+                self.shm_ok[url] = False
+                return
+            except BaseException:
+                # Timed out or cut off: the encoder may still write into it later. Never reuse it.
+                region.close()
                 raise
             if len(pieces) != 1 or pieces[0][0] != resume_from:
+                region.close()
                 raise RuntimeError(f"shared-memory transfer from {url} returned {len(pieces)} responses")
             _, total, piece = pieces[0]
-            t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config, region.wire_dtype(self.dtype))
             n = min(region.tokens, total - resume_from)
-            embeds, deepstack = region.read(n, t.buf)
-            t.buf.write(resume_from, VisualFeatures(embeds, deepstack, piece.image_grid_thw), url)
-            t.stats.shm_bytes += embeds.nbytes + deepstack.nbytes
+            try:
+                if t.buf is None and n == total:
+                    t.buf = Buffers.filled(self.regions.lend(region, n, piece.image_grid_thw))
+                else:
+                    t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config,
+                                                      shm.numpy_dtype(self.dtype))
+                    t.buf.write(resume_from, region.read(n, piece.image_grid_thw)[0], url)
+                    self.regions.give_back(region)
+            except Exception:
+                region.close()
+                raise
+            t.stats.shm_bytes += t.buf.embeds[resume_from:resume_from + n].nbytes * (1 + self.config.deepstack_layers)
             t.stats.chunks += 1
-            region.confirmed = time.monotonic()
 
     def close(self) -> None:
-        """Unregister and free every thread's shared-memory regions."""
-        with self.lock:
-            regions, self.regions = self.regions, []
-        for region in regions:
-            region.close(None)
+        """Free the shared-memory regions and close the gRPC clients."""
+        self.regions.close()
         with self.lock:
             clients, self.all_clients = self.all_clients, []
         for client in clients:
@@ -454,86 +413,6 @@ class ImageTransfer:
     @property
     def complete(self) -> bool:
         return self.buf is not None and self.buf.complete
-
-
-class ShmUnavailable(RuntimeError):
-    """A shared-memory region could not be set up with an encoder (e.g. another host)."""
-
-
-class ShmRegion:
-    """A system shared-memory region registered with one encoder server and reused by one fetch
-    thread (registering costs a round trip, a fresh mapping page faults). Layout for `tokens`
-    visual tokens: visual_embeds [tokens, H] at 0, deepstack_embeds [L, tokens, H] after it; a
-    response of n <= tokens tokens fills [n, H] and [L, n, H] at those offsets."""
-
-    # A registration confirmed this recently is still there: a restarted server (which forgets
-    # them) takes longer than this to come back.
-    CONFIRMED_FOR_S = 1.0
-
-    def __init__(self, url: str, client, tokens: int, row_bytes: int, layers: int):
-        import tritonclient.utils.shared_memory as shm
-
-        self.tokens, self.layers, self.url = tokens, layers, url
-        self.confirmed = time.monotonic()
-        self.embeds_bytes = tokens * row_bytes
-        self.size = self.embeds_bytes * (1 + layers)
-        self.name = f"qwen3vl-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.handle = shm.create_shared_memory_region(self.name, "/" + self.name, self.size)
-        try:
-            client.register_system_shared_memory(self.name, "/" + self.name, self.size)
-        except Exception:
-            shm.destroy_shared_memory_region(self.handle)
-            raise
-
-    def registered(self, client) -> bool:
-        """Whether the server still has this region. Asked (one round trip) only when it has
-        not been used for CONFIRMED_FOR_S: a request naming a region the server does not know
-        is refused, and (Triton 2.51) then holds up that server's shutdown until its exit
-        timeout, so a restarted encoder must never see one."""
-        if time.monotonic() - self.confirmed < self.CONFIRMED_FOR_S:
-            return True
-        try:
-            status = client.get_system_shared_memory_status(self.name, client_timeout=2.0)
-        except Exception:  # noqa: BLE001 - unknown region, or the server is gone
-            return False
-        if self.name not in str(status):
-            return False
-        self.confirmed = time.monotonic()
-        return True
-
-    @staticmethod
-    def wire_dtype(dtype: torch.dtype) -> np.dtype:
-        return np.dtype(np.uint16) if dtype in (torch.bfloat16, torch.float16) else np.dtype(str(dtype).removeprefix("torch."))
-
-    def read(self, n: int, like: "Buffers") -> tuple[np.ndarray, np.ndarray]:
-        """Views of the first n tokens the last response wrote: [n, H], [L, n, H]."""
-        import tritonclient.utils.shared_memory as shm
-
-        h = like.embeds.shape[1]
-        embeds = shm.get_contents_as_numpy(self.handle, like.embeds.dtype, [n, h])
-        deepstack = shm.get_contents_as_numpy(self.handle, like.embeds.dtype, [self.layers, n, h],
-                                              offset=self.embeds_bytes)
-        return embeds, deepstack
-
-    def close(self, client=None) -> None:
-        """Unregister (with `client`, or a fresh one) and free the region."""
-        import tritonclient.grpc as grpcclient
-        import tritonclient.utils.shared_memory as shm
-
-        try:
-            own = client is None
-            client = client or grpcclient.InferenceServerClient(self.url)
-            try:
-                client.unregister_system_shared_memory(self.name, client_timeout=2.0)
-            finally:
-                if own:
-                    client.close()
-        except Exception:  # noqa: BLE001 - the server may be gone
-            pass
-        try:
-            shm.destroy_shared_memory_region(self.handle)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
 
 
 def _close(client) -> None:
@@ -570,6 +449,13 @@ class Buffers:
         h = config.visual_hidden_size
         return cls(np.empty((total, h), dtype), np.empty((config.deepstack_layers, total, h), dtype),
                    np.array(grids, dtype=np.int64))
+
+    @classmethod
+    def filled(cls, features: VisualFeatures) -> "Buffers":
+        """A whole image that arrived in one piece, kept as it is."""
+        buf = cls(features.visual_embeds, features.deepstack_embeds, np.array(features.image_grid_thw, dtype=np.int64))
+        buf.received = buf.total
+        return buf
 
     @property
     def total(self) -> int:

@@ -3,7 +3,9 @@
 local:  the vision tower runs here (aggregated and encoder servers).
 remote: the same inputs and outputs, served by fetching from encoder servers (language servers).
 A request with `chunk_tokens` gets one response per chunk of visual tokens (from `resume_from`);
-without it, one response with everything (the ensemble's way).
+without it, one response with everything (the ensemble's way). With `shm_region` as well, the
+chunk's tensors go straight into that shared-memory region on this host (qwen3vl.shm) and the
+response carries them empty.
 """
 
 import itertools
@@ -14,8 +16,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from qwen3vl import contract, transfer
+from qwen3vl import contract, shm, transfer
 from qwen3vl.triton_io import bytes_list, e2l_outputs, model_config_from_env, scalar, served_dtype_name, setting
+from qwen3vl.vision import VisualFeatures
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -30,6 +33,7 @@ METRICS = {
     "seconds": ("qwen3vl_encoder_seconds_total", "Time encoding (local) or fetching (remote)"),
     "chunks_sent": ("qwen3vl_transfer_chunks_sent_total", "E->L chunks sent to language servers"),
     "bytes_sent": ("qwen3vl_transfer_bytes_sent_total", "E->L bytes sent to language servers"),
+    "shm_bytes_sent": ("qwen3vl_transfer_shm_bytes_sent_total", "E->L bytes written into language servers' shared memory"),
     "chunks_received": ("qwen3vl_transfer_chunks_received_total", "E->L chunks received from encoders"),
     "bytes_received": ("qwen3vl_transfer_bytes_received_total", "E->L bytes received from encoders"),
     "shm_bytes_received": ("qwen3vl_transfer_shm_bytes_received_total", "E->L bytes received through shared memory"),
@@ -42,6 +46,10 @@ METRICS = {
 
 def _tensor(name, t: torch.Tensor):
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(t.contiguous()))
+
+
+def _nbytes(features) -> int:
+    return sum(t.numel() * t.element_size() for t in (features.visual_embeds, features.deepstack_embeds))
 
 
 def _optional(request, name, cast):
@@ -86,6 +94,7 @@ class TritonPythonModel:
             )
         else:
             raise ValueError(f"encoder_mode must be local or remote, not {self.mode!r}")
+        self.regions = shm.RegionWriter()
         self.batcher = EncodeBatcher(
             encoder,
             max_delay_s=float(setting(params, "encoder_max_queue_delay_ms", "0")) / 1000,
@@ -121,7 +130,9 @@ class TritonPythonModel:
             try:
                 images = pb_utils.get_input_tensor_by_name(request, contract.IMAGES)
                 chunking = (_optional(request, transfer.CHUNK_TOKENS, int), _optional(request, transfer.RESUME_FROM, int),
-                            _optional(request, transfer.MAX_CHUNKS, int))
+                            _optional(request, transfer.MAX_CHUNKS, int), _optional(request, transfer.SHM_REGION, str))
+                if chunking[3] is not None and chunking[0] is None:
+                    raise ValueError(f"{transfer.SHM_REGION} needs {transfer.CHUNK_TOKENS}: the region's size in visual tokens")
                 passthrough = [pb_utils.Tensor(name, t.as_numpy().copy()) for name in contract.LANGUAGE_REQUEST_INPUTS
                                if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
                 files = [image_file_bytes(b, i) for i, b in enumerate(bytes_list(
@@ -143,7 +154,7 @@ class TritonPythonModel:
         self._count("failures", 1)
         sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
 
-    def _respond(self, sender, result, passthrough, chunk_tokens, resume_from, max_chunks):
+    def _respond(self, sender, result, passthrough, chunk_tokens, resume_from, max_chunks, shm_region):
         if isinstance(result, Exception):
             self._fail(sender, result)
             return
@@ -159,7 +170,14 @@ class TritonPythonModel:
         try:
             # islice: a one-token probe must not slice every chunk of the image first.
             pieces = list(itertools.islice(transfer.chunks(result, chunk_tokens, resume_from or 0), max_chunks or None))
-        except ValueError as e:
+            if shm_region is not None:
+                # One chunk (chunk_tokens: what the region holds) into the region; the response carries it empty.
+                start, piece = pieces[0]
+                self.regions.write(shm_region, piece)
+                self._count("shm_bytes_sent", _nbytes(piece))
+                pieces = [(start, VisualFeatures(piece.visual_embeds[:0], piece.deepstack_embeds[:, :0],
+                                                 piece.image_grid_thw))]
+        except (ValueError, OSError) as e:
             self._fail(sender, e)
             return
         total = np.array([result.visual_embeds.shape[0]], dtype=np.int64)
@@ -172,11 +190,11 @@ class TritonPythonModel:
                 pb_utils.Tensor(transfer.TOTAL_TOKENS, total),
             ]), flags=FINAL if i == len(pieces) - 1 else 0)
             self._count("chunks_sent", 1)
-            self._count("bytes_sent", piece.visual_embeds.numel() * piece.visual_embeds.element_size()
-                        + piece.deepstack_embeds.numel() * piece.deepstack_embeds.element_size())
+            self._count("bytes_sent", _nbytes(piece))
         self._count("requests", 1)
 
     def finalize(self):
         self.batcher.stop()
+        self.regions.close()
         if self.mode == "remote":
             self.batcher.encoder.close()  # unregister the shared-memory regions
