@@ -92,7 +92,8 @@ class RegionPool:
     def __init__(self, hidden: int, layers: int, dtype: torch.dtype, max_tokens: int, keep: int):
         self.hidden, self.layers, self.dtype, self.max_tokens, self.keep = hidden, layers, dtype, max_tokens, keep
         self.idle: list[Region] = []
-        self.lock = threading.Lock()
+        # Re-entrant: give_back runs from a finalizer, which may fire inside take or give_back.
+        self.lock = threading.RLock()
         self.closed = False
 
     def has_idle(self) -> bool:
@@ -152,41 +153,46 @@ class RegionWriter:
         embeds, deepstack = piece.visual_embeds, piece.deepstack_embeds
         n, hidden = embeds.shape
         layers = deepstack.shape[0]
-        region = self._mapping(name, n * token_bytes(hidden, layers, embeds.element_size()))
-        if n == 0:
-            return
-        dst = torch.frombuffer(region, dtype=embeds.dtype, count=n * hidden * (1 + layers))
-        dst[:n * hidden].view(n, hidden).copy_(embeds)
-        dst[n * hidden:].view(layers, n, hidden).copy_(deepstack)
+        with self.lock:  # held through the copy: no other thread unmaps the region meanwhile
+            region = self._mapping(name, n * token_bytes(hidden, layers, embeds.element_size()))
+            if n == 0:
+                return
+            dst = torch.frombuffer(region, dtype=embeds.dtype, count=n * hidden * (1 + layers))
+            dst[:n * hidden].view(n, hidden).copy_(embeds)
+            dst[n * hidden:].view(layers, n, hidden).copy_(deepstack)
 
     def _mapping(self, name: str, size: int) -> mmap.mmap:
         if not name.startswith(PREFIX) or "/" in name or len(name) > 200:
             raise ValueError(f"{UNAVAILABLE}: {name!r} is not a transfer region (names start with {PREFIX!r})")
         path = os.path.join(SHM_DIR, name)
-        with self.lock:
-            try:
-                inode = os.stat(path).st_ino
-            except FileNotFoundError:
-                raise ValueError(f"{UNAVAILABLE}: {name!r} does not exist on the encoder's host "
-                                 f"(is the language server on another host or IPC namespace?)") from None
-            cached = self.mapped.get(name)
-            if cached is not None and cached[0] == inode and len(cached[1]) >= size:
-                self.mapped.move_to_end(name)
-                return cached[1]
-            self._forget(name)
-            self._sweep()
+        try:
+            inode = os.stat(path).st_ino
+        except FileNotFoundError:
+            raise ValueError(f"{UNAVAILABLE}: {name!r} does not exist on the encoder's host "
+                             f"(is the language server on another host or IPC namespace?)") from None
+        except OSError as e:
+            raise ValueError(f"{UNAVAILABLE}: {name!r}: {e}") from None
+        cached = self.mapped.get(name)
+        if cached is not None and cached[0] == inode and len(cached[1]) >= size:
+            self.mapped.move_to_end(name)
+            return cached[1]
+        self._forget(name)
+        self._sweep()
+        try:
             fd = os.open(path, os.O_RDWR)
-            try:
-                actual = os.fstat(fd).st_size
-                if actual < size:  # never grow someone else's object
-                    raise ValueError(f"{UNAVAILABLE}: {name!r} has {actual} bytes, the request needs {size}")
-                mapping = _map(fd, actual)
-            finally:
-                os.close(fd)
-            self.mapped[name] = (inode, mapping)
-            while len(self.mapped) > self.max_mapped:
-                self._forget(next(iter(self.mapped)))
-            return mapping
+        except OSError as e:  # e.g. another user's region
+            raise ValueError(f"{UNAVAILABLE}: {name!r}: {e}") from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual < size:  # never grow someone else's object
+                raise ValueError(f"{UNAVAILABLE}: {name!r} has {actual} bytes, the request needs {size}")
+            mapping = _map(fd, actual)
+        finally:
+            os.close(fd)
+        self.mapped[name] = (inode, mapping)
+        while len(self.mapped) > self.max_mapped:
+            self._forget(next(iter(self.mapped)))
+        return mapping
 
     def _sweep(self) -> None:
         """Let go of regions their owner has unlinked (a new region often replaces one)."""
@@ -198,7 +204,7 @@ class RegionWriter:
         if entry is not None:
             try:
                 entry[1].close()
-            except BufferError:  # a write in flight still holds a view: unmapped when it ends
+            except BufferError:  # a view not yet released: unmapped with it
                 pass
 
     def close(self) -> None:
