@@ -264,21 +264,23 @@ def test_encoder_refuses_shared_memory_it_must_not_write(encoder_a):
     assert encode(encoder_a.grpc_url, [image])["visual_embeds"].shape[0] > 0
 
 
-def test_shared_memory_falls_back_to_grpc_across_hosts(checkpoint, encoder_a, monkeypatch, tmp_path):
+@pytest.mark.parametrize("case", ["encoder-cannot-see-it", "no-room-for-it"])
+def test_shared_memory_falls_back_to_grpc(checkpoint, encoder_a, monkeypatch, tmp_path, case):
     """An encoder that cannot see the language side's regions (another host, another IPC
-    namespace; here: regions made outside /dev/shm) answers so, and the transfer goes on over
-    gRPC, bit for bit."""
+    namespace; here: regions made outside /dev/shm) answers so, and that encoder is served
+    over gRPC from then on; a region that cannot be made (here: no such directory; a full
+    /dev/shm) sends that image over gRPC. Either way bit for bit."""
     from qwen3vl import shm
     from qwen3vl.config import ModelConfig
     from qwen3vl.transfer import RemoteEncoder
 
-    monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path if case == "encoder-cannot-see-it" else tmp_path / "absent"))
     image = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 77)
     remote = RemoteEncoder([encoder_a.grpc_url], ModelConfig.load(checkpoint, device="cpu"), chunk_tokens=CHUNK,
                            shared_memory=True)
     try:
         got, stats = remote.fetch(image)
-        assert remote.shm_ok == {encoder_a.grpc_url: False}
+        assert remote.shm_ok == ({encoder_a.grpc_url: False} if case == "encoder-cannot-see-it" else {})
         assert stats.shm_bytes == 0 and stats.bytes == got.visual_embeds.nbytes + got.deepstack_embeds.nbytes
     finally:
         remote.close()

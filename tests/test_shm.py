@@ -38,13 +38,14 @@ def exists(region: shm.Region) -> bool:
     return os.path.exists(os.path.join(shm.SHM_DIR, region.name))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_whole_image_is_lent_bit_for_bit_and_comes_back_when_freed(writer, dtype):
     pool = shm.RegionPool(HIDDEN, LAYERS, dtype, max_tokens=64, keep=2)
     region = pool.take(10)
     sent = features(10, dtype)
     writer.write(region.name, sent)
     arrived = Buffers.filled(pool.lend(region, 10, sent.image_grid_thw)).features(dtype)
+    assert arrived.visual_embeds.dtype == arrived.deepstack_embeds.dtype == dtype
     assert torch.equal(arrived.visual_embeds, sent.visual_embeds)
     assert torch.equal(arrived.deepstack_embeds, sent.deepstack_embeds)
     assert not pool.has_idle()  # lent while the tensors live
@@ -127,3 +128,36 @@ def test_the_writer_lets_go_of_regions_their_owner_removed(writer):
     writer.write(second.name, features(4, torch.float32))  # mapping a new region sweeps the dead ones
     assert list(writer.mapped) == [second.name]
     second.close()
+
+
+def test_a_region_discarded_while_lent_does_not_come_back():
+    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_tokens=100, keep=2)
+    region = pool.take(4)
+    lent = pool.lend(region, 4, None)
+    region.close()  # e.g. an error after lending
+    del lent
+    gc.collect()
+    assert not pool.has_idle()
+    pool.close()
+
+
+def test_the_writer_follows_no_links_and_writes_no_sparse_files(writer, tmp_path):
+    sent = features(4, torch.float32)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me" * 1000)
+    link = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}link-{os.getpid()}")
+    os.symlink(victim, link)
+    try:
+        with pytest.raises(ValueError, match=shm.UNAVAILABLE):
+            writer.write(os.path.basename(link), sent)
+    finally:
+        os.unlink(link)
+    assert victim.read_bytes() == b"keep me" * 1000
+    sparse = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}sparse-{os.getpid()}")
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 20)  # no pages behind it: a write could SIGBUS on a full /dev/shm
+    try:
+        with pytest.raises(ValueError, match="sparse"):
+            writer.write(os.path.basename(sparse), sent)
+    finally:
+        os.unlink(sparse)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import threading
+import time
 import uuid
 import weakref
 from collections import OrderedDict
@@ -40,7 +42,7 @@ def token_bytes(hidden: int, layers: int, element_size: int) -> int:
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The numpy dtype that holds `dtype`'s bits (numpy has no bfloat16: 16-bit integers)."""
-    return np.dtype(np.uint16) if dtype in (torch.bfloat16, torch.float16) else np.dtype(str(dtype).removeprefix("torch."))
+    return np.dtype(np.uint16) if dtype == torch.bfloat16 else np.dtype(str(dtype).removeprefix("torch."))
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
@@ -55,9 +57,12 @@ class Region:
         self.tokens, self.hidden, self.layers, self.dtype = tokens, hidden, layers, dtype
         self.size = tokens * token_bytes(hidden, layers, torch.empty((), dtype=dtype).element_size())
         self.name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        fd = os.open(os.path.join(SHM_DIR, self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        self.closed = False
+        fd = os.open(os.path.join(SHM_DIR, self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, self.size)
+            # Allocated now, not sparse: a full /dev/shm fails here (ENOSPC), not as a SIGBUS
+            # in whichever process first touches a page that cannot be backed.
+            os.posix_fallocate(fd, 0, self.size)
             self.map = _map(fd, self.size)
         except Exception:
             os.unlink(os.path.join(SHM_DIR, self.name))
@@ -75,6 +80,7 @@ class Region:
 
     def close(self) -> None:
         """Unlink the name (an encoder's mapping keeps the memory until it lets go) and unmap."""
+        self.closed = True
         try:
             os.unlink(os.path.join(SHM_DIR, self.name))
         except FileNotFoundError:
@@ -117,6 +123,8 @@ class RegionPool:
         return Region(tokens, self.hidden, self.layers, self.dtype)
 
     def give_back(self, region: Region) -> None:
+        if region.closed:  # discarded meanwhile (e.g. an error after it was lent)
+            return
         with self.lock:
             if not self.closed:
                 self.idle.append(region)
@@ -143,17 +151,24 @@ class RegionWriter:
     """The encoder side: maps regions named in requests (kept mapped for the next request,
     at most `max_mapped`) and writes visual tokens into them."""
 
+    SWEEP_S = 10.0
+
     def __init__(self, max_mapped: int = 32):
         self.max_mapped = max_mapped
         self.mapped: OrderedDict[str, tuple[int, mmap.mmap]] = OrderedDict()  # name -> (inode, mapping)
         self.lock = threading.Lock()
+        self.swept = time.monotonic()
 
     def write(self, name: str, piece: VisualFeatures) -> None:
         """piece's [n, H] and [L, n, H], packed, at the start of region `name`."""
         embeds, deepstack = piece.visual_embeds, piece.deepstack_embeds
         n, hidden = embeds.shape
         layers = deepstack.shape[0]
-        with self.lock:  # held through the copy: no other thread unmaps the region meanwhile
+        # Held through the copy: torch.frombuffer does not pin the mapping, so without the lock
+        # another thread could unmap it (eviction, sweep) mid-copy.
+        with self.lock:
+            if time.monotonic() - self.swept > self.SWEEP_S:
+                self._sweep()
             region = self._mapping(name, n * token_bytes(hidden, layers, embeds.element_size()))
             if n == 0:
                 return
@@ -166,36 +181,40 @@ class RegionWriter:
             raise ValueError(f"{UNAVAILABLE}: {name!r} is not a transfer region (names start with {PREFIX!r})")
         path = os.path.join(SHM_DIR, name)
         try:
-            inode = os.stat(path).st_ino
+            # O_NOFOLLOW, and fstat of what was opened: a link named like a region must not lead
+            # the encoder into writing some other file.
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ValueError(f"{UNAVAILABLE}: {name!r} does not exist on the encoder's host "
                              f"(is the language server on another host or IPC namespace?)") from None
-        except OSError as e:
-            raise ValueError(f"{UNAVAILABLE}: {name!r}: {e}") from None
-        cached = self.mapped.get(name)
-        if cached is not None and cached[0] == inode and len(cached[1]) >= size:
-            self.mapped.move_to_end(name)
-            return cached[1]
-        self._forget(name)
-        self._sweep()
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as e:  # e.g. another user's region
+        except OSError as e:  # a link, another user's region, ...
             raise ValueError(f"{UNAVAILABLE}: {name!r}: {e}") from None
         try:
-            actual = os.fstat(fd).st_size
-            if actual < size:  # never grow someone else's object
-                raise ValueError(f"{UNAVAILABLE}: {name!r} has {actual} bytes, the request needs {size}")
-            mapping = _map(fd, actual)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                raise ValueError(f"{UNAVAILABLE}: {name!r} is not a region this encoder's user made for it")
+            if st.st_size < size:  # never grow someone else's object
+                raise ValueError(f"{UNAVAILABLE}: {name!r} has {st.st_size} bytes, the request needs {size}")
+            if st.st_blocks * 512 < st.st_size:  # sparse: writing could SIGBUS on a full /dev/shm
+                raise ValueError(f"{UNAVAILABLE}: {name!r} is not allocated (sparse)")
+            cached = self.mapped.get(name)
+            if cached is not None and cached[0] == st.st_ino and len(cached[1]) >= size:
+                self.mapped.move_to_end(name)
+                return cached[1]
+            self._forget(name)
+            self._sweep()
+            mapping = _map(fd, st.st_size)
         finally:
             os.close(fd)
-        self.mapped[name] = (inode, mapping)
+        self.mapped[name] = (st.st_ino, mapping)
         while len(self.mapped) > self.max_mapped:
             self._forget(next(iter(self.mapped)))
         return mapping
 
     def _sweep(self) -> None:
-        """Let go of regions their owner has unlinked (a new region often replaces one)."""
+        """Let go of regions their owner has unlinked (a new region often replaces one); also
+        run every SWEEP_S, so a language server that went away does not pin its memory here."""
+        self.swept = time.monotonic()
         for name in [n for n in self.mapped if not os.path.exists(os.path.join(SHM_DIR, n))]:
             self._forget(name)
 
@@ -204,7 +223,7 @@ class RegionWriter:
         if entry is not None:
             try:
                 entry[1].close()
-            except BufferError:  # a view not yet released: unmapped with it
+            except BufferError:  # an exported buffer still alive: unmapped with it
                 pass
 
     def close(self) -> None:

@@ -353,6 +353,9 @@ class RemoteEncoder:
                 region = self.regions.take(t.buf.total if t.buf else None)
             except LookupError:  # another fetch took the last idle region: a gRPC probe tells the size
                 return
+            except OSError as e:  # e.g. /dev/shm full: this image goes on over gRPC
+                log.warning("no shared-memory region for %d visual tokens, using gRPC: %s", t.buf.total, e)
+                return
             resume_from = t.received
             try:
                 pieces = list(self._stream(url, t.digest, resume_from, chunk_tokens=region.tokens, max_chunks=1,
@@ -385,7 +388,7 @@ class RemoteEncoder:
             except Exception:
                 region.close()
                 raise
-            t.stats.shm_bytes += t.buf.embeds[resume_from:resume_from + n].nbytes * (1 + self.config.deepstack_layers)
+            t.stats.shm_bytes += region.size // region.tokens * n
             t.stats.chunks += 1
 
     def close(self) -> None:

@@ -129,10 +129,12 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 images = pb_utils.get_input_tensor_by_name(request, contract.IMAGES)
-                chunking = (_optional(request, transfer.CHUNK_TOKENS, int), _optional(request, transfer.RESUME_FROM, int),
-                            _optional(request, transfer.MAX_CHUNKS, int), _optional(request, transfer.SHM_REGION, str))
-                if chunking[3] is not None and chunking[0] is None:
+                chunk_tokens = _optional(request, transfer.CHUNK_TOKENS, int)
+                shm_region = _optional(request, transfer.SHM_REGION, str)
+                if shm_region is not None and chunk_tokens is None:
                     raise ValueError(f"{transfer.SHM_REGION} needs {transfer.CHUNK_TOKENS}: the region's size in visual tokens")
+                chunking = (chunk_tokens, _optional(request, transfer.RESUME_FROM, int),
+                            _optional(request, transfer.MAX_CHUNKS, int), shm_region)
                 passthrough = [pb_utils.Tensor(name, t.as_numpy().copy()) for name in contract.LANGUAGE_REQUEST_INPUTS
                                if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]
                 files = [image_file_bytes(b, i) for i, b in enumerate(bytes_list(
@@ -170,16 +172,23 @@ class TritonPythonModel:
         try:
             # islice: a one-token probe must not slice every chunk of the image first.
             pieces = list(itertools.islice(transfer.chunks(result, chunk_tokens, resume_from or 0), max_chunks or None))
-            if shm_region is not None:
-                # One chunk (chunk_tokens: what the region holds) into the region; the response carries it empty.
-                start, piece = pieces[0]
-                self.regions.write(shm_region, piece)
-                self._count("shm_bytes_sent", _nbytes(piece))
-                pieces = [(start, VisualFeatures(piece.visual_embeds[:0], piece.deepstack_embeds[:, :0],
-                                                 piece.image_grid_thw))]
-        except (ValueError, OSError) as e:
+        except ValueError as e:
             self._fail(sender, e)
             return
+        if shm_region is not None:
+            # One chunk (chunk_tokens: what the region holds) goes into the region. The response
+            # keeps its grids but carries its tensors as empty slices ([0, H], [L, 0, H]), so the
+            # receiver still checks their dtype and width.
+            start, piece = pieces[0]
+            try:
+                self.regions.write(shm_region, piece)
+            except Exception as e:  # noqa: BLE001 - whatever it is, the language side can use gRPC
+                message = str(e) if shm.UNAVAILABLE in str(e) else f"{shm.UNAVAILABLE}: {type(e).__name__}: {e}"
+                self._fail(sender, ValueError(message))
+                return
+            self._count("shm_bytes_sent", _nbytes(piece))
+            pieces = [(start, VisualFeatures(piece.visual_embeds[:0], piece.deepstack_embeds[:, :0],
+                                             piece.image_grid_thw))]
         total = np.array([result.visual_embeds.shape[0]], dtype=np.int64)
         for i, (start, piece) in enumerate(pieces):
             sender.send(pb_utils.InferenceResponse(output_tensors=[
@@ -197,4 +206,4 @@ class TritonPythonModel:
         self.batcher.stop()
         self.regions.close()
         if self.mode == "remote":
-            self.batcher.encoder.close()  # unregister the shared-memory regions
+            self.batcher.encoder.close()  # free the shared-memory regions, close the gRPC clients
