@@ -15,6 +15,7 @@ from qwen3vl.transfer import Buffers
 from qwen3vl.vision import VisualFeatures
 
 HIDDEN, LAYERS = 8, 3
+TOKEN_BYTES = shm.token_bytes(HIDDEN, LAYERS, 4)  # fp32; bf16 and fp16 regions hold twice the tokens
 
 
 class _Config:  # what Buffers.allocate reads of a ModelConfig
@@ -40,7 +41,7 @@ def exists(region: shm.Region) -> bool:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_whole_image_is_lent_bit_for_bit_and_comes_back_when_freed(writer, dtype):
-    pool = shm.RegionPool(HIDDEN, LAYERS, dtype, max_tokens=64, keep=2)
+    pool = shm.RegionPool(HIDDEN, LAYERS, dtype, max_bytes=64 * TOKEN_BYTES, keep=2)
     region = pool.take(10)
     sent = features(10, dtype)
     writer.write(region.name, sent)
@@ -58,7 +59,7 @@ def test_a_whole_image_is_lent_bit_for_bit_and_comes_back_when_freed(writer, dty
 
 
 def test_a_partial_chunk_is_read_packed_and_copied(writer):
-    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_tokens=64, keep=2)
+    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_bytes=64 * TOKEN_BYTES, keep=2)
     region = pool.take(16)
     sent = features(16, torch.float32)
     buf = Buffers.allocate(16, sent.image_grid_thw, _Config, np.dtype(np.float32))
@@ -75,7 +76,7 @@ def test_a_partial_chunk_is_read_packed_and_copied(writer):
 
 
 def test_take_picks_the_smallest_fitting_region_and_caps_new_ones():
-    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_tokens=100, keep=3)
+    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_bytes=100 * TOKEN_BYTES, keep=3)
     with pytest.raises(LookupError):
         pool.take(None)  # nothing idle and no size: the caller probes first
     small, large = pool.take(10), pool.take(50)
@@ -94,7 +95,7 @@ def test_take_picks_the_smallest_fitting_region_and_caps_new_ones():
 
 
 def test_the_pool_keeps_at_most_keep_idle_regions():
-    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_tokens=100, keep=1)
+    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_bytes=100 * TOKEN_BYTES, keep=1)
     small, large = pool.take(10), pool.take(50)
     pool.give_back(large)
     pool.give_back(small)  # one too many: the smallest goes
@@ -131,7 +132,7 @@ def test_the_writer_lets_go_of_regions_their_owner_removed(writer):
 
 
 def test_a_region_discarded_while_lent_does_not_come_back():
-    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_tokens=100, keep=2)
+    pool = shm.RegionPool(HIDDEN, LAYERS, torch.float32, max_bytes=100 * TOKEN_BYTES, keep=2)
     region = pool.take(4)
     lent = pool.lend(region, 4, None)
     region.close()  # e.g. an error after lending

@@ -55,7 +55,8 @@ class Region:
 
     def __init__(self, tokens: int, hidden: int, layers: int, dtype: torch.dtype):
         self.tokens, self.hidden, self.layers, self.dtype = tokens, hidden, layers, dtype
-        self.size = tokens * token_bytes(hidden, layers, torch.empty((), dtype=dtype).element_size())
+        self.token_bytes = token_bytes(hidden, layers, torch.empty((), dtype=dtype).element_size())
+        self.size = tokens * self.token_bytes
         self.name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.closed = False
         fd = os.open(os.path.join(SHM_DIR, self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -95,8 +96,9 @@ class RegionPool:
     """The language side's regions: taken for a fetch, given back after it, or lent out as an
     image's tensors and given back when those are freed. Keeps at most `keep` idle ones."""
 
-    def __init__(self, hidden: int, layers: int, dtype: torch.dtype, max_tokens: int, keep: int):
-        self.hidden, self.layers, self.dtype, self.max_tokens, self.keep = hidden, layers, dtype, max_tokens, keep
+    def __init__(self, hidden: int, layers: int, dtype: torch.dtype, max_bytes: int, keep: int):
+        self.hidden, self.layers, self.dtype, self.keep = hidden, layers, dtype, keep
+        self.max_tokens = max(1, max_bytes // token_bytes(hidden, layers, torch.empty((), dtype=dtype).element_size()))
         self.idle: list[Region] = []
         # Re-entrant: give_back runs from a finalizer, which may fire inside take or give_back.
         self.lock = threading.RLock()

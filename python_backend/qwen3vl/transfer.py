@@ -150,10 +150,8 @@ class RemoteEncoder:
         # Same-host encoders write the bulk straight into a shared-memory region of ours (shm.py).
         # Per encoder, falls back to gRPC for good when it cannot see the region (another host).
         self.shm, self.shm_ok = shared_memory, {}
-        token_bytes = shm.token_bytes(config.visual_hidden_size, config.deepstack_layers,
-                                      torch.empty((), dtype=self.dtype).element_size())
         self.regions = shm.RegionPool(config.visual_hidden_size, config.deepstack_layers, self.dtype,
-                                      max_tokens=max(1, int(shm_region_mib * 2**20) // token_bytes), keep=workers)
+                                      max_bytes=int(shm_region_mib * 2**20), keep=workers)
         self.all_clients: list = []  # every thread's gRPC clients, for close()
         self.wire_dtype = contract.TRITON_DTYPE[str(self.dtype).removeprefix("torch.")].removeprefix("TYPE_")
         # One gRPC client per (fetch thread, encoder), kept between fetches: a new channel per
@@ -388,7 +386,7 @@ class RemoteEncoder:
             except Exception:
                 region.close()
                 raise
-            t.stats.shm_bytes += region.size // region.tokens * n
+            t.stats.shm_bytes += region.token_bytes * n
             t.stats.chunks += 1
 
     def close(self) -> None:
