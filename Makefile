@@ -18,14 +18,14 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[server,test]'
-	$(PY) -m qwen3vl.serve --check
+	$(PY) -m qwen3vl.cli.serve --check
 	touch $(STAMP)
 
 checkpoint: setup
 	$(VENV)/bin/qwen3vl-make-checkpoint --out $(CHECKPOINTS)/small --preset small
 
 demo: setup
-	$(PY) -m qwen3vl.demo --checkpoint $(CHECKPOINTS)/small --preset small
+	$(PY) -m qwen3vl.cli.demo --checkpoint $(CHECKPOINTS)/small --preset small
 
 serve: checkpoint
 	$(VENV)/bin/qwen3vl-serve --checkpoint $(CHECKPOINTS)/small \
@@ -33,7 +33,7 @@ serve: checkpoint
 
 # perf_analyzer over gRPC streaming against a running server (make serve in another shell).
 perf: setup
-	$(PY) -m qwen3vl.perf --url 127.0.0.1:$(GRPC_PORT) $(PERF_ARGS)
+	$(PY) -m qwen3vl.cli.perf --url 127.0.0.1:$(GRPC_PORT) $(PERF_ARGS)
 
 # The prepared GPU check (parity in bf16, real-size benchmark); needs a CUDA GPU.
 gpu-check: setup

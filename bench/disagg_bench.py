@@ -25,9 +25,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 
-from qwen3vl.client import ask, encode  # noqa: E402
-from qwen3vl.launch import Server  # noqa: E402
-from qwen3vl.make_checkpoint import make_checkpoint  # noqa: E402
+from qwen3vl.cli.client import ask, encode  # noqa: E402
+from qwen3vl.cli.launch import Server  # noqa: E402
+from qwen3vl.cli.make_checkpoint import make_checkpoint  # noqa: E402
 
 
 def photo(size: int, seed: int) -> bytes:
@@ -51,7 +51,7 @@ def shm_vs_grpc(ckpt, enc: Server, logs: Path, cpu: list[str], args) -> dict:
     request to the encoder to the assembled tensors; the bench client's own upload and copy
     back are not counted): a language server using system shared memory and one using gRPC,
     interleaved."""
-    from qwen3vl.config import ModelConfig
+    from qwen3vl.model.config import ModelConfig
 
     config = ModelConfig.load(ckpt, device="cpu")
     per_token = (1 + config.deepstack_layers) * config.visual_hidden_size * 4  # fp32 on CPU

@@ -31,11 +31,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 
-from qwen3vl.config import ModelConfig, TextConfig  # noqa: E402
-from qwen3vl.engine import Engine  # noqa: E402
-from qwen3vl.make_checkpoint import make_checkpoint  # noqa: E402
-from qwen3vl.text import LanguageModel  # noqa: E402
-from qwen3vl.vision import VisionEncoder  # noqa: E402
+from qwen3vl.model.config import ModelConfig, TextConfig  # noqa: E402
+from qwen3vl.engine.engine import Engine  # noqa: E402
+from qwen3vl.cli.make_checkpoint import make_checkpoint  # noqa: E402
+from qwen3vl.model.text import LanguageModel  # noqa: E402
+from qwen3vl.encoder.encoder import VisionEncoder  # noqa: E402
 
 # Qwen3-VL-30B-A3B-Instruct's text and vision dims.
 REAL_TEXT = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
@@ -135,7 +135,7 @@ def random_language_model(cfg: TextConfig, device, dtype, seed=0) -> LanguageMod
             else:
                 fan_in = p.shape[-2] if "experts" in name else p.shape[-1]
                 p.normal_(0, fan_in ** -0.5)
-    from qwen3vl.text import MRoPE
+    from qwen3vl.model.text import MRoPE
 
     model.rotary = MRoPE(cfg).to(device)
     return model.eval()

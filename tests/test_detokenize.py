@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from qwen3vl.engine import IncrementalDetokenizer
+from qwen3vl.engine.detokenize import IncrementalDetokenizer
 
 TEXTS = [
     "plain ascii words, with punctuation!",
@@ -37,3 +37,18 @@ def test_multibyte_characters_span_several_tokens(tokenizer):
     detok = IncrementalDetokenizer(tokenizer)
     assert [detok.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
     assert detok.push(ids[-1]) == "🙂"
+
+
+def test_random_id_sequences_stream_the_full_decode(tokenizer):
+    """Any ids at all (special tokens, stray byte tokens, broken UTF-8): the deltas add up to
+    tokenizer.decode of the whole sequence (an incomplete character left at the end comes out of
+    flush() as U+FFFD, as decode gives it)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 40))]
+        detok = IncrementalDetokenizer(tokenizer)
+        deltas = [detok.push(i) for i in ids]
+        deltas.append(detok.flush())
+        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

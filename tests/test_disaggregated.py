@@ -10,9 +10,9 @@ import time
 import pytest
 
 from conftest import IMAGE_CASES, LOG_DIR, metric, png
-from qwen3vl.client import ServerError, encode, infer, stream_results
-from qwen3vl.launch import Server
-from qwen3vl.transfer import HashRing
+from qwen3vl.cli.client import ServerError, encode, infer, stream_results
+from qwen3vl.cli.launch import Server
+from qwen3vl.disagg.routing import HashRing
 from tcp_proxy import CuttingProxy
 
 CHUNK = 8                 # visual tokens per chunk: many chunks even for small images
@@ -75,7 +75,7 @@ def test_disaggregated_outputs_are_bit_identical(server, encoder_a, language, ca
 def test_repeated_image_runs_no_vision_forward(encoder_a, language):
     """The second request with an image runs no vision forward, even when it comes another way
     (raw bytes over gRPC first, a base64 data URL over HTTP second)."""
-    from qwen3vl.client import stream_grpc
+    from qwen3vl.cli.client import stream_grpc
 
     image = png(150, 120, 42)
     list(stream_grpc(language.grpc_url, prompt="Describe.", images=[image], max_tokens=2, temperature=0.0))
@@ -171,7 +171,7 @@ def test_routing_is_sticky_and_survives_a_dead_encoder(checkpoint, encoder_a):
 
 
 def test_no_reachable_encoder_is_a_clear_error_and_text_still_works(checkpoint):
-    from qwen3vl.launch import free_ports
+    from qwen3vl.cli.launch import free_ports
 
     dead = f"127.0.0.1:{free_ports(1)[0]}"
     with start_language(checkpoint, "language-orphan", [dead], encoder_timeout_s=3, encoder_same_wait_s=0.5) as lang:
@@ -237,7 +237,7 @@ def test_encoder_refuses_shared_memory_it_must_not_write(encoder_a):
     host, or one without a size: a clear error, and the encoder serves the next request."""
     import numpy as np
 
-    from qwen3vl import shm
+    from qwen3vl import errors
 
     image = png(64, 64, 5)
 
@@ -259,8 +259,8 @@ def test_encoder_refuses_shared_memory_it_must_not_write(encoder_a):
                                       ("qwen3vl-transfer-nobody", None, "shm_region needs chunk_tokens")]:
         with pytest.raises(ServerError, match=why) as e:
             request(region, chunk_tokens)
-        if chunk_tokens:
-            assert shm.UNAVAILABLE in str(e.value)  # the language server's cue to use gRPC
+        # UNSUPPORTED is the language server's cue to use gRPC; a bad request is INVALID_ARG
+        assert e.value.code == (errors.UNSUPPORTED if chunk_tokens else errors.INVALID_ARG)
     assert encode(encoder_a.grpc_url, [image])["visual_embeds"].shape[0] > 0
 
 
@@ -270,17 +270,18 @@ def test_shared_memory_falls_back_to_grpc(checkpoint, encoder_a, monkeypatch, tm
     namespace; here: regions made outside /dev/shm) answers so, and that encoder is served
     over gRPC from then on; a region that cannot be made (here: no such directory; a full
     /dev/shm) sends that image over gRPC. Either way bit for bit."""
-    from qwen3vl import shm
-    from qwen3vl.config import ModelConfig
-    from qwen3vl.transfer import RemoteEncoder
+    from qwen3vl.disagg import shm
+    from qwen3vl.disagg.fetch import FetchSettings
+    from qwen3vl.disagg.remote import RemoteEncoder
+    from qwen3vl.model.config import ModelConfig
 
     monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path if case == "encoder-cannot-see-it" else tmp_path / "absent"))
     image = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 77)
-    remote = RemoteEncoder([encoder_a.grpc_url], ModelConfig.load(checkpoint, device="cpu"), chunk_tokens=CHUNK,
-                           shared_memory=True)
+    remote = RemoteEncoder([encoder_a.grpc_url], ModelConfig.load(checkpoint, device="cpu"),
+                           FetchSettings(chunk_tokens=CHUNK, shared_memory=True))
     try:
-        got, stats = remote.fetch(image)
-        assert remote.shm_ok == ({encoder_a.grpc_url: False} if case == "encoder-cannot-see-it" else {})
+        got, stats = remote.fetcher.fetch(image)
+        assert remote.fetcher.shm_ok == ({encoder_a.grpc_url: False} if case == "encoder-cannot-see-it" else {})
         assert stats.shm_bytes == 0 and stats.bytes == got.visual_embeds.nbytes + got.deepstack_embeds.nbytes
     finally:
         remote.close()

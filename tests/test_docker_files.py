@@ -21,9 +21,9 @@ from pathlib import Path
 import yaml
 
 from conftest import LOG_DIR, png
-from qwen3vl import serve
-from qwen3vl.client import ask
-from qwen3vl.launch import free_ports
+from qwen3vl.cli import serve
+from qwen3vl.cli.client import ask
+from qwen3vl.cli.launch import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -105,7 +105,7 @@ def test_base_image_is_the_triton_release_of_the_pytriton_wheel():
 def test_container_runs_qwen3vl_serve_with_flags_serve_accepts():
     cmd = container_command()
     assert cmd[0] == "qwen3vl-serve"
-    assert PYPROJECT["project"]["scripts"]["qwen3vl-serve"] == "qwen3vl.serve:main"
+    assert PYPROJECT["project"]["scripts"]["qwen3vl-serve"] == "qwen3vl.cli.serve:main"
     args = serve.parse_args(cmd[1:])
     assert not args.extra and not args.check
     assert args.checkpoint == "/models/checkpoint"
@@ -250,13 +250,13 @@ def test_the_container_command_serves_a_tiny_checkpoint(checkpoint, tmp_path):
 
 
 def test_disaggregated_compose_commands_parse_and_wire_encoders_to_the_language_server():
-    from qwen3vl.serve import parse_args
+    from qwen3vl.cli.serve import parse_args
 
     services = yaml.safe_load((DOCKER / "docker-compose.disaggregated.yml").read_text())["services"]
     roles = {name: parse_args(s["command"][1:]) for name, s in services.items()}
     encoders = [n for n, a in roles.items() if a.role == "encoder"]
     (language,) = [a for a in roles.values() if a.role == "language"]
     assert len(encoders) >= 2
-    assert sorted(language.encoder_url) == sorted(f"{n}:{roles[n].grpc_port}" for n in encoders)
+    assert sorted(language.encoder_urls) == sorted(f"{n}:{roles[n].grpc_port}" for n in encoders)
     for s in services.values():
         assert s["build"]["dockerfile"] == "docker/Dockerfile"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import IMAGE_CASES, metric, png, reference_generate
-from qwen3vl.client import ServerError, ask, infer, stream_grpc
+from qwen3vl.cli.client import ServerError, ask, infer, stream_grpc
 
 MAX_NEW = 12
 CASES = IMAGE_CASES
@@ -96,21 +96,61 @@ def test_chat_messages_with_system_prompt_and_image_markers(server, reference):
                                      temperature=0.0).token_ids
 
 
-@pytest.mark.parametrize("request_kwargs, message", [
+BAD_REQUESTS = [
     (dict(prompt="hi", max_tokens=0), "max_tokens must be >= 1"),
     (dict(prompt="hi", temperature=-1.0), "temperature must be >= 0"),
     (dict(prompt="hi", top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(prompt="a <image> and <image>", images=[png(64, 64, 1)]), "2 '<image>' markers but the request has 1"),
     (dict(prompt="[not json", images=[]), "not a JSON message list"),
     (dict(prompt="hi", images=[b"\x89PNG broken"]), r"images\[0\].*not a decodable image"),
+    (dict(prompt="hi", images=[png(32, 32, 1), b"GIF89a" + bytes(20)]), r"images\[1\].*not a decodable image"),
     (dict(prompt="hi", max_tokens=10**7), "exceeds the model's limit"),
-])
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
+    (dict(prompt="hi", top_k=-2), "top_k must be >= 0"),
+]
+# Data URLs as the image bytes themselves (gRPC; over HTTP the client wraps every image in a
+# data URL of its own, so those go as raw JSON in the next test).
+BAD_DATA_URLS = [
+    (dict(prompt="hi", images=[b"data:image/png;base64,@@@"]), r"images\[0\]: bad base64 in data URL"),
+    (dict(prompt="hi", images=[b"data:image/png,rawtext"]), r"images\[0\]: a data URL must be base64"),
+]
+
+
+@pytest.mark.parametrize("protocol, request_kwargs, message",
+                         [(p, kw, m) for p in ("grpc", "http") for kw, m in BAD_REQUESTS]
+                         + [("grpc", kw, m) for kw, m in BAD_DATA_URLS])
 def test_bad_requests_get_clear_errors_and_server_stays_healthy(server, protocol, request_kwargs, message):
+    """Each names the input and the problem, carries INVALID_ARG (HTTP: 400; gRPC: the marker
+    on the stream's message), holds no Python object's repr, and the server carries on."""
     url = server.grpc_url if protocol == "grpc" else server.http_url
-    with pytest.raises(ServerError, match=message):
+    with pytest.raises(ServerError, match=message) as e:
         infer(url, protocol, **request_kwargs)
+    assert e.value.code == "INVALID_ARG"
+    if protocol == "http":
+        assert e.value.http_status == 400
+    assert " object at 0x" not in str(e.value)
     assert infer(url, protocol, prompt="still there?", max_tokens=2, temperature=0.0).finish_reason == "length"
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"max_tokens": 4}, "text_input is required"),                        # a required input missing
+    ({"text_input": "hi", "max_tokens": [1, 2]}, "max_tokens"),           # the wrong shape
+    ({"text_input": "hi", "images": ["data:image/png;base64,@@@"]}, "images[0]: bad base64 in data URL"),
+    ({"text_input": "hi", "images": ["data:image/png,raw"]}, "images[0]: a data URL must be base64"),
+])
+def test_malformed_http_requests_answer_400_naming_the_input(server, body, message):
+    """Through Triton's generate endpoint: a wrong shape Triton itself rejects (no marker); a
+    missing text_input and bad data URLs reach the encoder and come back marked INVALID_ARG.
+    All answer 400 naming the input."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/generate",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400
+    assert message in json.loads(e.value.read())["error"]
+    assert infer(server.http_url, "http", prompt="still there?", max_tokens=2, temperature=0.0).finish_reason == "length"
 
 
 def test_cancelling_a_stream_stops_generation(server):
@@ -120,7 +160,7 @@ def test_cancelling_a_stream_stops_generation(server):
 
     import tritonclient.grpc as grpcclient
 
-    from qwen3vl.client import build_inputs
+    from qwen3vl.cli.client import build_inputs
 
     def generated():
         return metric(server, "qwen3vl_language_generated_tokens_total")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import IMAGE_CASES, reference_inputs
-from qwen3vl.config import ModelConfig
-from qwen3vl.engine import Engine
-from qwen3vl.make_checkpoint import make_checkpoint
-from qwen3vl.vision import VisionEncoder
+from qwen3vl.model.config import ModelConfig
+from qwen3vl.engine.engine import Engine
+from qwen3vl.cli.make_checkpoint import make_checkpoint
+from qwen3vl.encoder.encoder import VisionEncoder
 
 CASES = IMAGE_CASES
 PROMPT = "What is in the picture? Answer in one sentence."
@@ -76,7 +76,7 @@ def test_transposed_experts_are_rejected(tmp_path):
 
 def test_grouped_matmul_fast_and_loop_paths_agree():
     """torch's grouped GEMM and the per-expert loop compute the same function, empty groups too."""
-    from qwen3vl.text import grouped_mm
+    from qwen3vl.model.text import grouped_mm
 
     x, w = torch.randn(11, 64), torch.randn(5, 64, 96)
     offsets = torch.tensor([3, 3, 7, 11, 11], dtype=torch.int32)  # experts 1 and 4 get no rows

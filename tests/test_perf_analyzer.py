@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import png
-from qwen3vl import perf
+from qwen3vl.cli import perf
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import IMAGE_CASES, png
-from qwen3vl.config import ModelConfig
-from qwen3vl.engine import Engine
-from qwen3vl.prefix_cache import cut_points
-from qwen3vl.vision import VisionEncoder
+from qwen3vl.model.config import ModelConfig
+from qwen3vl.engine.engine import Engine
+from qwen3vl.engine.prefix_cache import cut_points
+from qwen3vl.encoder.encoder import VisionEncoder
 
 QUESTION = "What is in the picture? Answer in one sentence."
 OTHER_QUESTION = "Name the three most common colours in this image, in order."

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from conftest import LOG_DIR, metric, png
-from qwen3vl.client import ServerError, infer
-from qwen3vl.launch import Server
+from qwen3vl.cli.client import ServerError, infer
+from qwen3vl.cli.launch import Server
 
 
 def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
@@ -41,7 +41,7 @@ def test_metrics_count_requests_and_tokens(server):
 
 
 def test_demo_prints_a_streamed_answer(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qwen3vl.demo", "--preset", "tiny", "--checkpoint",
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.cli.demo", "--preset", "tiny", "--checkpoint",
                           str(tmp_path / "ckpt"), "--max-tokens", "8"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -50,7 +50,7 @@ def test_demo_prints_a_streamed_answer(tmp_path):
 
 
 def test_client_cli_json(server):
-    out = subprocess.run([sys.executable, "-m", "qwen3vl.client", "--url", server.grpc_url, "--prompt", "hello",
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.cli.client", "--url", server.grpc_url, "--prompt", "hello",
                           "--max-tokens", "4", "--temperature", "0", "--stream", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -61,7 +61,7 @@ def test_client_cli_json(server):
 
 
 def test_client_cli_reports_server_errors(server):
-    out = subprocess.run([sys.executable, "-m", "qwen3vl.client", "--url", server.http_url, "--protocol", "http",
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.cli.client", "--url", server.http_url, "--protocol", "http",
                           "--prompt", "hi", "--max-tokens", "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "max_tokens must be >= 1" in out.stderr

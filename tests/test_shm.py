@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3vl import shm
-from qwen3vl.transfer import Buffers
-from qwen3vl.vision import VisualFeatures
+from qwen3vl.disagg import shm
+from qwen3vl.errors import UNSUPPORTED, SharedMemoryUnavailable, code_of
+from qwen3vl.disagg.fetch import Buffers
+from qwen3vl.model.vision import VisualFeatures
 
 HIDDEN, LAYERS = 8, 3
 TOKEN_BYTES = shm.token_bytes(HIDDEN, LAYERS, 4)  # fp32; bf16 and fp16 regions hold twice the tokens
@@ -110,12 +111,12 @@ def test_the_writer_refuses_regions_it_must_not_touch(writer):
     sent = features(4, torch.float32)
     for name, why in [("../etc/passwd", "not a transfer region"), ("qwen3vl-transfer-x/../../y", "not a transfer region"),
                       ("qwen3vl-transfer-absent", "does not exist on the encoder's host")]:
-        with pytest.raises(ValueError, match=why) as e:
+        with pytest.raises(SharedMemoryUnavailable, match=why) as e:
             writer.write(name, sent)
-        assert shm.UNAVAILABLE in str(e.value)
+        assert code_of(e.value) == UNSUPPORTED  # the language server's cue to use gRPC
     region = shm.Region(3, HIDDEN, LAYERS, torch.float32)  # room for 3 tokens, not 4
     try:
-        with pytest.raises(ValueError, match="the request needs"):
+        with pytest.raises(SharedMemoryUnavailable, match="the request needs"):
             writer.write(region.name, sent)
         assert os.path.getsize(os.path.join(shm.SHM_DIR, region.name)) == region.size  # never grown
     finally:
@@ -149,7 +150,7 @@ def test_the_writer_follows_no_links_and_writes_no_sparse_files(writer, tmp_path
     link = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}link-{os.getpid()}")
     os.symlink(victim, link)
     try:
-        with pytest.raises(ValueError, match=shm.UNAVAILABLE):
+        with pytest.raises(SharedMemoryUnavailable, match="shared-memory region"):
             writer.write(os.path.basename(link), sent)
     finally:
         os.unlink(link)
@@ -158,7 +159,7 @@ def test_the_writer_follows_no_links_and_writes_no_sparse_files(writer, tmp_path
     with open(sparse, "wb") as f:
         f.truncate(1 << 20)  # no pages behind it: a write could SIGBUS on a full /dev/shm
     try:
-        with pytest.raises(ValueError, match="sparse"):
+        with pytest.raises(SharedMemoryUnavailable, match="sparse"):
             writer.write(os.path.basename(sparse), sent)
     finally:
         os.unlink(sparse)

@@ -1,4 +1,10 @@
-"""The tensor contract (DESIGN section 3) in one place: names the shells, client and tests share."""
+"""The tensor contract (DESIGN section 3) in one place: names, and the models' inputs and outputs
+as Triton config entries. The `model.py` shells declare these in `auto_complete_config`, so the
+`config.pbtxt` files hold only what an operator changes; the client, the transfer and the tests
+use the same names.
+"""
+
+from __future__ import annotations
 
 # Public API of `ensemble` (also accepted by `qwen3_language` for text-only requests).
 TEXT_INPUT = "text_input"        # BYTES [1]
@@ -18,11 +24,86 @@ VISUAL_EMBEDS = "visual_embeds"        # model dtype [N, H]
 DEEPSTACK_EMBEDS = "deepstack_embeds"  # model dtype [L, N, H]
 IMAGE_GRID_THW = "image_grid_thw"      # INT64 [k, 3]
 
+# The chunked, resumable E->L transfer between servers (extra inputs and outputs of
+# `qwen3_encoder`; qwen3vl.disagg).
+CHUNK_TOKENS = "chunk_tokens"    # INT32 [1]: visual tokens per chunk (asks for chunked responses)
+RESUME_FROM = "resume_from"      # INT64 [1]: first visual token wanted
+MAX_CHUNKS = "max_chunks"        # INT32 [1]: stop after this many chunks (0: all)
+IMAGE_DIGESTS = "image_digests"  # BYTES [-1]: SHA-256 of image files the encoder may have cached
+SHM_REGION = "shm_region"        # BYTES [1]: write the chunk into this shared-memory region
+CHUNK_START = "chunk_start"      # INT64 [1]: where this chunk's rows go
+TOTAL_TOKENS = "total_tokens"    # INT64 [1]: N of the whole request
 
 # Triton data type of each model dtype name, for the E->L tensors.
 TRITON_DTYPE = {"float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}
 
-# The language model's request inputs. Inside the ensemble they travel through the encoder
-# step unchanged: Triton requires every input of a step that follows a decoupled step (the
-# batching encoder) to come from that step, not straight from the ensemble's inputs.
-LANGUAGE_REQUEST_INPUTS = (TEXT_INPUT, MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, STREAM)
+
+def _tensor(name: str, data_type: str, dims: list[int], optional: bool | None = None) -> dict:
+    entry = {"name": name, "data_type": data_type, "dims": dims}
+    if optional is not None:
+        entry["optional"] = optional
+    return entry
+
+
+# The language model's request inputs, all but text_input optional. Inside the ensemble they
+# travel through the encoder step unchanged: Triton requires every input of a step that follows
+# a decoupled step (the batching encoder) to come from that step, not from the ensemble's inputs.
+LANGUAGE_REQUEST = [
+    _tensor(TEXT_INPUT, "TYPE_STRING", [1]),
+    _tensor(MAX_TOKENS, "TYPE_INT32", [1], True),
+    _tensor(TEMPERATURE, "TYPE_FP32", [1], True),
+    _tensor(TOP_P, "TYPE_FP32", [1], True),
+    _tensor(TOP_K, "TYPE_INT32", [1], True),
+    _tensor(SEED, "TYPE_UINT64", [1], True),
+    _tensor(STREAM, "TYPE_BOOL", [1], True),
+]
+LANGUAGE_REQUEST_INPUTS = tuple(t["name"] for t in LANGUAGE_REQUEST)
+
+# `ensemble`: the language request plus the images. text_input is declared optional there only
+# so that a request without it reaches the encoder and gets a clear INVALID_ARG (ensemble/config.pbtxt).
+ENSEMBLE_INPUTS = [{**LANGUAGE_REQUEST[0], "optional": True}, _tensor(IMAGES, "TYPE_STRING", [-1], True),
+                   *LANGUAGE_REQUEST[1:]]
+
+LANGUAGE_OUTPUTS = [
+    _tensor(TEXT_OUTPUT, "TYPE_STRING", [1]),
+    _tensor(OUTPUT_IDS, "TYPE_INT32", [-1]),
+    _tensor(FINISH_REASON, "TYPE_STRING", [1]),
+]
+
+TRANSFER_INPUTS = [
+    _tensor(CHUNK_TOKENS, "TYPE_INT32", [1], True),
+    _tensor(RESUME_FROM, "TYPE_INT64", [1], True),
+    _tensor(MAX_CHUNKS, "TYPE_INT32", [1], True),
+    _tensor(IMAGE_DIGESTS, "TYPE_STRING", [-1], True),
+    _tensor(SHM_REGION, "TYPE_STRING", [1], True),
+]
+TRANSFER_OUTPUTS = [
+    _tensor(CHUNK_START, "TYPE_INT64", [1]),
+    _tensor(TOTAL_TOKENS, "TYPE_INT64", [1]),
+]
+
+
+def e2l_tensors(dtype_name: str) -> list[dict]:
+    """The encoder->language tensors (outputs of the encoder, inputs of the language model) in
+    the model dtype (`float32`, `bfloat16` or `float16`)."""
+    tdt = TRITON_DTYPE[dtype_name]
+    return [
+        _tensor(VISUAL_EMBEDS, tdt, [-1, -1]),
+        _tensor(DEEPSTACK_EMBEDS, tdt, [-1, -1, -1]),
+        _tensor(IMAGE_GRID_THW, "TYPE_INT64", [-1, 3]),
+    ]
+
+
+def language_io(dtype_name: str) -> tuple[list[dict], list[dict]]:
+    """`qwen3_language`: (inputs, outputs). The E->L tensors are optional (text-only requests)."""
+    return ([*LANGUAGE_REQUEST, *({**t, "optional": True} for t in e2l_tensors(dtype_name))],
+            list(LANGUAGE_OUTPUTS))
+
+
+def encoder_io(dtype_name: str) -> tuple[list[dict], list[dict]]:
+    """`qwen3_encoder`, local and remote alike: (inputs, outputs). Images are optional (a
+    text-only request through the ensemble); the language request passes through."""
+    passthrough = [{**t, "optional": True} for t in LANGUAGE_REQUEST]
+    return ([_tensor(IMAGES, "TYPE_STRING", [-1], True), *passthrough, *TRANSFER_INPUTS],
+            [*e2l_tensors(dtype_name), *({k: v for k, v in t.items() if k != "optional"} for t in LANGUAGE_REQUEST),
+             *TRANSFER_OUTPUTS])

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..settings import resolve_device, resolve_dtype
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -114,7 +116,7 @@ class ModelConfig:
         raw = json.loads(config_path.read_text())
         if raw.get("model_type") != "qwen3_vl_moe":
             raise ValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'qwen3_vl_moe'")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device or "auto")
         return cls(
             checkpoint=checkpoint,
             text=TextConfig.from_dict(raw["text_config"]),
@@ -128,16 +130,3 @@ class ModelConfig:
             dtype=resolve_dtype(dtype, device),
             raw=raw,
         )
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """Model dtype: bf16 on GPU and fp32 on CPU unless asked otherwise."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "", "auto"):
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidInput
+
 IMAGE_MARKER = "<image>"
 
 
-class PromptError(ValueError):
+class PromptError(InvalidInput):
     """A request whose text and images don't fit together; the message says how."""
 
 

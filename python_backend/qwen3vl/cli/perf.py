@@ -1,7 +1,7 @@
 """perf_analyzer against the served `ensemble`: fetch a binary that runs here, write its input
 data for our contract, run it over gRPC streaming.
 
-    python -m qwen3vl.perf --url 127.0.0.1:8001 --image cat.png --max-tokens 32 --concurrency 1:4
+    python -m qwen3vl.cli.perf --url 127.0.0.1:8001 --image cat.png --max-tokens 32 --concurrency 1:4
 
 PyPI's `perf-analyzer` needs glibc 2.38; the `tritonclient==2.41.0` manylinux1 wheel carries a
 `perf_analyzer` that runs on older glibc against tritonserver 2.51 once `libb64.so.0d` and
@@ -25,7 +25,6 @@ import csv
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -33,9 +32,12 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import contract
+import numpy as np
+from tritonclient.utils import serialize_byte_tensor
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .. import contract
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CACHE = REPO_ROOT / ".work" / "perf_analyzer"
 TRITONCLIENT_VERSION = "2.41.0"
 WHEEL_PLATFORM = "manylinux1_x86_64"
@@ -129,7 +131,7 @@ def ensure_perf_analyzer(cache_dir: str | Path | None = None) -> tuple[Path, dic
 def bytes_tensor_b64(items: Sequence[bytes]) -> dict:
     """A BYTES tensor of raw byte strings as perf_analyzer input data: {"b64": serialized, "shape": [n]}
     (serialized = Triton's BYTES wire format, a 4-byte little-endian length before each element)."""
-    wire = b"".join(struct.pack("<I", len(b)) + b for b in items)
+    wire = serialize_byte_tensor(np.array(list(items), dtype=object)).item()
     return {"b64": base64.b64encode(wire).decode("ascii"), "shape": [len(items)]}
 
 
@@ -178,7 +180,7 @@ def read_csv(path: str | Path) -> list[dict[str, float]]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m qwen3vl.perf",
+    p = argparse.ArgumentParser(prog="python -m qwen3vl.cli.perf",
                                 description="Run perf_analyzer against the ensemble over gRPC streaming.",
                                 epilog="Arguments after -- go to perf_analyzer as they are.")
     p.add_argument("--url", default="127.0.0.1:8001", help="HOST:GRPC_PORT")
@@ -203,13 +205,13 @@ def main(argv=None) -> int:
     try:
         images = [Path(i).read_bytes() for i in args.image]
     except OSError as e:
-        sys.exit(f"qwen3vl.perf: cannot read image: {e}")
+        sys.exit(f"qwen3vl.cli.perf: cannot read image: {e}")
     cache = Path(args.cache_dir or os.environ.get("QWEN3VL_PERF_CACHE") or DEFAULT_CACHE)
     input_path = write_input_data(args.input_data or cache / "input.json", prompts, images, args.max_tokens)
     try:
         binary, env = (Path("perf_analyzer"), dict(os.environ)) if args.dry_run else ensure_perf_analyzer(cache)
     except PerfAnalyzerError as e:
-        sys.exit(f"qwen3vl.perf: {e}")
+        sys.exit(f"qwen3vl.cli.perf: {e}")
     cmd = perf_command(binary, args.url, input_path, args.model, args.concurrency, args.measurement_interval,
                        args.stability_percentage, args.csv, args.extra)
     print("$ " + " ".join(cmd), flush=True)

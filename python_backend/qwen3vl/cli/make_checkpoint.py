@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-ASSETS = Path(__file__).with_name("assets")
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MARKER = ".random_checkpoint.json"   # written last: its presence means "complete"
 FORMAT_VERSION = 1                   # bump when the output for the same args changes
 VOCAB_SIZE = 2048                    # config vocab, padded past the tokenizer like the release's

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import queue
 import sys
 import time
 import urllib.error
@@ -18,8 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tritonclient.utils import np_to_triton_dtype
 
-from . import contract
+from .. import contract, errors
+from ..grpc_stream import StreamError, stream_infer
 
 
 @dataclass
@@ -40,29 +41,31 @@ class Answer:
 
 
 class ServerError(RuntimeError):
-    """The server answered the request with an error."""
+    """The server answered the request with an error; `code` is the Triton status code where
+    the server marked it (INVALID_ARG, NOT_FOUND, UNAVAILABLE, ...), else None."""
+
+    def __init__(self, message: str, code: str | None = None, http_status: int | None = None):
+        super().__init__(message)
+        self.code, self.http_status = code, http_status
 
 
 def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None, temperature=None,
                  top_p=None, top_k=None, seed=None, stream=False) -> list:
     """tritonclient InferInput list for the contract; `module` is tritonclient.grpc or .http."""
-    def tensor(name, array, dtype):
-        t = module.InferInput(name, list(array.shape), dtype)
+    def tensor(name, array):
+        t = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         t.set_data_from_numpy(array)
         return t
 
-    inputs = [tensor(contract.TEXT_INPUT, np.array([prompt.encode("utf-8")], dtype=object), "BYTES")]
+    inputs = [tensor(contract.TEXT_INPUT, np.array([prompt.encode("utf-8")], dtype=object))]
     if images:
-        inputs.append(tensor(contract.IMAGES, np.array(list(images), dtype=object), "BYTES"))
-    optional = [(contract.MAX_TOKENS, max_tokens, np.int32, "INT32"),
-                (contract.TEMPERATURE, temperature, np.float32, "FP32"),
-                (contract.TOP_P, top_p, np.float32, "FP32"),
-                (contract.TOP_K, top_k, np.int32, "INT32"),
-                (contract.SEED, seed, np.uint64, "UINT64")]
-    for name, value, np_type, triton_type in optional:
+        inputs.append(tensor(contract.IMAGES, np.array(list(images), dtype=object)))
+    optional = [(contract.MAX_TOKENS, max_tokens, np.int32), (contract.TEMPERATURE, temperature, np.float32),
+                (contract.TOP_P, top_p, np.float32), (contract.TOP_K, top_k, np.int32), (contract.SEED, seed, np.uint64)]
+    for name, value, np_type in optional:
         if value is not None:
-            inputs.append(tensor(name, np.array([value], dtype=np_type), triton_type))
-    inputs.append(tensor(contract.STREAM, np.array([bool(stream)]), "BOOL"))
+            inputs.append(tensor(name, np.array([value], dtype=np_type)))
+    inputs.append(tensor(contract.STREAM, np.array([bool(stream)])))
     return inputs
 
 
@@ -77,33 +80,16 @@ def _chunk(result) -> Chunk:
 
 def stream_results(url: str, model: str, inputs_for, timeout_s: float = 600) -> Iterator:
     """Results of one request over gRPC's bidirectional stream (what decoupled models need),
-    until the response flagged final. `inputs_for(tritonclient.grpc)` builds the inputs."""
+    until the response flagged final. `inputs_for(tritonclient.grpc)` builds the inputs.
+    Raises ServerError with the server's message (its `code` from the project's marker)."""
     import tritonclient.grpc as grpcclient
 
-    results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
-    finished = False
     try:
-        client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, inputs_for(grpcclient), enable_empty_final_response=True)
-        while True:
-            try:
-                result, error = results.get(timeout=timeout_s)
-            except queue.Empty:
-                raise TimeoutError(f"no response from {url} within {timeout_s} s") from None
-            if error is not None:
-                raise ServerError(str(error))
-            response = result.get_response()
-            final = response.parameters["triton_final_response"].bool_param
-            finished = final
-            if response.outputs:
-                yield result
-            if final:
-                return
+        yield from stream_infer(client, model, inputs_for(grpcclient), timeout_s)
+    except StreamError as e:
+        raise ServerError(str(e.error), errors.code_of(e.error)) from None
     finally:
-        # Cancel only a request that is still running (we stopped reading early): cancelling a
-        # finished one is needless, and a server shutting down right after must not wait on it.
-        client.stop_stream(cancel_requests=not finished)
         client.close()
 
 
@@ -118,11 +104,10 @@ def stream_grpc(url: str, model: str = "ensemble", timeout_s: float = 600, strea
 
 def encode(url: str, images: list[bytes], model: str = "qwen3_encoder", timeout_s: float = 600) -> dict:
     """The encoder's E->L tensors for these images: {name: numpy array}."""
-    def inputs_for(module):
-        if not images:
-            return []
-        t = module.InferInput(contract.IMAGES, [len(images)], "BYTES")
-        t.set_data_from_numpy(np.array(list(images), dtype=object))
+    def inputs_for(module):  # an empty list too: a request that names no images is not an encode
+        array = np.array(list(images), dtype=object).reshape(len(images))
+        t = module.InferInput(contract.IMAGES, list(array.shape), np_to_triton_dtype(array.dtype))
+        t.set_data_from_numpy(array)
         return [t]
 
     names = (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW)
@@ -145,7 +130,8 @@ def infer(url: str, protocol: str = "http", model: str = "ensemble", timeout_s: 
         with urllib.request.urlopen(req, timeout=timeout_s) as response:
             out = json.loads(response.read())
     except urllib.error.HTTPError as e:
-        raise ServerError(json.loads(e.read() or b"{}").get("error", str(e))) from None
+        message = json.loads(e.read() or b"{}").get("error", str(e))
+        raise ServerError(message, errors.code_of(message), e.code) from None
     ids = out.get(contract.OUTPUT_IDS, [])
     return Chunk(out.get(contract.TEXT_OUTPUT, ""), [ids] if isinstance(ids, int) else list(ids),
                  out.get(contract.FINISH_REASON, ""))

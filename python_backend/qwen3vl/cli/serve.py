@@ -9,6 +9,7 @@ checkpoints needs no edit to the repository's files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -17,7 +18,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
+from ..settings import ServingConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout, for an editable install
 DEFAULT_MODEL_REPOSITORY = os.environ.get("QWEN3VL_MODEL_REPOSITORY") or str(REPO_ROOT / "model_repository")
 
 # Which models each role loads from the one repository (explicit model control), and the
@@ -89,21 +92,10 @@ def server_env(args) -> dict[str, str]:
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     env["VIRTUAL_ENV"] = sys.prefix
     paths = [p for p in sys.path if p and Path(p).is_dir()]
-    package_root = str(Path(__file__).resolve().parents[1])  # wherever this package is imported from
+    package_root = str(Path(__file__).resolve().parents[2])  # wherever this package is imported from
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *paths]))
-    env["QWEN3VL_CHECKPOINT"] = str(Path(args.checkpoint).resolve())
-    env["QWEN3VL_DEVICE"] = args.device
-    env["QWEN3VL_DTYPE"] = args.dtype
-    if args.max_model_len:
-        env["QWEN3VL_MAX_MODEL_LEN"] = str(args.max_model_len)
-    if args.prefix_cache_mb is not None:
-        env["QWEN3VL_PREFIX_CACHE_MB"] = str(args.prefix_cache_mb)
-    if args.encoder_url:
-        env["QWEN3VL_ENCODER_URLS"] = ",".join(args.encoder_url)
-    if args.chunk_tokens:
-        env["QWEN3VL_TRANSFER_CHUNK_TOKENS"] = str(args.chunk_tokens)
-    if args.shared_memory:
-        env["QWEN3VL_TRANSFER_SHARED_MEMORY"] = "1"
+    settings, given = settings_from_args(args)
+    env.update(settings.env(given))
     return env
 
 
@@ -119,27 +111,44 @@ def _die_with_parent() -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="qwen3vl-serve", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", help="checkpoint directory (config.json, safetensors, processor files)")
     p.add_argument("--check", action="store_true", help="assemble the Python backend directory, print where, exit")
     p.add_argument("--role", choices=sorted(ROLES), default="aggregated")
-    p.add_argument("--encoder-url", action="append", default=[],
-                   help="language role: an encoder server's gRPC HOST:PORT; repeat for several")
-    p.add_argument("--chunk-tokens", type=int, default=0, help="language role: visual tokens per transfer chunk")
-    p.add_argument("--shared-memory", action="store_true",
-                   help="language role, encoders on this host: move E->L tensors through system shared memory")
+    add_setting_flags(p)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    p.add_argument("--max-model-len", type=int, default=0, help="prompt + generated tokens limit (0: the model's)")
-    p.add_argument("--prefix-cache-mb", type=float, default=None,
-                   help="KV of repeated prompt prefixes (images, earlier turns) kept for reuse; 0 turns it off "
-                        "(default: the model config's, 1024)")
     p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
     return p.parse_args(argv)
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ServingConfig setting that has one, its help and default from there. A flag
+    not given leaves the setting to the environment, the model config, or the default."""
+    for f in dataclasses.fields(ServingConfig):
+        flag = f.metadata["flag"]
+        if not flag:
+            continue
+        help = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help)
+        elif f.name == "encoder_urls":
+            p.add_argument(flag, dest=f.name, action="append", default=None, metavar="HOST:PORT",
+                           help="language role: an encoder server's gRPC address; repeat for several")
+        else:
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=None, help=help)
+
+
+def settings_from_args(args) -> tuple[ServingConfig, set[str]]:
+    """The settings the flags give (those not given keep their defaults), and which were given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServingConfig)
+             if getattr(args, f.name, None) is not None}
+    if "checkpoint" in given:
+        given["checkpoint"] = str(Path(given["checkpoint"]).resolve())
+    if "encoder_urls" in given:
+        given["encoder_urls"] = ",".join(given["encoder_urls"])
+    return ServingConfig(**given), set(given)
 
 
 def main(argv=None) -> int:
@@ -150,7 +159,7 @@ def main(argv=None) -> int:
         return 0
     if not args.checkpoint:
         sys.exit("qwen3vl-serve: --checkpoint DIR is required")
-    if args.role == "language" and not (args.encoder_url or os.environ.get("QWEN3VL_ENCODER_URLS")):
+    if args.role == "language" and not (args.encoder_urls or os.environ.get("QWEN3VL_ENCODER_URLS")):
         sys.exit("qwen3vl-serve: --role language needs --encoder-url HOST:PORT (an encoder server's gRPC port)")
     if not (Path(args.checkpoint) / "config.json").is_file():
         sys.exit(f"qwen3vl-serve: {args.checkpoint} has no config.json (not a checkpoint directory)")

@@ -44,7 +44,7 @@ class Server:
             raise RuntimeError(f"server on {self.grpc_url} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab" if append else "wb")
-        cmd = [sys.executable, "-m", "qwen3vl.serve", "--checkpoint", str(self.checkpoint), "--role", self.role,
+        cmd = [sys.executable, "-m", "qwen3vl.cli.serve", "--checkpoint", str(self.checkpoint), "--role", self.role,
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)

@@ -26,23 +26,19 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .vision import VisualFeatures
+from ..errors import SharedMemoryUnavailable
+from ..model.vision import VisualFeatures
+from ..tensors import numpy_dtype
 
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory objects (shm_open names)
 # Only objects named like this are ever opened by an encoder: a request cannot make it write
 # into anything else on the host.
 PREFIX = "qwen3vl-transfer-"
-UNAVAILABLE = "shared-memory region unavailable"  # in the encoder's error: fall back to gRPC
 
 
 def token_bytes(hidden: int, layers: int, element_size: int) -> int:
     """Bytes of one visual token: its row of visual_embeds and of each deepstack layer."""
     return hidden * element_size * (1 + layers)
-
-
-def numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype that holds `dtype`'s bits (numpy has no bfloat16: 16-bit integers)."""
-    return np.dtype(np.uint16) if dtype == torch.bfloat16 else np.dtype(str(dtype).removeprefix("torch."))
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
@@ -180,25 +176,25 @@ class RegionWriter:
 
     def _mapping(self, name: str, size: int) -> mmap.mmap:
         if not name.startswith(PREFIX) or "/" in name or len(name) > 200:
-            raise ValueError(f"{UNAVAILABLE}: {name!r} is not a transfer region (names start with {PREFIX!r})")
+            raise SharedMemoryUnavailable(f"shared-memory region {name!r} is not a transfer region (names start with {PREFIX!r})")
         path = os.path.join(SHM_DIR, name)
         try:
             # O_NOFOLLOW, and fstat of what was opened: a link named like a region must not lead
             # the encoder into writing some other file.
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ValueError(f"{UNAVAILABLE}: {name!r} does not exist on the encoder's host "
+            raise SharedMemoryUnavailable(f"shared-memory region {name!r} does not exist on the encoder's host "
                              f"(is the language server on another host or IPC namespace?)") from None
         except OSError as e:  # a link, another user's region, ...
-            raise ValueError(f"{UNAVAILABLE}: {name!r}: {e}") from None
+            raise SharedMemoryUnavailable(f"shared-memory region {name!r}: {e}") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-                raise ValueError(f"{UNAVAILABLE}: {name!r} is not a region this encoder's user made for it")
+                raise SharedMemoryUnavailable(f"shared-memory region {name!r} is not a region this encoder's user made for it")
             if st.st_size < size:  # never grow someone else's object
-                raise ValueError(f"{UNAVAILABLE}: {name!r} has {st.st_size} bytes, the request needs {size}")
+                raise SharedMemoryUnavailable(f"shared-memory region {name!r} has {st.st_size} bytes, the request needs {size}")
             if st.st_blocks * 512 < st.st_size:  # sparse: writing could SIGBUS on a full /dev/shm
-                raise ValueError(f"{UNAVAILABLE}: {name!r} is not allocated (sparse)")
+                raise SharedMemoryUnavailable(f"shared-memory region {name!r} is not allocated (sparse)")
             cached = self.mapped.get(name)
             if cached is not None and cached[0] == st.st_ino and len(cached[1]) >= size:
                 self.mapped.move_to_end(name)

@@ -15,13 +15,14 @@ restored ones see the same KV and run the same shapes.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from cachetools import LRUCache
 
-from .prompt import Prompt
-from .vision import VisualFeatures
+from ..model.prompt import Prompt
+from ..tensors import raw_bytes
+from ..model.vision import VisualFeatures
 
 
 @dataclass(frozen=True)
@@ -52,25 +53,17 @@ def cut_points(prompt: Prompt, turn_end_id: int | None, min_tokens: int) -> list
     return ends + [n]
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes (16-bit floats through an int16 view: numpy has no bfloat16)."""
-    t = t.detach().contiguous().cpu()
-    if t.element_size() == 2 and t.is_floating_point():
-        t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
-
-
 def segments(prompt: Prompt, features: VisualFeatures, turn_end_id: int | None, min_tokens: int) -> list[Segment]:
     out, start, v_start = [], 0, 0
     key = b"qwen3vl-prefix-v1"
     for end in cut_points(prompt, turn_end_id, min_tokens):
         v_end = v_start + int(prompt.visual_mask[start:end].sum())
         h = hashlib.blake2b(key, digest_size=20)
-        h.update(_raw(prompt.input_ids[start:end]))
-        h.update(_raw(prompt.positions[:, start:end]))
+        h.update(raw_bytes(prompt.input_ids[start:end]))
+        h.update(raw_bytes(prompt.positions[:, start:end]))
         if v_end > v_start:
-            h.update(_raw(features.visual_embeds[v_start:v_end]))
-            h.update(_raw(features.deepstack_embeds[:, v_start:v_end]))
+            h.update(raw_bytes(features.visual_embeds[v_start:v_end]))
+            h.update(raw_bytes(features.deepstack_embeds[:, v_start:v_end]))
         key = h.digest()
         out.append(Segment(start, end, v_start, v_end, key))
         start, v_start = end, v_end
@@ -82,9 +75,17 @@ class PrefixCache:
     engine's one worker thread only."""
 
     def __init__(self, max_bytes: int, turn_end_id: int | None = None, min_tokens: int = 32):
-        self.max_bytes, self.bytes = max_bytes, 0
         self.turn_end_id, self.min_tokens = turn_end_id, min_tokens
-        self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.blocks: LRUCache = LRUCache(maxsize=max_bytes, getsizeof=lambda t: t.numel() * t.element_size())
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of KV held now."""
+        return int(self.blocks.currsize)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.blocks.maxsize)
 
     def segments(self, prompt: Prompt, features: VisualFeatures) -> list[Segment]:
         return segments(prompt, features, self.turn_end_id, self.min_tokens)
@@ -94,19 +95,12 @@ class PrefixCache:
         segment (its logits are needed)."""
         found = []
         for seg in segs[:-1]:
-            block = self.blocks.get(seg.key)
+            block = self.blocks.get(seg.key)  # a hit becomes the most recently used
             if block is None:
                 break
-            self.blocks.move_to_end(seg.key)
             found.append(block)
         return found
 
     def put(self, key: bytes, block: torch.Tensor) -> None:
-        size = block.numel() * block.element_size()
-        if key in self.blocks or size > self.max_bytes:
-            return
-        self.blocks[key] = block
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self.blocks.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        if key not in self.blocks and self.blocks.getsizeof(block) <= self.blocks.maxsize:
+            self.blocks[key] = block

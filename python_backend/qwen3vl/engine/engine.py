@@ -1,4 +1,4 @@
-"""Generation: prefill, KV-cached decode, sampling, stop conditions, streamed text.
+"""Generation: prefill (through the prefix cache), KV-cached decode, stop conditions, streamed text.
 
 A simple per-request loop (one request decodes at a time, in arrival order, on one worker
 thread); continuous batching replaces the worker later without changing this interface.
@@ -6,90 +6,23 @@ thread); continuous batching replaces the worker later without changing this int
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from .config import ModelConfig
+from ..errors import InvalidInput
+from ..model.config import ModelConfig
+from ..model.prompt import Prompt, PromptBuilder
+from ..model.text import KVCache, LanguageModel
+from ..model.vision import VisualFeatures
+from .detokenize import IncrementalDetokenizer
 from .prefix_cache import PrefixCache, Segment
-from .prompt import Prompt, PromptBuilder
-from .text import KVCache, LanguageModel
-from .vision import VisualFeatures
-from .worker import JobThread
+from .sampling import SamplingParams, generation_defaults, sample
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """Bad input: reported to the client, the server carries on."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0            # 0 = no top-k filter
-    seed: int | None = None   # None = a fresh random seed
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
-
-
-def generation_defaults(checkpoint) -> tuple[SamplingParams, list[int]]:
-    """The checkpoint's generation_config.json: default sampling and the stop token ids."""
-    path = checkpoint / "generation_config.json"
-    gc = json.loads(path.read_text()) if path.is_file() else {}
-    eos = gc.get("eos_token_id", [])
-    eos = [eos] if isinstance(eos, int) else list(eos)
-    sampling = gc.get("do_sample", False)
-    defaults = SamplingParams(
-        temperature=float(gc.get("temperature", 1.0)) if sampling else 0.0,
-        top_p=float(gc.get("top_p", 1.0)) if sampling else 1.0,
-        top_k=int(gc.get("top_k", 0)) if sampling else 0,
-    )
-    return defaults, eos
-
-
-class IncrementalDetokenizer:
-    """Text deltas from a growing id list. A delta is held back while the decoded text ends in
-    an incomplete UTF-8 sequence (U+FFFD), so a character is never split between responses.
-    Decoding a window that starts a few tokens back keeps byte-level BPE merges right."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # window start
-        self.read = 0    # ids before this are already emitted
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        emitted = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        if len(text) > len(emitted) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return text[len(emitted):]
-        return ""
-
-    def flush(self) -> str:
-        emitted = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(emitted):]
 
 
 @dataclass
@@ -98,24 +31,6 @@ class Step:
     token_ids: list[int]
     text: str
     finish_reason: str = ""  # "", "stop", "length" or "cancelled"
-
-
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [V] fp32 -> token id (0-d tensor)."""
-    if p.temperature == 0:
-        return logits.argmax()
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 @dataclass
@@ -163,11 +78,11 @@ class Engine:
         prompt = self.prompts(text, features.image_grid_thw)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
-            raise RequestError(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
+            raise InvalidInput(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
                                f"image_grid_thw implies ({n}, {h})")
         want = (self.config.deepstack_layers, n, h)
         if n and tuple(features.deepstack_embeds.shape) != want:
-            raise RequestError(f"deepstack_embeds has shape {tuple(features.deepstack_embeds.shape)}, expected {want}")
+            raise InvalidInput(f"deepstack_embeds has shape {tuple(features.deepstack_embeds.shape)}, expected {want}")
         return prompt
 
     @torch.inference_mode()
@@ -219,7 +134,7 @@ class Engine:
         prompt = self.prepare(text, features)
         total = len(prompt.input_ids) + params.max_tokens
         if total > self.max_model_len:
-            raise RequestError(f"prompt ({len(prompt.input_ids)} tokens) + max_tokens ({params.max_tokens}) "
+            raise InvalidInput(f"prompt ({len(prompt.input_ids)} tokens) + max_tokens ({params.max_tokens}) "
                                f"= {total} exceeds the model's limit of {self.max_model_len} tokens")
         dev = self.config.device
         generator = None
@@ -247,40 +162,3 @@ class Engine:
             logits = self.model(self.model.embed(token.view(1, 1)), pos, cache)
 
 
-@dataclass
-class Job:
-    """One request for the worker: what to generate and where its steps go."""
-    text: str
-    features: VisualFeatures
-    params: SamplingParams
-    emit: Callable[[Step], None]
-    fail: Callable[[Exception], None]
-    is_cancelled: Callable[[], bool] = field(default=lambda: False)
-
-
-class Worker(JobThread[Job]):
-    """Runs jobs one after another on a background thread, so a decoupled Triton model's
-    execute() returns at once and responses stream from here."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        super().__init__("qwen3vl-engine")
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            try:
-                self._generate(job)
-            except Exception:  # noqa: BLE001 - a reply that cannot be sent must not stop the worker
-                log.exception("could not deliver a response")
-
-    def _generate(self, job: Job) -> None:
-        try:
-            if job.is_cancelled():
-                job.emit(Step([], "", "cancelled"))
-                return
-            for step in self.engine.generate(job.text, job.features, job.params, job.is_cancelled):
-                job.emit(step)
-        except Exception as e:  # noqa: BLE001 - every failure goes back to its request
-            if not isinstance(e, ValueError):
-                log.exception("generation failed")
-            job.fail(e)

@@ -1,0 +1,164 @@
+"""`qwen3_encoder`'s service, local (the vision tower runs here) or remote (a language server:
+the tensors are fetched from encoder servers): a request's inputs -> an encode job; its result
+-> the responses that `disagg.protocol.plan_responses` plans."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import contract
+from ..disagg import shm
+from ..disagg.fetch import FetchSettings, TransferStats
+from ..disagg.protocol import ChunkRequest, Response, plan_responses
+from ..encoder.batcher import EncodeBatcher, EncodeJob
+from ..encoder.cache import CachedImage
+from ..encoder.encoder import EncodeReport
+from ..encoder.images import image_file_bytes
+from ..errors import InvalidInput
+from ..settings import ServingConfig
+from .io import bytes_list, error_response, input_array, model_config, scalar, torch_output
+from .metrics import Counters
+
+METRICS = {
+    # key: (name, description); counters labelled with the mode
+    "requests": ("qwen3vl_encoder_requests_total", "Requests answered"),
+    "failures": ("qwen3vl_encoder_failures_total", "Requests answered with an error"),
+    "images": ("qwen3vl_encoder_images_total", "Images in requests"),
+    "forwards": ("qwen3vl_encoder_forwards_total", "Vision tower forwards (one per batch)"),
+    "cache_hits": ("qwen3vl_encoder_cache_hits_total", "Images served from the feature cache"),
+    "cache_misses": ("qwen3vl_encoder_cache_misses_total", "Images run through the vision tower"),
+    "seconds": ("qwen3vl_encoder_seconds_total", "Time encoding (local) or fetching (remote)"),
+    "chunks_sent": ("qwen3vl_transfer_chunks_sent_total", "E->L chunks sent to language servers"),
+    "bytes_sent": ("qwen3vl_transfer_bytes_sent_total", "E->L bytes sent to language servers"),
+    "shm_bytes_sent": ("qwen3vl_transfer_shm_bytes_sent_total", "E->L bytes written into language servers' shared memory"),
+    "chunks_received": ("qwen3vl_transfer_chunks_received_total", "E->L chunks received from encoders"),
+    "bytes_received": ("qwen3vl_transfer_bytes_received_total", "E->L bytes received from encoders"),
+    "shm_bytes_received": ("qwen3vl_transfer_shm_bytes_received_total", "E->L bytes received through shared memory"),
+    "transfer_seconds": ("qwen3vl_transfer_seconds_total",
+                         "Time fetching E->L tensors, per image from first request to assembled, summed"),
+    "resumes": ("qwen3vl_transfer_resumes_total", "Transfers resumed after a broken connection or encoder"),
+    "failovers": ("qwen3vl_transfer_failovers_total", "Transfers moved to another encoder"),
+}
+
+
+def build_encoder(settings: ServingConfig, config):
+    """The local VisionEncoder or the remote fetcher, as `settings.encoder_mode` says."""
+    if settings.encoder_mode == "local":
+        from transformers import AutoImageProcessor
+
+        from ..encoder.encoder import VisionEncoder
+
+        return VisionEncoder(config, AutoImageProcessor.from_pretrained(config.checkpoint),
+                             cache_bytes=settings.mib(settings.encoder_cache_mb))
+    if settings.encoder_mode == "remote":
+        from ..disagg.remote import RemoteEncoder
+
+        return RemoteEncoder(settings.encoder_url_list, config, FetchSettings(
+            chunk_tokens=settings.transfer_chunk_tokens, timeout_s=settings.encoder_timeout_s,
+            same_encoder_wait_s=settings.encoder_same_wait_s, shared_memory=settings.transfer_shared_memory),
+            shm_region_bytes=settings.mib(settings.transfer_shm_region_mib))
+    raise InvalidInput(f"encoder_mode must be local or remote, not {settings.encoder_mode!r}")
+
+
+class EncoderService:
+    def __init__(self, pb, settings: ServingConfig):
+        self.pb, self.settings = pb, settings
+        self.config = model_config(settings)
+        self.metrics = Counters(pb, METRICS, {"model": "qwen3_encoder", "mode": settings.encoder_mode})
+        self.encoder = build_encoder(settings, self.config)
+        self.regions = shm.RegionWriter()
+        self.batcher = EncodeBatcher(self.encoder, max_delay_s=settings.encoder_max_queue_delay_ms / 1000,
+                                     max_images=settings.encoder_max_batch_images, on_batch=self._count_batch)
+
+    # -- requests in
+    def submit(self, request) -> None:
+        """Validate and enqueue one request; bad input fails it alone, at once."""
+        sender = request.get_response_sender()
+        try:
+            files, chunking, passthrough = self._read(request)
+            self.batcher.submit(EncodeJob(files, lambda result: self._respond(sender, result, passthrough, chunking)))
+        except Exception as e:  # noqa: BLE001 - bad input: this request fails, the model carries on
+            self._fail(sender, e)
+
+    def _read(self, request):
+        pb = self.pb
+        chunking = ChunkRequest(chunk_tokens=scalar(pb, request, contract.CHUNK_TOKENS, int),
+                                resume_from=scalar(pb, request, contract.RESUME_FROM, int) or 0,
+                                max_chunks=scalar(pb, request, contract.MAX_CHUNKS, int) or 0,
+                                shm_region=scalar(pb, request, contract.SHM_REGION, str))
+        # Copied: the request's buffers are not ours once execute() has returned.
+        passthrough = [pb.Tensor(name, t.as_numpy().copy()) for name in contract.LANGUAGE_REQUEST_INPUTS
+                       if (t := pb.get_input_tensor_by_name(request, name)) is not None]
+        images, digests = input_array(pb, request, contract.IMAGES), input_array(pb, request, contract.IMAGE_DIGESTS)
+        if (passthrough and passthrough[0].name() != contract.TEXT_INPUT) or (
+                not passthrough and images is None and digests is None):
+            # An ensemble request without text_input (declared optional there for this): a
+            # request to encode always names its images, an empty list included.
+            raise InvalidInput(f"{contract.TEXT_INPUT} is required")
+        files = [image_file_bytes(b, i) for i, b in enumerate(bytes_list(pb, request, contract.IMAGES))]
+        digests = bytes_list(pb, request, contract.IMAGE_DIGESTS)
+        if digests:
+            if files:
+                raise InvalidInput(f"send either {contract.IMAGES} or {contract.IMAGE_DIGESTS}, not both")
+            files = [CachedImage(d) for d in digests]
+        return files, chunking, passthrough
+
+    # -- responses out
+    def _respond(self, sender, result, passthrough: list, chunking: ChunkRequest) -> None:
+        if isinstance(result, Exception):
+            self._fail(sender, result)
+            return
+        try:
+            responses = plan_responses(result, chunking, self.regions.write)
+        except Exception as e:  # noqa: BLE001 - bad chunking inputs, an unwritable region
+            self._fail(sender, e)
+            return
+        for response in responses:
+            self._send(sender, response, passthrough)
+        self.metrics.add("requests", 1)
+
+    def _send(self, sender, response: Response, passthrough: list) -> None:
+        pb, f = self.pb, response.features
+        tensors = [torch_output(pb, contract.VISUAL_EMBEDS, f.visual_embeds),
+                   torch_output(pb, contract.DEEPSTACK_EMBEDS, f.deepstack_embeds),
+                   torch_output(pb, contract.IMAGE_GRID_THW, f.image_grid_thw.to(torch.int64))]
+        if response.chunk_start is None:
+            tensors += passthrough
+        else:
+            tensors += [pb.Tensor(contract.CHUNK_START, np.array([response.chunk_start], dtype=np.int64)),
+                        pb.Tensor(contract.TOTAL_TOKENS, np.array([response.total_tokens], dtype=np.int64))]
+            self.metrics.add("chunks_sent", 1)
+            self.metrics.add("bytes_sent", f.nbytes)
+            self.metrics.add("shm_bytes_sent", response.shm_bytes)
+        sender.send(pb.InferenceResponse(output_tensors=tensors),
+                    flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if response.final else 0)
+
+    def _fail(self, sender, error: Exception) -> None:
+        self.metrics.add("requests", 1)
+        self.metrics.add("failures", 1)
+        sender.send(error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    # -- metrics of each batch
+    def _count_batch(self, report: EncodeReport | TransferStats | None, seconds: float) -> None:
+        add = self.metrics.add
+        add("seconds", seconds)
+        if isinstance(report, TransferStats):
+            add("chunks_received", report.chunks)
+            add("bytes_received", report.bytes)
+            add("shm_bytes_received", report.shm_bytes)
+            add("transfer_seconds", report.transfer_seconds)
+            add("resumes", report.resumes)
+            add("failovers", len(report.failovers))
+            add("images", report.images)
+        elif isinstance(report, EncodeReport):
+            add("images", report.images)
+            add("forwards", report.forwards)
+            add("cache_hits", report.cache_hits)
+            add("cache_misses", report.encoded)
+
+    def stop(self) -> None:
+        self.batcher.stop()
+        self.regions.close()
+        if hasattr(self.encoder, "close"):
+            self.encoder.close()  # remote: free the shared-memory regions, close the gRPC clients

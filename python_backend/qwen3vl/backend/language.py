@@ -1,0 +1,124 @@
+"""`qwen3_language`'s service: a request's inputs -> an engine job; its steps -> responses."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .. import contract
+from ..engine.engine import Engine, PrefillReport, Step
+from ..engine.worker import Job, Worker
+from ..errors import InvalidInput
+from ..model.vision import VisualFeatures
+from ..settings import ServingConfig
+from .io import error_response, model_config, scalar, torch_input
+from .metrics import Counters
+
+METRICS = {
+    "requests": ("qwen3vl_language_requests_total", "Generation requests finished"),
+    "failures": ("qwen3vl_language_failures_total", "Generation requests failed"),
+    "tokens": ("qwen3vl_language_generated_tokens_total", "Tokens generated"),
+    "ttft": ("qwen3vl_language_first_token_seconds_total", "Sum of time to first token"),
+    "prefill_tokens": ("qwen3vl_language_prefill_tokens_total", "Prompt tokens run through the model"),
+    "prefix_cached_tokens": ("qwen3vl_language_prefix_cache_tokens_total",
+                             "Prompt tokens restored from the prefix cache instead"),
+    "prefix_cache_hits": ("qwen3vl_language_prefix_cache_hits_total",
+                          "Requests that restored part of their prompt from the prefix cache"),
+}
+
+
+class ResponseStream:
+    """Sends one request's steps: each as it comes when streaming, else one response at the end."""
+
+    def __init__(self, pb, sender, stream: bool, metrics: Counters):
+        self.pb, self.sender, self.stream, self.metrics = pb, sender, stream, metrics
+        self.text, self.ids = [], []
+        self.start, self.first = time.perf_counter(), True
+
+    def _response(self, text: str, ids: list[int], finish_reason: str):
+        pb = self.pb
+        return pb.InferenceResponse(output_tensors=[
+            pb.Tensor(contract.TEXT_OUTPUT, np.array([text.encode("utf-8")], dtype=object)),
+            pb.Tensor(contract.OUTPUT_IDS, np.array(ids, dtype=np.int32)),
+            pb.Tensor(contract.FINISH_REASON, np.array([finish_reason.encode()], dtype=object)),
+        ])
+
+    def emit(self, step: Step) -> None:
+        done = bool(step.finish_reason)
+        if self.first:
+            self.metrics.add("ttft", time.perf_counter() - self.start)
+            self.first = False
+        self.metrics.add("tokens", len(step.token_ids))
+        if done:
+            self.metrics.add("requests", 1)
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if self.stream:
+            self.sender.send(self._response(step.text, step.token_ids, step.finish_reason), flags=final if done else 0)
+            return
+        self.text.append(step.text)
+        self.ids += step.token_ids
+        if done:
+            self.sender.send(self._response("".join(self.text), self.ids, step.finish_reason), flags=final)
+
+    def fail(self, error: Exception) -> None:
+        self.metrics.add("failures", 1)
+        self.sender.send(error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+class LanguageService:
+    """The engine and its worker thread, built from the served model's settings."""
+
+    def __init__(self, pb, settings: ServingConfig):
+        self.pb, self.settings = pb, settings
+        self.config = model_config(settings)
+        self.engine = Engine.from_checkpoint(self.config, settings.max_model_len or None,
+                                             prefix_cache_bytes=settings.mib(settings.prefix_cache_mb))
+        self.metrics = Counters(pb, METRICS, {"model": "qwen3_language"})
+        self.engine.on_prefill = self._count_prefill
+        self.worker = Worker(self.engine)
+
+    def _count_prefill(self, report: PrefillReport) -> None:
+        self.metrics.add("prefill_tokens", report.computed_tokens)
+        self.metrics.add("prefix_cached_tokens", report.cached_tokens)
+        self.metrics.add("prefix_cache_hits", int(report.cached_tokens > 0))
+
+    def submit(self, request) -> None:
+        """Validate and enqueue one request; bad input fails it alone, at once."""
+        pb = self.pb
+        sender = request.get_response_sender()
+        stream = ResponseStream(pb, sender, False, self.metrics)
+        try:
+            stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
+            self.worker.submit(self._job(request, stream, sender))
+        except Exception as e:  # noqa: BLE001 - bad input: this request fails, the model carries on
+            stream.fail(e)
+
+    def _job(self, request, stream: ResponseStream, sender) -> Job:
+        pb = self.pb
+        text = scalar(pb, request, contract.TEXT_INPUT, str)
+        if text is None:
+            raise InvalidInput(f"{contract.TEXT_INPUT} is required")
+        params = self.engine.params(
+            max_tokens=scalar(pb, request, contract.MAX_TOKENS, int),
+            temperature=scalar(pb, request, contract.TEMPERATURE, float),
+            top_p=scalar(pb, request, contract.TOP_P, float),
+            top_k=scalar(pb, request, contract.TOP_K, int),
+            seed=scalar(pb, request, contract.SEED, int),
+        )
+        return Job(text, self._features(request), params, stream.emit, stream.fail, sender.is_cancelled)
+
+    def _features(self, request) -> VisualFeatures:
+        grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)
+        if grids is None or grids.shape[0] == 0:
+            return VisualFeatures.empty(self.config)
+        embeds = torch_input(self.pb, request, contract.VISUAL_EMBEDS)
+        deepstack = torch_input(self.pb, request, contract.DEEPSTACK_EMBEDS)
+        if embeds is None or deepstack is None:
+            raise InvalidInput(f"{contract.IMAGE_GRID_THW} was given without {contract.VISUAL_EMBEDS} "
+                               f"and {contract.DEEPSTACK_EMBEDS}")
+        return VisualFeatures(embeds, deepstack, grids.to(torch.int64))
+
+    def stop(self) -> None:
+        self.worker.stop()

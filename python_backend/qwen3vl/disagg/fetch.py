@@ -1,0 +1,250 @@
+"""One image's E->L transfer on the language server: assembled in place from chunks, resumed
+after a broken connection or a dead encoder, over gRPC or through shared memory.
+
+`ImageFetcher.fetch` fetches each image from the encoder its content hash routes to, writes
+chunks in place into preallocated tensors, and after a failure asks only for the chunks it
+lacks: from the same encoder if it is back within `same_encoder_wait_s`, else from the next
+live one on the ring (which re-encodes on a cache miss). It names the image by digest first
+(no upload on a repeat or a resume) and sends the file only when the encoder lacks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import NotCached, SharedMemoryUnavailable, Unavailable
+from ..model.config import ModelConfig
+from ..model.vision import VisualFeatures
+from ..tensors import copy_bits, numpy_dtype, to_torch
+from . import shm
+from .routing import HashRing, next_encoder
+from .stream import EncoderClients, EncoderRejected, request_chunks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TransferStats:
+    """What one `RemoteEncoder.encode` call, or one image's fetch, moved (metrics)."""
+    requests: int = 0
+    images: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    resumes: int = 0
+    shm_bytes: int = 0
+    seconds: float = 0.0           # the whole encode() call
+    transfer_seconds: float = 0.0  # per image, from the first request to the assembled tensors, summed
+    failovers: list[str] = field(default_factory=list)
+
+    def add(self, other: "TransferStats") -> None:
+        self.transfer_seconds += other.transfer_seconds
+        self.chunks += other.chunks
+        self.bytes += other.bytes
+        self.shm_bytes += other.shm_bytes
+        self.resumes += other.resumes
+        self.failovers += other.failovers
+
+
+class Buffers:
+    """One image's E->L tensors being assembled in place from chunks (numpy, wire dtype):
+    embeds [N, H], deepstack [L, N, H], grids [1, 3]."""
+
+    def __init__(self, embeds: np.ndarray, deepstack: np.ndarray, grids: np.ndarray):
+        self.embeds, self.deepstack, self.grids = embeds, deepstack, grids
+        self.received = 0
+
+    @classmethod
+    def allocate(cls, total: int, grids, config: ModelConfig, dtype: np.dtype) -> "Buffers":
+        h = config.visual_hidden_size
+        return cls(np.empty((total, h), dtype), np.empty((config.deepstack_layers, total, h), dtype),
+                   np.array(grids, dtype=np.int64))
+
+    @classmethod
+    def filled(cls, features: VisualFeatures) -> "Buffers":
+        """A whole image that arrived in one piece, kept as it is."""
+        buf = cls(features.visual_embeds, features.deepstack_embeds, np.array(features.image_grid_thw, dtype=np.int64))
+        buf.received = buf.total
+        return buf
+
+    @property
+    def total(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.total
+
+    def write(self, start: int, piece: VisualFeatures, url: str) -> None:
+        """Copy a chunk in, bit for bit. Raises RuntimeError (a faulty encoder: the fetch moves
+        on) when it is not the next chunk or its shapes do not fit this server's model."""
+        n = piece.visual_embeds.shape[0]
+        if start != self.received or start + n > self.total:
+            raise RuntimeError(f"encoder {url} sent visual tokens [{start}, {start + n}), expected from {self.received}")
+        if piece.visual_embeds.shape[1:] != self.embeds.shape[1:] or piece.deepstack_embeds.shape[0] != self.deepstack.shape[0]:
+            raise RuntimeError(f"encoder {url} sent tensors of shape {piece.visual_embeds.shape} and "
+                               f"{piece.deepstack_embeds.shape}; this server's model expects [N, {self.embeds.shape[1]}] "
+                               f"and [{self.deepstack.shape[0]}, N, {self.embeds.shape[1]}]")
+        copy_bits(self.embeds[start:start + n], piece.visual_embeds)
+        copy_bits(self.deepstack[:, start:start + n], piece.deepstack_embeds)
+        self.received += n
+
+    def features(self, dtype: torch.dtype) -> VisualFeatures:
+        return VisualFeatures(to_torch(self.embeds, dtype), to_torch(self.deepstack, dtype), torch.from_numpy(self.grids))
+
+
+@dataclass
+class ImageTransfer:
+    """One image being fetched; what has arrived survives a failed attempt."""
+    image: bytes
+    digest: bytes
+    stats: TransferStats = field(default_factory=TransferStats)
+    buf: Buffers | None = None  # allocated at the first response, filled in place
+
+    @property
+    def received(self) -> int:
+        return self.buf.received if self.buf else 0
+
+    @property
+    def complete(self) -> bool:
+        return self.buf is not None and self.buf.complete
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    chunk_tokens: int = 1024
+    timeout_s: float = 30.0            # give up on an image after this long
+    same_encoder_wait_s: float = 3.0   # wait this long for a failed encoder before moving on
+    chunk_timeout_s: float = 10.0      # between two chunks of one response stream
+    shared_memory: bool = False
+
+
+class ImageFetcher:
+    """Fetches single images (from any number of threads) for a RemoteEncoder."""
+
+    def __init__(self, ring: HashRing, config: ModelConfig, settings: FetchSettings, clients: EncoderClients,
+                 regions: shm.RegionPool, wire_dtype: str):
+        self.ring, self.config, self.settings = ring, config, settings
+        self.clients, self.regions, self.wire_dtype = clients, regions, wire_dtype
+        # Per encoder: False once it could not write into our regions (another host): gRPC from then on.
+        self.shm_ok: dict[str, bool] = {}
+
+    def fetch(self, image: bytes, index: int = 0) -> tuple[VisualFeatures, TransferStats]:
+        """`images[index]`'s features. Raises EncoderRejected (bad image) or Unavailable (no
+        encoder could serve it within timeout_s; the message lists each one's failure)."""
+        t = ImageTransfer(image, hashlib.sha256(image).digest())  # hashed once: a large file is not free
+        key = t.digest.hex()
+        order = self.ring.order(key)
+        errors: dict[str, str] = {}
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.settings.timeout_s
+        url = order[0]
+        by_digest = True  # the file goes only when that encoder lacks it: one round trip more
+        while True:
+            try:
+                if by_digest and self._shm_usable(url, t):
+                    self._through_shm(url, t, deadline)
+                if not t.complete:
+                    self._through_grpc(url, t, deadline, by_digest)
+                    by_digest = True  # that encoder has it now
+                if t.complete:
+                    t.stats.transfer_seconds = time.perf_counter() - started
+                    return t.buf.features(self.config.dtype), t.stats
+            except NotCached:
+                if not by_digest:  # it says so of the file itself: a broken encoder
+                    raise EncoderRejected(f"images[{index}]: encoder {url} did not cache the image it was sent") from None
+                by_digest = False
+            except EncoderRejected as e:
+                raise EncoderRejected(f"images[{index}]: {e}") from None
+            except Exception as e:  # noqa: BLE001 - any transport failure: resume here or elsewhere
+                errors[url] = f"{type(e).__name__}: {e}"
+                log.warning("image %s from %s failed after %d visual tokens: %s", key[:12], url, t.received, e)
+                t.stats.resumes += bool(t.received)
+                by_digest = True
+                failed, url = url, next_encoder(url, order, deadline, self.settings.same_encoder_wait_s)
+                if url is None:
+                    detail = "; ".join(f"{u}: {m}" for u, m in errors.items())
+                    raise Unavailable(f"images[{index}]: no encoder could serve it within {self.settings.timeout_s:g} s "
+                                      f"({t.received} visual tokens had arrived): {detail}") from None
+                if url != failed:
+                    t.stats.failovers.append(url)
+
+    def _chunks(self, url: str, t: ImageTransfer, deadline: float, by_digest: bool, **kw):
+        return request_chunks(self.clients, url, t.digest if by_digest else t.image, by_digest=by_digest,
+                              resume_from=t.received, first_timeout_s=max(1.0, deadline - time.monotonic()),
+                              chunk_timeout_s=self.settings.chunk_timeout_s, wire_dtype=self.wire_dtype, **kw)
+
+    def _through_grpc(self, url: str, t: ImageTransfer, deadline: float, by_digest: bool) -> None:
+        """The rest of the image as gRPC chunks; with shared memory on, only a one-token first
+        chunk (it tells the total, and uploads the file on a cache miss)."""
+        probe = self.settings.shared_memory and self.shm_ok.get(url, True)
+        for start, total, piece in self._chunks(url, t, deadline, by_digest,
+                                                chunk_tokens=1 if probe else self.settings.chunk_tokens,
+                                                max_chunks=1 if probe else 0):
+            t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config, piece.visual_embeds.dtype)
+            t.buf.write(start, piece, url)
+            t.stats.chunks += 1
+            t.stats.bytes += piece.visual_embeds.nbytes + piece.deepstack_embeds.nbytes
+        if t.buf is None or not (t.complete or probe):
+            raise ConnectionError(f"the stream ended at visual token {t.received}")
+
+    def _shm_usable(self, url: str, t: ImageTransfer) -> bool:
+        """Shared memory for the rest of this image: on, not failed for this encoder, and the
+        size known (a first chunk arrived) or a region at hand to ask with."""
+        if not self.settings.shared_memory or not self.shm_ok.get(url, True) or t.complete:
+            return False
+        return t.buf is not None or self.regions.has_idle()
+
+    def _through_shm(self, url: str, t: ImageTransfer, deadline: float) -> None:
+        """The rest of the image, one response per region-full, written by the encoder model
+        straight into a region of ours. A whole image in one response is not copied: the region
+        becomes its tensors. Returns early, leaving the rest to gRPC, when the encoder cannot
+        reach the region (another host)."""
+        while not t.complete:
+            try:
+                # Sized for the whole image, so that the next one of its size comes in one piece.
+                region = self.regions.take(t.buf.total if t.buf else None)
+            except LookupError:  # another fetch took the last idle region: a gRPC probe tells the size
+                return
+            except OSError as e:  # e.g. /dev/shm full: this image goes on over gRPC
+                log.warning("no shared-memory region for %d visual tokens, using gRPC: %s", t.buf.total, e)
+                return
+            resume_from = t.received
+            try:
+                pieces = list(self._chunks(url, t, deadline, True, chunk_tokens=region.tokens, max_chunks=1,
+                                           shm_region=region.name))
+            except SharedMemoryUnavailable as e:  # it answered: it will not write into the region now
+                self.regions.give_back(region)
+                log.warning("shared-memory transfer from %s unavailable, using gRPC: %s", url, e)
+                self.shm_ok[url] = False
+                return
+            except (EncoderRejected, NotCached):  # it answered, and wrote nothing
+                self.regions.give_back(region)
+                raise
+            except BaseException:
+                # Timed out or cut off: the encoder may still write into it later. Never reuse it.
+                region.close()
+                raise
+            if len(pieces) != 1 or pieces[0][0] != resume_from:
+                region.close()
+                raise RuntimeError(f"shared-memory transfer from {url} returned {len(pieces)} responses")
+            _, total, piece = pieces[0]
+            n = min(region.tokens, total - resume_from)
+            try:
+                if t.buf is None and n == total:
+                    t.buf = Buffers.filled(self.regions.lend(region, n, piece.image_grid_thw))
+                else:
+                    t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config,
+                                                      numpy_dtype(self.config.dtype))
+                    t.buf.write(resume_from, region.read(n, piece.image_grid_thw)[0], url)
+                    self.regions.give_back(region)
+            except Exception:
+                region.close()
+                raise
+            t.stats.shm_bytes += region.token_bytes * n
+            t.stats.chunks += 1

@@ -1,0 +1,130 @@
+"""One transfer request to an encoder server and the chunks it streams back (gRPC).
+
+Failures come back typed by the code the encoder marked them with (errors.py), never by their
+prose: INVALID_ARG -> EncoderRejected (the request itself is bad: do not retry), NOT_FOUND ->
+NotCached (send the file), UNSUPPORTED -> SharedMemoryUnavailable (use gRPC); anything else,
+marked UNAVAILABLE or INTERNAL or not marked at all (a broken connection, a server shutting
+down) -> ConnectionError, which the fetch resumes here or elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import numpy as np
+from tritonclient.utils import np_to_triton_dtype
+
+from .. import contract, errors
+from ..errors import InvalidInput, NotCached, SharedMemoryUnavailable
+from ..grpc_stream import StreamError, stream_infer
+from ..model.vision import VisualFeatures
+
+ENCODER_MODEL = "qwen3_encoder"
+
+
+class EncoderRejected(InvalidInput):
+    """An encoder answered with an error about the request itself (e.g. an undecodable
+    image): retrying elsewhere would not help."""
+
+
+def classify(error: Exception) -> Exception:
+    """The exception to raise for an encoder's error answer (see the module docstring)."""
+    code, message = errors.code_of(error), errors.message_of(error)
+    if code == errors.INVALID_ARG:
+        return EncoderRejected(message)
+    if code == errors.NOT_FOUND:
+        return NotCached(message)
+    if code == errors.UNSUPPORTED:
+        return SharedMemoryUnavailable(message)
+    return ConnectionError(str(error))
+
+
+class EncoderClients:
+    """One tritonclient gRPC client per (thread, encoder URL), kept between requests: a new
+    channel per request costs a connection setup that dwarfs a small chunk."""
+
+    def __init__(self):
+        self.local = threading.local()
+        self.all: list = []  # every thread's clients, for close()
+        self.lock = threading.Lock()
+
+    def get(self, url: str):
+        import tritonclient.grpc as grpcclient
+
+        clients = self.local.__dict__.setdefault("by_url", {})
+        if url not in clients:
+            clients[url] = grpcclient.InferenceServerClient(url)
+            with self.lock:
+                self.all.append(clients[url])
+        return clients[url]
+
+    def drop(self, url: str) -> None:
+        """Forget this thread's client for `url` (its stream broke: the next request reconnects)."""
+        client = self.local.__dict__.get("by_url", {}).pop(url, None)
+        if client is not None:
+            with self.lock:
+                if client in self.all:  # not already taken by close()
+                    self.all.remove(client)
+            _close(client)
+
+    def close(self) -> None:
+        with self.lock:
+            clients, self.all = self.all, []
+        for client in clients:
+            _close(client)
+
+
+def _close(client) -> None:
+    """Cancel what is in flight on the client's stream and close its channel."""
+    try:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    except Exception:  # noqa: BLE001 - closing a dead connection
+        pass
+
+
+def _inputs(image: bytes, by_digest: bool, chunk_tokens: int, resume_from: int, max_chunks: int,
+            shm_region: str | None) -> list:
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in (
+            (contract.IMAGE_DIGESTS if by_digest else contract.IMAGES, np.array([image], dtype=object)),
+            (contract.CHUNK_TOKENS, np.array([chunk_tokens], dtype=np.int32)),
+            (contract.RESUME_FROM, np.array([resume_from], dtype=np.int64)),
+            (contract.MAX_CHUNKS, np.array([max_chunks], dtype=np.int32)),
+            *([(contract.SHM_REGION, np.array([shm_region.encode()], dtype=object))] if shm_region else [])):
+        t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    return inputs
+
+
+def request_chunks(clients: EncoderClients, url: str, image: bytes, *, by_digest: bool, resume_from: int,
+                   chunk_tokens: int, max_chunks: int = 0, shm_region: str | None = None,
+                   first_timeout_s: float, chunk_timeout_s: float,
+                   wire_dtype: str) -> Iterator[tuple[int, int, VisualFeatures]]:
+    """(chunk start, total tokens, chunk as numpy arrays) as the encoder at `url` sends them for
+    `image` (the file, or its SHA-256 digest with `by_digest`); with `shm_region`, the arrays
+    arrive empty and the chunk is in that region. The first chunk may take as long as an encode
+    (`first_timeout_s`); later ones `chunk_timeout_s`.
+
+    Raises EncoderRejected (also when the encoder's tensors are not `wire_dtype`, e.g. "BF16"),
+    NotCached, SharedMemoryUnavailable, or ConnectionError/TimeoutError (transient)."""
+    inputs = _inputs(image, by_digest, chunk_tokens, resume_from, max_chunks, shm_region)
+    results = stream_infer(clients.get(url), ENCODER_MODEL, inputs, first_timeout_s, chunk_timeout_s,
+                           on_unfinished=lambda: clients.drop(url))
+    try:
+        for result in results:
+            wire = result.get_output(contract.VISUAL_EMBEDS).datatype
+            if wire != wire_dtype:
+                raise EncoderRejected(f"encoder {url} sends {wire} tensors but this server runs "
+                                      f"{wire_dtype}: start both with the same --dtype")
+            yield (int(result.as_numpy(contract.CHUNK_START)[0]), int(result.as_numpy(contract.TOTAL_TOKENS)[0]),
+                   VisualFeatures(result.as_numpy(contract.VISUAL_EMBEDS), result.as_numpy(contract.DEEPSTACK_EMBEDS),
+                                  result.as_numpy(contract.IMAGE_GRID_THW)))
+    except StreamError as e:
+        raise classify(e.error) from None
+    finally:
+        results.close()  # an early exit cancels the request and drops the client

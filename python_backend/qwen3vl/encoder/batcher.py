@@ -1,0 +1,77 @@
+"""EncodeBatcher: requests that arrive while the vision tower is busy share its next forward."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from ..jobs import JobThread
+from ..model.vision import VisualFeatures
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    """What the batcher drives: the local VisionEncoder or the language server's RemoteEncoder."""
+    last: object  # a report of the last encode() call, handed to on_batch
+
+    def encode(self, per_request: list[list]) -> list[VisualFeatures | Exception]: ...
+
+
+@dataclass
+class EncodeJob:
+    images: list  # bytes or CachedImage, in prompt order
+    done: Callable[["VisualFeatures | Exception"], None]
+
+
+class EncodeBatcher(JobThread[EncodeJob]):
+    """Collects the requests that arrive while the tower is busy (or within `max_delay_s` of
+    the first) and encodes them in one forward, up to `max_images` images per forward.
+    `on_batch(report, seconds)` describes each batch (metrics)."""
+
+    def __init__(self, encoder: Encoder, max_delay_s: float = 0.0, max_images: int = 64,
+                 on_batch: Callable[[object | None, float], None] | None = None):
+        self.encoder, self.max_delay_s, self.max_images = encoder, max_delay_s, max_images
+        self.on_batch = on_batch or (lambda *_: None)
+        super().__init__("qwen3vl-encoder")
+
+    def _next_batch(self) -> list[EncodeJob] | None:
+        first = self.jobs.get()
+        if first is None:
+            return None
+        batch, images = [first], len(first.images)
+        deadline = time.monotonic() + self.max_delay_s
+        while images < self.max_images:
+            try:
+                job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:  # stop after this batch
+                self.jobs.put(None)
+                break
+            batch.append(job)
+            images += len(job.images)
+        return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            start = time.perf_counter()
+            report = None
+            try:
+                results = self.encoder.encode([job.images for job in batch])
+                report = self.encoder.last
+            except Exception as e:  # noqa: BLE001 - a failed forward fails its requests only
+                log.exception("vision forward failed")
+                results = [RuntimeError(f"vision encoder failed: {type(e).__name__}: {e}")] * len(batch)
+            try:  # report None: the forward failed, only its time is known
+                self.on_batch(report, time.perf_counter() - start)
+            except Exception:  # noqa: BLE001 - metrics must never stop the encoder
+                log.exception("encoder batch report failed")
+            for job, result in zip(batch, results):
+                try:
+                    job.done(result)
+                except Exception:  # noqa: BLE001 - one failed reply must not stop the others
+                    log.exception("encoder reply failed")

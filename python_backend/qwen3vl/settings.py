@@ -1,0 +1,167 @@
+"""One serving configuration, built once per model from three sources and passed down.
+
+Each setting is written once, in `ServingConfig` below: its default, what it means, and its
+`qwen3vl-serve` flag where it has one. A served model reads, in order of precedence:
+
+1. the environment variable `QWEN3VL_<NAME>` (what `qwen3vl-serve` writes from its flags, or a
+   container's `env`),
+2. the model's `config.pbtxt` parameter `<name>` (what differs between config variants, e.g. the
+   language server's `encoder_mode: remote`),
+3. the default here.
+
+The README's settings table is generated from this class (`settings_table()`; a test keeps the
+README equal to it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from .errors import InvalidInput
+
+ENV_PREFIX = "QWEN3VL_"
+
+
+def _setting(default: Any, help: str, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything the served models are told; fields are the setting names (lower case)."""
+
+    # -- every model
+    checkpoint: str = _setting("", "checkpoint directory: config.json, safetensors + index, tokenizer, "
+                                   "processor configs", "--checkpoint")
+    device: str = _setting("auto", "`auto` (cuda when available), `cpu`, `cuda`, `cuda:N`", "--device")
+    dtype: str = _setting("auto", "`auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`; the E->L "
+                                  "tensors use it too", "--dtype")
+    # -- qwen3_language
+    max_model_len: int = _setting(0, "prompt + generated tokens limit (0: the model's)", "--max-model-len")
+    prefix_cache_mb: float = _setting(1024.0, "KV of repeated prompt prefixes kept for reuse (0: off)",
+                                      "--prefix-cache-mb")
+    # -- qwen3_encoder
+    encoder_mode: str = _setting("local", "`local`: the vision tower runs here; `remote`: fetch from encoder "
+                                          "servers (set by the language role's config variant)")
+    encoder_max_queue_delay_ms: float = _setting(0.0, "how long the encoder waits for more requests to batch")
+    encoder_max_batch_images: int = _setting(64, "images per vision forward at most")
+    encoder_cache_mb: float = _setting(1024.0, "the encoder's per-image feature cache")
+    # -- qwen3_encoder on a language server (encoder_mode remote)
+    encoder_urls: str = _setting("", "encoder servers' gRPC HOST:PORT, comma separated (the flag: repeat it for several)", "--encoder-url")
+    transfer_chunk_tokens: int = _setting(1024, "visual tokens per E->L transfer chunk", "--chunk-tokens")
+    encoder_timeout_s: float = _setting(30.0, "give up on an image after this long")
+    encoder_same_wait_s: float = _setting(3.0, "how long to wait for a failed encoder to come back before "
+                                               "moving to the next")
+    transfer_shared_memory: bool = _setting(False, "E->L tensors through system shared memory (encoders on "
+                                                   "this host)", "--shared-memory")
+    transfer_shm_region_mib: float = _setting(64.0, "the largest shared-memory region the language server "
+                                                    "makes (up to 8 kept idle); a larger image takes several "
+                                                    "responses")
+
+    # ---- building it
+    @classmethod
+    def load(cls, parameters: Mapping | None = None, environ: Mapping[str, str] | None = None) -> "ServingConfig":
+        """From `environ` (default: os.environ) over Triton model `parameters` ({key:
+        {"string_value": ...}} as in the model config JSON) over the defaults.
+
+        Raises InvalidInput naming the setting when a value does not parse."""
+        environ = os.environ if environ is None else environ
+        params = {k: (v.get("string_value", "") if isinstance(v, Mapping) else str(v))
+                  for k, v in (parameters or {}).items()}
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper()) or params.get(f.name)
+            if raw not in (None, ""):
+                values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+    def env(self, names=None) -> dict[str, str]:
+        """The `QWEN3VL_*` variables that carry the settings `names` (default: those that differ
+        from the defaults): what `qwen3vl-serve` hands tritonserver."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (f.name in names) if names is not None else value != f.default:
+                out[ENV_PREFIX + f.name.upper()] = _format(value)
+        return out
+
+    # ---- derived values, each computed in one place
+    @property
+    def resolved_device(self) -> str:
+        return resolve_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.resolved_device)
+
+    @property
+    def dtype_name(self) -> str:
+        """`float32`, `bfloat16` or `float16`: the E->L tensors' dtype."""
+        return str(self.torch_dtype).removeprefix("torch.")
+
+    @property
+    def encoder_url_list(self) -> list[str]:
+        return [u for u in self.encoder_urls.replace(",", " ").split() if u]
+
+    @staticmethod
+    def mib(value: float) -> int:
+        return int(value * 2**20)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; anything else as given."""
+    if device in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Model dtype: bf16 on GPU and fp32 on CPU unless asked otherwise. Raises InvalidInput for
+    an unknown name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise InvalidInput(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return lowered in ("1", "true", "yes", "on")
+        return kind(raw)
+    except ValueError:
+        raise InvalidInput(f"setting {f.name} ({ENV_PREFIX}{f.name.upper()}): {raw!r} is not a "
+                           f"{kind.__name__}") from None
+
+
+def _format(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def settings_table() -> str:
+    """The README's table of settings (markdown), generated from ServingConfig."""
+    rows = ["| setting (`QWEN3VL_*` variable, config.pbtxt parameter) | `qwen3vl-serve` flag | default | meaning |",
+            "|---|---|---|---|"]
+    for f in dataclasses.fields(ServingConfig):
+        default = _format(f.default) if f.default != "" else "(none)"
+        rows.append(f"| `{ENV_PREFIX}{f.name.upper()}`, `{f.name}` | {('`' + f.metadata['flag'] + '`') if f.metadata['flag'] else ''} "
+                    f"| {default} | {f.metadata['help']} |")
+    return "\n".join(rows)

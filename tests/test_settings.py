@@ -1,0 +1,58 @@
+"""One serving config: environment over model parameters over defaults; the README's table is
+the one generated from it; qwen3vl-serve's flags are its flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from qwen3vl.cli.serve import parse_args, settings_from_args
+from qwen3vl.errors import InvalidInput
+from qwen3vl.settings import ServingConfig, settings_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_environment_over_parameters_over_defaults():
+    params = {"prefix_cache_mb": {"string_value": "16"}, "encoder_mode": {"string_value": "remote"},
+              "transfer_shared_memory": {"string_value": "true"}}
+    s = ServingConfig.load(params, environ={"QWEN3VL_PREFIX_CACHE_MB": "8", "QWEN3VL_ENCODER_URLS": "a:1,b:2"})
+    assert s.prefix_cache_mb == 8.0 and s.encoder_mode == "remote" and s.transfer_shared_memory is True
+    assert s.encoder_url_list == ["a:1", "b:2"]
+    assert s.transfer_chunk_tokens == 1024  # default
+    assert ServingConfig.load({}, environ={}) == ServingConfig()
+
+
+def test_a_bad_value_names_the_setting():
+    with pytest.raises(InvalidInput, match="encoder_timeout_s.*'soon' is not a float"):
+        ServingConfig.load({}, environ={"QWEN3VL_ENCODER_TIMEOUT_S": "soon"})
+    with pytest.raises(InvalidInput, match="transfer_shared_memory"):
+        ServingConfig.load({"transfer_shared_memory": {"string_value": "maybe"}}, environ={})
+
+
+def test_env_round_trips():
+    s = ServingConfig(checkpoint="/ckpt", max_model_len=512, transfer_shared_memory=True, encoder_urls="a:1")
+    assert ServingConfig.load({}, environ=s.env()) == s
+    assert "QWEN3VL_DEVICE" not in s.env()  # defaults are not written
+    assert s.env({"device"}) == {"QWEN3VL_DEVICE": "auto"}
+
+
+def test_serve_flags_are_the_settings_flags(tmp_path):
+    args = parse_args(["--checkpoint", str(tmp_path), "--encoder-url", "h:1", "--encoder-url", "h:2",
+                       "--shared-memory", "--chunk-tokens", "64", "--max-model-len", "100", "--prefix-cache-mb", "0"])
+    settings, given = settings_from_args(args)
+    assert settings == ServingConfig(checkpoint=str(tmp_path.resolve()), encoder_urls="h:1,h:2",
+                                     transfer_shared_memory=True, transfer_chunk_tokens=64, max_model_len=100,
+                                     prefix_cache_mb=0.0)
+    assert given == {"checkpoint", "encoder_urls", "transfer_shared_memory", "transfer_chunk_tokens",
+                     "max_model_len", "prefix_cache_mb"}
+    flags = {f.metadata["flag"] for f in dataclasses.fields(ServingConfig) if f.metadata["flag"]}
+    assert flags == {"--checkpoint", "--device", "--dtype", "--max-model-len", "--prefix-cache-mb",
+                     "--encoder-url", "--chunk-tokens", "--shared-memory"}
+
+
+def test_the_readme_table_is_the_generated_one():
+    assert settings_table() in README.read_text(), \
+        "README's settings table is stale: paste qwen3vl.settings.settings_table() into it"
