@@ -8,7 +8,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup demo test serve checkpoint perf gpu-check clean
+.PHONY: setup demo test serve checkpoint perf bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ serve: checkpoint
 # perf_analyzer over gRPC streaming against a running server (make serve in another shell).
 perf: setup
 	$(PY) -m qwen3vl.cli.perf --url 127.0.0.1:$(GRPC_PORT) $(PERF_ARGS)
+
+# The language engine's ratios, side by side in one run (BENCH_ARGS=--quick: under 5 minutes).
+bench: setup
+	$(VENV)/bin/qwen3vl-bench $(BENCH_ARGS) --out bench/results/engine_bench-small-cpu.json
 
 # The prepared GPU check (parity in bf16, real-size benchmark); needs a CUDA GPU.
 gpu-check: setup

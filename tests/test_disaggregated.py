@@ -72,6 +72,16 @@ def test_disaggregated_outputs_are_bit_identical(server, encoder_a, language, ca
             assert sent["visual_embeds"].shape[0] >= 2000
 
 
+def test_concurrent_mixed_requests_through_the_language_server_equal_the_aggregated_ones(server, language):
+    """Continuous batching behind the transfer: 16 concurrent requests (text-only, one and two
+    images, streamed and not, greedy and seeded) each give what the aggregated server gives alone."""
+    from test_batching import concurrently, mixed_requests, run
+
+    requests = mixed_requests()
+    alone = [run(server.grpc_url, r) for r in requests]
+    assert concurrently(lambda r: run(language.grpc_url, r), requests, 16) == alone
+
+
 def test_repeated_image_runs_no_vision_forward(encoder_a, language):
     """The second request with an image runs no vision forward, even when it comes another way
     (raw bytes over gRPC first, a base64 data URL over HTTP second)."""

@@ -15,11 +15,11 @@ from qwen3vl.cli.launch import Server
 
 def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
     server = Server(checkpoint, LOG_DIR / "sigterm.log",
-                    extra=["--device", "cpu", "--max-model-len", "200", "--prefix-cache-mb", "0"]).start()
+                    extra=["--device", "cpu", "--max-model-len", "200", "--no-enable-prefix-caching"]).start()
     assert infer(server.http_url, "http", prompt="hi", max_tokens=2, temperature=0.0).finish_reason == "length"
     with pytest.raises(ServerError, match="exceeds the model's limit of 200 tokens"):  # --max-model-len reached it
         infer(server.http_url, "http", prompt="hi", max_tokens=200, temperature=0.0)
-    image = [png(64, 64, 5)]  # --prefix-cache-mb 0 reached it: a repeat prefills everything again
+    image = [png(64, 64, 5)]  # --no-enable-prefix-caching reached it: a repeat prefills everything again
     for _ in range(2):
         infer(server.http_url, "http", prompt="hi", images=image, max_tokens=2, temperature=0.0)
     assert metric(server, "qwen3vl_language_prefix_cache_hits_total") == 0

@@ -16,10 +16,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_environment_over_parameters_over_defaults():
-    params = {"prefix_cache_mb": {"string_value": "16"}, "encoder_mode": {"string_value": "remote"},
+    params = {"kv_cache_mb": {"string_value": "16"}, "encoder_mode": {"string_value": "remote"},
               "transfer_shared_memory": {"string_value": "true"}}
-    s = ServingConfig.load(params, environ={"QWEN3VL_PREFIX_CACHE_MB": "8", "QWEN3VL_ENCODER_URLS": "a:1,b:2"})
-    assert s.prefix_cache_mb == 8.0 and s.encoder_mode == "remote" and s.transfer_shared_memory is True
+    s = ServingConfig.load(params, environ={"QWEN3VL_KV_CACHE_MB": "8", "QWEN3VL_ENCODER_URLS": "a:1,b:2"})
+    assert s.kv_cache_mb == 8.0 and s.encoder_mode == "remote" and s.transfer_shared_memory is True
     assert s.encoder_url_list == ["a:1", "b:2"]
     assert s.transfer_chunk_tokens == 1024  # default
     assert ServingConfig.load({}, environ={}) == ServingConfig()
@@ -41,16 +41,19 @@ def test_env_round_trips():
 
 def test_serve_flags_are_the_settings_flags(tmp_path):
     args = parse_args(["--checkpoint", str(tmp_path), "--encoder-url", "h:1", "--encoder-url", "h:2",
-                       "--shared-memory", "--chunk-tokens", "64", "--max-model-len", "100", "--prefix-cache-mb", "0"])
+                       "--shared-memory", "--chunk-tokens", "64", "--max-model-len", "100", "--no-enable-prefix-caching",
+                       "--max-num-seqs", "8"])
     settings, given = settings_from_args(args)
     assert settings == ServingConfig(checkpoint=str(tmp_path.resolve()), encoder_urls="h:1,h:2",
                                      transfer_shared_memory=True, transfer_chunk_tokens=64, max_model_len=100,
-                                     prefix_cache_mb=0.0)
+                                     enable_prefix_caching=False, max_num_seqs=8)
     assert given == {"checkpoint", "encoder_urls", "transfer_shared_memory", "transfer_chunk_tokens",
-                     "max_model_len", "prefix_cache_mb"}
+                     "max_model_len", "enable_prefix_caching", "max_num_seqs"}
+    assert settings.env(given)["QWEN3VL_ENABLE_PREFIX_CACHING"] == "0"
     flags = {f.metadata["flag"] for f in dataclasses.fields(ServingConfig) if f.metadata["flag"]}
-    assert flags == {"--checkpoint", "--device", "--dtype", "--max-model-len", "--prefix-cache-mb",
-                     "--encoder-url", "--chunk-tokens", "--shared-memory"}
+    assert flags == {"--checkpoint", "--device", "--dtype", "--max-model-len", "--max-num-seqs",
+                     "--max-num-batched-tokens", "--enable-chunked-prefill", "--enable-prefix-caching", "--block-size",
+                     "--kv-cache-mb", "--gpu-memory-utilization", "--encoder-url", "--chunk-tokens", "--shared-memory"}
 
 
 def test_the_readme_table_is_the_generated_one():

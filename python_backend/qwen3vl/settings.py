@@ -43,8 +43,19 @@ class ServingConfig:
                                   "tensors use it too", "--dtype")
     # -- qwen3_language
     max_model_len: int = _setting(0, "prompt + generated tokens limit (0: the model's)", "--max-model-len")
-    prefix_cache_mb: float = _setting(1024.0, "KV of repeated prompt prefixes kept for reuse (0: off)",
-                                      "--prefix-cache-mb")
+    max_num_seqs: int = _setting(64, "sequences in flight (the running batch) at most; more wait in a FIFO queue",
+                                 "--max-num-seqs")
+    max_num_batched_tokens: int = _setting(2048, "tokens per engine step: one per running decode, the rest to "
+                                                 "prefill chunks", "--max-num-batched-tokens")
+    enable_chunked_prefill: bool = _setting(True, "split long prompts into chunks that share steps with the "
+                                                  "running decodes", "--enable-chunked-prefill")
+    enable_prefix_caching: bool = _setting(True, "reuse the KV blocks of repeated prompt prefixes (an image, a "
+                                                 "system prompt, earlier turns)", "--enable-prefix-caching")
+    block_size: int = _setting(16, "tokens per KV block", "--block-size")
+    kv_cache_mb: float = _setting(0.0, "the KV cache, prefix-cached blocks included (0: on GPU what "
+                                       "gpu_memory_utilization leaves after the weights; on CPU 1024)", "--kv-cache-mb")
+    gpu_memory_utilization: float = _setting(0.9, "share of the GPU's memory the language model may use in all "
+                                                  "(with kv_cache_mb 0)", "--gpu-memory-utilization")
     # -- qwen3_encoder
     encoder_mode: str = _setting("local", "`local`: the vision tower runs here; `remote`: fetch from encoder "
                                           "servers (set by the language role's config variant)")

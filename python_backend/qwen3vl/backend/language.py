@@ -1,4 +1,5 @@
-"""`qwen3_language`'s service: a request's inputs -> an engine job; its steps -> responses."""
+"""`qwen3_language`'s service: a request's inputs -> a sequence for the batching engine; its
+steps -> responses (sent from the engine's response thread)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import numpy as np
 import torch
 
 from .. import contract
-from ..engine.engine import Engine, PrefillReport, Step
-from ..engine.worker import Job, Worker
+from ..engine.engine import Engine, EngineConfig, PrefillReport
+from ..engine.sequence import Sequence, Step
+from ..engine.worker import EngineLoop
 from ..errors import InvalidInput
 from ..model.vision import VisualFeatures
 from ..settings import ServingConfig
@@ -67,17 +69,26 @@ class ResponseStream:
         self.sender.send(error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
+def engine_config(settings: ServingConfig) -> EngineConfig:
+    return EngineConfig(max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+                        max_num_batched_tokens=settings.max_num_batched_tokens,
+                        enable_chunked_prefill=settings.enable_chunked_prefill,
+                        enable_prefix_caching=settings.enable_prefix_caching, block_size=settings.block_size,
+                        kv_cache_bytes=settings.mib(settings.kv_cache_mb),
+                        gpu_memory_utilization=settings.gpu_memory_utilization)
+
+
 class LanguageService:
-    """The engine and its worker thread, built from the served model's settings."""
+    """The engine, its thread and its response thread, built from the served model's settings."""
 
     def __init__(self, pb, settings: ServingConfig):
         self.pb, self.settings = pb, settings
         self.config = model_config(settings)
-        self.engine = Engine.from_checkpoint(self.config, settings.max_model_len or None,
-                                             prefix_cache_bytes=settings.mib(settings.prefix_cache_mb))
+        self.engine = Engine.from_checkpoint(self.config, engine_config(settings))
         self.metrics = Counters(pb, METRICS, {"model": "qwen3_language"})
-        self.engine.on_prefill = self._count_prefill
-        self.worker = Worker(self.engine)
+        self.loop = EngineLoop(self.engine)
+        # Each metric update is an IPC: off the engine thread, onto the response thread.
+        self.engine.on_prefill = lambda report: self.loop.responses.call(lambda: self._count_prefill(report))
 
     def _count_prefill(self, report: PrefillReport) -> None:
         self.metrics.add("prefill_tokens", report.computed_tokens)
@@ -85,17 +96,17 @@ class LanguageService:
         self.metrics.add("prefix_cache_hits", int(report.cached_tokens > 0))
 
     def submit(self, request) -> None:
-        """Validate and enqueue one request; bad input fails it alone, at once."""
+        """Validate and enqueue one request (tokenized here, so bad input fails at once, alone)."""
         pb = self.pb
         sender = request.get_response_sender()
         stream = ResponseStream(pb, sender, False, self.metrics)
         try:
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
-            self.worker.submit(self._job(request, stream, sender))
+            self.loop.submit(self._sequence(request, stream, sender))
         except Exception as e:  # noqa: BLE001 - bad input: this request fails, the model carries on
             stream.fail(e)
 
-    def _job(self, request, stream: ResponseStream, sender) -> Job:
+    def _sequence(self, request, stream: ResponseStream, sender) -> Sequence:
         pb = self.pb
         text = scalar(pb, request, contract.TEXT_INPUT, str)
         if text is None:
@@ -107,7 +118,8 @@ class LanguageService:
             top_k=scalar(pb, request, contract.TOP_K, int),
             seed=scalar(pb, request, contract.SEED, int),
         )
-        return Job(text, self._features(request), params, stream.emit, stream.fail, sender.is_cancelled)
+        return self.engine.new_sequence(text, self._features(request), params, stream.emit, stream.fail,
+                                        sender.is_cancelled)
 
     def _features(self, request) -> VisualFeatures:
         grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)
@@ -121,4 +133,4 @@ class LanguageService:
         return VisualFeatures(embeds, deepstack, grids.to(torch.int64))
 
     def stop(self) -> None:
-        self.worker.stop()
+        self.loop.stop()

@@ -132,7 +132,7 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
             continue
         help = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})"
         if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif f.name == "encoder_urls":
             p.add_argument(flag, dest=f.name, action="append", default=None, metavar="HOST:PORT",
                            help="language role: an encoder server's gRPC address; repeat for several")

@@ -1,36 +1,73 @@
-"""Generation: prefill (through the prefix cache), KV-cached decode, stop conditions, streamed text.
+"""The language engine: continuous batching over a paged KV cache with prefix caching and
+chunked prefill (after nano-vllm's LLMEngine and vLLM V1's engine core).
 
-A simple per-request loop (one request decodes at a time, in arrival order, on one worker
-thread); continuous batching replaces the worker later without changing this interface.
+`step()` runs one scheduler step: the scheduler picks the step's decodes and prefill chunks,
+the model runner runs them as one batched forward, each sequence that reached a token samples
+it with its own parameters and generator, and its new text goes out through `emit`. Requests
+join at the next step and leave when they finish; a failing step fails its own requests only.
+`generate()` drives one request alone (tests, benchmarks); the served model runs `step()` on
+its engine thread (worker.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInput
 from ..model.config import ModelConfig
 from ..model.prompt import Prompt, PromptBuilder
-from ..model.text import KVCache, LanguageModel
+from ..model.text import LanguageModel
 from ..model.vision import VisualFeatures
+from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer
-from .prefix_cache import PrefixCache, Segment
-from .sampling import SamplingParams, generation_defaults, sample
+from .model_runner import ModelRunner, PagedKVCache
+from .sampling import SamplingParams, generation_defaults, sample_batch
+from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from .sequence import Sequence, Status, Step
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Step:
-    """One streamed piece: new token ids, the text they complete, and (last step) why it ended."""
-    token_ids: list[int]
-    text: str
-    finish_reason: str = ""  # "", "stop", "length" or "cancelled"
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's limits (the served values come from settings.ServingConfig)."""
+    max_model_len: int = 0               # prompt + generated tokens (0: the model's)
+    max_num_seqs: int = 64               # sequences in flight
+    max_num_batched_tokens: int = 2048   # tokens per step
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    block_size: int = 16                 # tokens per KV block
+    kv_cache_bytes: int = 0              # the KV pool, prefix-cached blocks included (0: kv_cache_budget)
+    gpu_memory_utilization: float = 0.9  # with kv_cache_bytes 0, on a GPU
+
+
+CPU_KV_CACHE_BYTES = 1 << 30
+# GPU memory kept free for a step's activations (the gathered K/V of the reference attention
+# path, MoE intermediates, logits) when the KV pool is sized from what is left.
+ACTIVATION_RESERVE_BYTES = 2 << 30
+
+
+def kv_cache_budget(config: ModelConfig, engine_config: EngineConfig) -> int:
+    """Bytes for the KV pool: as configured, else (after the weights are loaded) on a GPU
+    `gpu_memory_utilization` of its memory less what is in use and the activation reserve,
+    on the CPU 1 GiB (pages are only touched as blocks are used)."""
+    if engine_config.kv_cache_bytes:
+        return engine_config.kv_cache_bytes
+    if str(config.device).startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(config.device))
+        budget = int(engine_config.gpu_memory_utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES
+        if budget <= 0:
+            raise InvalidInput(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
+                               f"{total / 2**30:.1f}; raise --gpu-memory-utilization or set --kv-cache-mb")
+        return budget
+    return CPU_KV_CACHE_BYTES
 
 
 @dataclass
@@ -42,17 +79,26 @@ class PrefillReport:
 
 class Engine:
     def __init__(self, config: ModelConfig, model: LanguageModel, prompts: PromptBuilder, tokenizer,
-                 defaults: SamplingParams, stop_ids: list[int], max_model_len: int | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 defaults: SamplingParams, stop_ids: list[int], engine_config: EngineConfig = EngineConfig()):
         self.config, self.model, self.prompts, self.tokenizer = config, model, prompts, tokenizer
         self.defaults, self.stop_ids = defaults, set(stop_ids)
-        self.max_model_len = max_model_len or config.text.max_position_embeddings
-        self.prefix_cache = prefix_cache
+        self.engine_config = engine_config
+        self.max_model_len = engine_config.max_model_len or config.text.max_position_embeddings
+        block_bytes = PagedKVCache.bytes_per_block(config.text, engine_config.block_size, config.dtype)
+        num_blocks = max(1, kv_cache_budget(config, engine_config) // block_bytes)
+        self.kv = PagedKVCache(config.text, num_blocks, engine_config.block_size, config.dtype, config.device)
+        self.blocks = BlockManager(num_blocks, engine_config.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
+                                                   engine_config.enable_chunked_prefill), self.blocks)
+        self.runner = ModelRunner(model, self.kv, config.deepstack_layers)
         self.on_prefill: Callable[[PrefillReport], None] = lambda report: None
+        # Where a sequence's outputs go: straight to its callbacks, or (served) onto the
+        # response thread, so that sends (IPC) never hold up the next step.
+        self.deliver: Callable[[Sequence, Step | Exception], None] = _deliver_now
+        self.steps = 0
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, max_model_len: int | None = None,
-                        prefix_cache_bytes: int = 0) -> "Engine":
+    def from_checkpoint(cls, config: ModelConfig, engine_config: EngineConfig = EngineConfig()) -> "Engine":
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(config.checkpoint)
@@ -61,20 +107,20 @@ class Engine:
         if not stop_ids and processor.tokenizer.eos_token_id is not None:
             stop_ids = [processor.tokenizer.eos_token_id]
         prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size)
-        prefix_cache = None
-        if prefix_cache_bytes > 0:
-            turn_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-            prefix_cache = PrefixCache(prefix_cache_bytes, turn_end if isinstance(turn_end, int) else None)
-        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, max_model_len, prefix_cache)
+        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, engine_config)
 
+    # ---- requests in
     def params(self, **given) -> SamplingParams:
-        """Request parameters over the checkpoint's defaults; None means not given."""
+        """Request parameters over the checkpoint's defaults; None means not given. Raises
+        InvalidInput naming a parameter that is out of range or not finite."""
         values = {k: v for k, v in given.items() if v is not None}
         p = SamplingParams(**{**self.defaults.__dict__, **values})
         p.validate()
         return p
 
     def prepare(self, text: str, features: VisualFeatures) -> Prompt:
+        """The prompt's ids and positions. Raises InvalidInput when the text and the visual
+        tensors do not fit together."""
         prompt = self.prompts(text, features.image_grid_thw)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
@@ -85,80 +131,156 @@ class Engine:
             raise InvalidInput(f"deepstack_embeds has shape {tuple(features.deepstack_embeds.shape)}, expected {want}")
         return prompt
 
-    @torch.inference_mode()
-    def prefill_logits(self, text: str, features: VisualFeatures) -> torch.Tensor:
-        """All prompt positions' logits [T, V] (for parity checks against transformers)."""
-        prompt = self.prepare(text, features)
-        cache = self.model.new_cache(1, len(prompt.input_ids))
-        x, mask, deepstack = self._prefill_inputs(prompt, features)
-        return self.model(x, prompt.positions[:, None].to(x.device), cache, mask, deepstack, last_only=False)[0]
-
-    def _prefill(self, prompt: Prompt, features: VisualFeatures, cache: KVCache) -> torch.Tensor:
-        """Fill `cache` with the prompt; the last position's logits [1, 1, V]. With a prefix
-        cache, segment by segment (see prefix_cache.py), restoring the leading ones it has."""
-        n = len(prompt.input_ids)
-        if self.prefix_cache is None:
-            segs = [Segment(0, n, 0, prompt.num_visual_tokens, b"")]
-            restored = []
-        else:
-            segs = self.prefix_cache.segments(prompt, features)
-            restored = self.prefix_cache.lookup(segs)
-        for block in restored:
-            cache.append(block)
-        dev = self.config.device
-        for i, seg in enumerate(segs[len(restored):], start=len(restored)):
-            ids = prompt.input_ids[None, seg.start:seg.end].to(dev)
-            mask = prompt.visual_mask[None, seg.start:seg.end].to(dev)
-            visual = deepstack = None
-            if seg.v_end > seg.v_start:
-                visual = features.visual_embeds[seg.v_start:seg.v_end].to(dev)
-                deepstack = features.deepstack_embeds[:, seg.v_start:seg.v_end].to(dev)
-            positions = prompt.positions[:, None, seg.start:seg.end].to(dev)
-            logits = self.model(self.model.embed(ids, mask, visual), positions, cache, mask, deepstack)
-            if self.prefix_cache is not None and i < len(segs) - 1:
-                self.prefix_cache.put(seg.key, cache.export(seg.start, seg.end))
-        cached = segs[len(restored)].start
-        self.on_prefill(PrefillReport(cached_tokens=cached, computed_tokens=n - cached))
-        return logits
-
-    def _prefill_inputs(self, prompt: Prompt, features: VisualFeatures):
-        dev = self.config.device
-        ids, mask = prompt.input_ids[None].to(dev), prompt.visual_mask[None].to(dev)
-        visual = features.visual_embeds.to(dev) if prompt.num_visual_tokens else None
-        deepstack = features.deepstack_embeds.to(dev) if prompt.num_visual_tokens else None
-        return self.model.embed(ids, mask, visual), mask, deepstack
-
-    @torch.inference_mode()
-    def generate(self, text: str, features: VisualFeatures, params: SamplingParams,
-                 is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
+    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams,
+                     emit: Callable[[Step], None], fail: Callable[[Exception], None],
+                     is_cancelled: Callable[[], bool] = lambda: False) -> Sequence:
+        """A validated sequence, ready for `add`. Raises InvalidInput (bad text, tensors, or a
+        request longer than max_model_len)."""
         prompt = self.prepare(text, features)
         total = len(prompt.input_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidInput(f"prompt ({len(prompt.input_ids)} tokens) + max_tokens ({params.max_tokens}) "
                                f"= {total} exceeds the model's limit of {self.max_model_len} tokens")
-        dev = self.config.device
         generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=dev)
-            generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        cache = self.model.new_cache(1, total)
-        logits = self._prefill(prompt, features, cache)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        for n in range(1, params.max_tokens + 1):
-            token = sample(logits[0, -1], params, generator)
-            tid = int(token)
-            text_piece = detok.push(tid)
-            if tid in self.stop_ids:
-                yield Step([tid], text_piece + detok.flush(), "stop")
-                return
-            if n == params.max_tokens:
-                yield Step([tid], text_piece + detok.flush(), "length")
+        if not params.greedy:
+            generator = torch.Generator(device=self.config.device)
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator.manual_seed(seed)
+        keys = self._block_keys(prompt, features) if self.engine_config.enable_prefix_caching else []
+        return Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), emit, fail, is_cancelled,
+                        generator, keys)
+
+    def _block_keys(self, prompt: Prompt, features: VisualFeatures) -> list[bytes]:
+        counts = (features.image_grid_thw.prod(-1) // self.config.spatial_merge_size**2).tolist()
+        starts = np.flatnonzero(np.diff(np.concatenate(([0], prompt.visual_mask.numpy().astype(np.int8)))) == 1)
+        images, row = [], 0
+        for first, count, grid in zip(starts.tolist(), counts, features.image_grid_thw.tolist()):
+            embeds = features.visual_embeds[row:row + count].contiguous()
+            deepstack = features.deepstack_embeds[:, row:row + count].contiguous()
+            key = image_key(_bytes(embeds), _bytes(deepstack), tuple(grid))
+            images.append((first, count, key))
+            row += count
+        return block_keys(prompt.input_ids.numpy(), self.blocks.block_size, images)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; it joins the running batch at the next step with room. Raises
+        InvalidInput if it could never fit in the KV cache."""
+        self.scheduler.add(seq)
+
+    # ---- the step
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """One scheduler step; returns how many sequences ran in it."""
+        self._drop_cancelled()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return 0
+        self.steps += 1
+        try:
+            logits = self.runner.execute(batch)
+            sampled = sample_batch(logits, [s.seq for s in batch if s.samples])
+        except Exception as e:  # noqa: BLE001 - the step's requests fail; the engine goes on
+            log.exception("engine step failed (%d sequences)", len(batch))
+            for s in batch:
+                self._fail(s.seq, RuntimeError(f"the engine step running this request failed: "
+                                               f"{type(e).__name__}: {e}"))
+            return len(batch)
+        tokens = iter(sampled)
+        for s in batch:
+            seq = s.seq
+            seq.num_computed = s.end
+            if self.engine_config.enable_prefix_caching and s.start < seq.prompt_len:
+                self._register_prompt_blocks(seq, s.start)
+            if s.samples:
+                if s.start < seq.prompt_len:  # the prompt's last chunk: its prefill is done
+                    self.on_prefill(PrefillReport(seq.num_cached, seq.prompt_len - seq.num_cached))
+                self._append(seq, next(tokens))
+        return len(batch)
+
+    def _register_prompt_blocks(self, seq: Sequence, start: int) -> None:
+        """Full prompt blocks whose KV this step completed become reusable."""
+        bs = self.blocks.block_size
+        for b in range(start // bs, min(seq.num_computed, seq.prompt_len) // bs):
+            if b < len(seq.block_keys):
+                self.blocks.register(seq.block_table[b], seq.block_keys[b])
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        text = seq.detokenizer.push(token)
+        reason = ("stop" if token in self.stop_ids else
+                  "length" if len(seq.output_ids) >= seq.params.max_tokens else "")
+        if reason:
+            text += seq.detokenizer.flush()
+            self.scheduler.finish(seq, reason)
+        self.deliver(seq, Step([token], text, reason))
+
+    def _drop_cancelled(self) -> None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.cancel_requested:
+                text = seq.detokenizer.flush()
+                self.scheduler.finish(seq, "cancelled")
+                self.deliver(seq, Step([], text, "cancelled"))
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        if not seq.finished:
+            self.scheduler.finish(seq, "error")
+            self.deliver(seq, error)
+
+    def abort_all(self, error: Exception) -> None:
+        """Fail every request in flight (shutdown)."""
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self._fail(seq, error)
+
+    def stats(self) -> dict[str, int]:
+        """Running and waiting requests, KV blocks used and in all (gauges)."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.blocks.num_used, "kv_blocks_total": self.blocks.num_blocks}
+
+    # ---- one request alone (tests, benchmarks)
+    def generate(self, text: str, features: VisualFeatures, params: SamplingParams,
+                 is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
+        """Run one request to its end on this thread (no other request may be in flight),
+        yielding its steps. Raises what it fails with."""
+        out: list[Step | Exception] = []
+        seq = self.new_sequence(text, features, params, out.append, out.append, is_cancelled)
+        self.add(seq)
+        while True:
+            self.step()
+            for item in out:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+            done = seq.finished
+            out.clear()
+            if done:
                 return
             if is_cancelled():
-                yield Step([tid], text_piece + detok.flush(), "cancelled")
-                return
-            yield Step([tid], text_piece)
-            pos = torch.full((3, 1, 1), cache.length + prompt.rope_delta, dtype=torch.long, device=dev)
-            logits = self.model(self.model.embed(token.view(1, 1)), pos, cache)
+                seq.cancel_requested = True
+
+    @torch.inference_mode()
+    def prefill_logits(self, text: str, features: VisualFeatures) -> torch.Tensor:
+        """All prompt positions' logits [T, V] in one unbatched prefill over a static cache
+        (parity checks against transformers)."""
+        prompt = self.prepare(text, features)
+        dev = self.config.device
+        cache = self.model.new_cache(1, len(prompt.input_ids))
+        visual_index = torch.nonzero(prompt.visual_mask).flatten().to(dev)
+        x = self.model.embed_rows(prompt.input_ids[None].to(dev), visual_index, features.visual_embeds.to(dev))
+        return self.model(x, prompt.positions[:, None].to(dev), cache, visual_index=visual_index,
+                          deepstack_rows=features.deepstack_embeds.to(dev), last_only=False)[0]
 
 
+def _deliver_now(seq: Sequence, item: Step | Exception) -> None:
+    if isinstance(item, Exception):
+        seq.fail(item)
+    else:
+        seq.emit(item)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    from ..tensors import raw_bytes
+
+    return raw_bytes(t)

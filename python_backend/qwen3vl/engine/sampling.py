@@ -1,25 +1,35 @@
-"""Sampling parameters (validated, over the checkpoint's generation_config.json) and sampling
-one token from logits."""
+"""Sampling parameters (validated, over the checkpoint's generation_config.json) and sampling a
+step's tokens, each sequence with its own parameters and generator."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InvalidInput
 
+# A positive temperature below this samples as greedy: dividing logits by it would overflow
+# fp32 to inf, and softmax would give NaN (vLLM's _SAMPLING_EPS).
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0            # 0 = no top-k filter
     seed: int | None = None   # None = a fresh random seed
 
     def validate(self) -> None:
+        """Raises InvalidInput naming the parameter that is out of range or not finite."""
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InvalidInput(f"{name} must be a finite number, got {value}")
         if self.max_tokens < 1:
             raise InvalidInput(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -28,6 +38,12 @@ class SamplingParams:
             raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidInput(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidInput(f"seed must be in [0, 2**64), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
 
 def generation_defaults(checkpoint) -> tuple[SamplingParams, list[int]]:
@@ -46,8 +62,8 @@ def generation_defaults(checkpoint) -> tuple[SamplingParams, list[int]]:
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [V] fp32 -> token id (0-d tensor)."""
-    if p.temperature == 0:
+    """logits [V] fp32 -> token id (0-d tensor): greedy, or temperature, top-k, top-p."""
+    if p.greedy:
         return logits.argmax()
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
@@ -63,3 +79,14 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
+def sample_batch(logits: torch.Tensor, seqs: list) -> list[int]:
+    """logits [B, V] fp32, one row per sequence (each with `.params` and `.generator`) -> token
+    ids. Greedy rows take one argmax together; sampled rows each draw from their own generator,
+    so a seeded request's text does not depend on its neighbours in the batch."""
+    if not seqs:
+        return []
+    out = logits.argmax(dim=-1)
+    for i, seq in enumerate(seqs):
+        if not seq.params.greedy:
+            out[i] = sample(logits[i], seq.params, seq.generator)
+    return out.tolist()

@@ -1,55 +1,151 @@
-"""The engine's thread: runs requests one after another, so a decoupled Triton model's execute()
-returns at once and responses stream from here."""
+"""The served engine's threads (after vllm_backend's model.py): `execute()` validates and
+enqueues, one engine thread runs steps, one response thread sends (each send is an IPC to the
+server) and checks `is_cancelled()` after each send. FINAL always goes out: on finish, on
+cancel, on error, and on shutdown."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Callable
+import queue
+import threading
+import time
 
-from ..errors import InvalidInput
 from ..jobs import JobThread
-from ..model.vision import VisualFeatures
-from .engine import Engine, Step
-from .sampling import SamplingParams
+from .engine import Engine
+from .sequence import Sequence, Status, Step
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Job:
-    """One request for the worker: what to generate and where its steps go."""
-    text: str
-    features: VisualFeatures
-    params: SamplingParams
-    emit: Callable[[Step], None]
-    fail: Callable[[Exception], None]
-    is_cancelled: Callable[[], bool] = field(default=lambda: False)
+# How often the engine asks a waiting request whether its client has gone (an IPC each);
+# running ones are asked by the response thread after each send.
+WAITING_CANCEL_CHECK_S = 0.25
 
 
-class Worker(JobThread[Job]):
-    """Runs jobs one after another on a background thread, so a decoupled Triton model's
-    execute() returns at once and responses stream from here."""
+class ResponseThread(JobThread[tuple[Sequence, "Step | Exception"]]):
+    """Sends each sequence's steps through its callbacks, in order. When it falls behind, it
+    merges a sequence's queued non-final steps into one response (fewer IPCs)."""
+
+    def __init__(self):
+        super().__init__("qwen3vl-responses")
+
+    def _run(self) -> None:
+        while (first := self.jobs.get()) is not None:
+            items, stop = [first], False
+            while True:
+                try:
+                    item = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                items.append(item)
+            for seq, item in _coalesce(items):
+                self._send(seq, item)
+            if stop:
+                return
+
+    def call(self, fn) -> None:
+        """Run `fn()` on this thread, in order with the responses (metrics: each is an IPC)."""
+        self.submit((None, fn))
+
+    @staticmethod
+    def _send(seq: Sequence | None, item) -> None:
+        try:
+            if seq is None:
+                item()
+                return
+            if isinstance(item, Exception):
+                seq.fail(item)
+                return
+            seq.emit(item)
+            if not item.finish_reason and seq.is_cancelled():
+                seq.cancel_requested = True  # the engine drops it at its next step
+        except Exception:  # noqa: BLE001 - a reply that cannot be sent must not stop the others
+            log.exception("could not deliver a response")
+            if seq is not None:
+                seq.cancel_requested = True
+
+
+def _coalesce(items: list) -> list:
+    """Merge consecutive queued steps of one sequence (none final but maybe the last)."""
+    out: list = []
+    pending: dict[int, int] = {}  # request id -> index in out of its open (non-final) step
+    for seq, item in items:
+        if seq is None:  # a call, not a response
+            out.append((seq, item))
+            continue
+        i = pending.get(seq.request_id)
+        if i is not None and isinstance(item, Step):
+            prev = out[i][1]
+            out[i] = (seq, Step(prev.token_ids + item.token_ids, prev.text + item.text, item.finish_reason))
+        else:
+            out.append((seq, item))
+            i = len(out) - 1
+        if isinstance(out[i][1], Step) and not out[i][1].finish_reason:
+            pending[seq.request_id] = i
+        else:
+            pending.pop(seq.request_id, None)
+    return out
+
+
+class EngineLoop:
+    """The engine thread: takes new sequences from `submit`, runs steps while there is work."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        super().__init__("qwen3vl-engine")
+        self.responses = ResponseThread()
+        engine.deliver = lambda seq, item: self.responses.submit((seq, item))
+        self.inbox: queue.Queue[Sequence | None] = queue.Queue()
+        self.running = True
+        self.last_cancel_check = 0.0
+        self.thread = threading.Thread(target=self._run, name="qwen3vl-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        self.inbox.put(seq)
+
+    def _admit(self, block: bool) -> bool:
+        """Move new sequences into the engine; False once stopped."""
+        while True:
+            try:
+                seq = self.inbox.get(timeout=None) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if seq is None:
+                return False
+            block = False
+            try:
+                self.engine.add(seq)
+            except Exception as e:  # noqa: BLE001 - it can never fit: it fails alone
+                seq.status = Status.FINISHED
+                self.responses.submit((seq, e))
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            try:
-                self._generate(job)
-            except Exception:  # noqa: BLE001 - a reply that cannot be sent must not stop the worker
-                log.exception("could not deliver a response")
-
-    def _generate(self, job: Job) -> None:
         try:
-            if job.is_cancelled():
-                job.emit(Step([], "", "cancelled"))
-                return
-            for step in self.engine.generate(job.text, job.features, job.params, job.is_cancelled):
-                job.emit(step)
-        except Exception as e:  # noqa: BLE001 - every failure goes back to its request
-            if not isinstance(e, (InvalidInput, ValueError)):
-                log.exception("generation failed")
-            job.fail(e)
+            while self._admit(block=not self.engine.has_work()):
+                self._check_waiting()
+                try:
+                    self.engine.step()
+                except Exception as e:  # noqa: BLE001 - a bug outside the forward: fail everything in flight
+                    log.exception("engine loop failed")
+                    self.engine.abort_all(RuntimeError(f"engine failure: {type(e).__name__}: {e}"))
+        finally:
+            self.engine.abort_all(RuntimeError("the model is shutting down"))
+
+    def _check_waiting(self) -> None:
+        now = time.monotonic()
+        if now - self.last_cancel_check < WAITING_CANCEL_CHECK_S:
+            return
+        self.last_cancel_check = now
+        for seq in list(self.engine.scheduler.waiting):
+            try:
+                if seq.is_cancelled():
+                    seq.cancel_requested = True
+            except Exception:  # noqa: BLE001 - a sender that is gone
+                seq.cancel_requested = True
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(timeout=30)
+        self.responses.stop()

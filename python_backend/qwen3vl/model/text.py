@@ -67,7 +67,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Static per-layer cache: k, v [B, kv_heads, max_len, D]; `length` tokens are filled."""
+    """Static per-layer cache: k, v [B, kv_heads, max_len, D]; `length` tokens are filled. The
+    unbatched reference (parity checks, the GPU benchmark); the engine's cache is paged
+    (engine/model_runner.py). Both give attention through `attend` and `finish_step`."""
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -76,27 +78,25 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.shape[2]
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D] of the new tokens -> attention output
+        [B, T, Hq * D]: the new tokens go after the `length` cached ones, causal among
+        themselves with a full view of the past."""
+        b, _, t, _ = q.shape
+        start, end = self.length, self.length + t
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # [B, Hkv, S, D]
+        mask = None
+        if t > 1:
+            mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, t, -1)
 
-    def export(self, start: int, end: int) -> torch.Tensor:
-        """A copy of batch row 0's tokens [start, end): [layers, 2, kv_heads, end - start, D]."""
-        return torch.stack([torch.stack((k[0, :, start:end], v[0, :, start:end])) for k, v in zip(self.k, self.v)])
-
-    def append(self, block: torch.Tensor) -> None:
-        """Write an exported block [layers, 2, kv_heads, n, D] at the end of batch row 0."""
-        start, end = self.length, self.length + block.shape[3]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
-        for layer, (k, v) in enumerate(zip(self.k, self.v)):
-            k[0, :, start:end] = block[layer, 0]
-            v[0, :, start:end] = block[layer, 1]
-        self.length = end
+    def finish_step(self, num_tokens: int) -> None:
+        self.length += num_tokens
 
 
 class Attention(nn.Module):
@@ -111,29 +111,25 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.cfg.head_dim
         q = self.q_norm(self.q_proj(x).view(b, t, -1, d)).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_norm(self.k_proj(x).view(b, t, -1, d)).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)               # [B, Hkv, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(self.layer_idx, k, v)                          # [B, Hkv, S, D]
-        # New tokens sit at the end of the cache: causal within them, full view of the past.
-        past = k.shape[2] - t
-        mask = None
-        if t > 1:
-            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(cache.attend(self.layer_idx, q, k, v))          # [B, T, H]
 
 
 class SparseMoe(nn.Module):
-    """Top-k routed experts; weights fused per layer in hub layout (see checkpoint.py)."""
+    """Top-k routed experts; weights fused per layer in hub layout (see checkpoint.py). All the
+    step's tokens go through at once, grouped by expert; `grouped = False` runs one matmul per
+    expert instead (the benchmark's baseline)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
+        self.grouped = True
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate = nn.Linear(h, e, bias=False)  # router
         self.experts = nn.Module()
@@ -159,8 +155,8 @@ class SparseMoe(nn.Module):
         counts = torch.histc(sorted_ids.float(), bins=self.cfg.num_experts, min=0, max=self.cfg.num_experts - 1)
         offsets = torch.cumsum(counts, 0).to(torch.int32)             # [E], end row of each expert
         xs = x[order // k]                                            # [M*K, H]
-        gate, up = grouped_mm(xs, self.experts.gate_up_proj, offsets).chunk(2, dim=-1)  # [M*K, I] each
-        y = grouped_mm(F.silu(gate) * up, self.experts.down_proj, offsets)            # [M*K, H]
+        gate, up = grouped_mm(xs, self.experts.gate_up_proj, offsets, self.grouped).chunk(2, dim=-1)  # [M*K, I]
+        y = grouped_mm(F.silu(gate) * up, self.experts.down_proj, offsets, self.grouped)            # [M*K, H]
         y = y * weights.flatten()[order, None]
         out = torch.empty_like(y)
         out[order] = y                                                # back to (token, k) order
@@ -242,30 +238,39 @@ class LanguageModel(nn.Module):
         model.rotary = MRoPE(cfg).to(config.device)  # buffers are not in the checkpoint
         return model.eval()
 
-    def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor | None = None,
-              visual_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids [B, T] -> [B, T, H], image placeholders replaced by visual_embeds [N, H]
+    def embed_rows(self, input_ids: torch.Tensor, visual_index: torch.Tensor | None = None,
+                   visual_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> [B, T, H] (B = 1 when visual rows are given): the rows
+        `visual_index` [N] (image placeholders) replaced by visual_embeds [N, H]."""
         x = self.embed_tokens(input_ids)
-        if visual_embeds is not None and visual_embeds.shape[0]:
-            x = x.masked_scatter(visual_mask[..., None], visual_embeds.to(x.dtype))
+        if visual_index is not None and visual_embeds is not None and visual_embeds.shape[0]:
+            x = x.index_copy(1, visual_index, visual_embeds.to(x.dtype)[None])
         return x
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                visual_mask: torch.Tensor | None = None,
-                deepstack_embeds: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache,
+                visual_index: torch.Tensor | None = None,
+                deepstack_rows: torch.Tensor | None = None,
+                logits_rows: torch.Tensor | None = None,
                 last_only: bool = True) -> torch.Tensor:
-        """x [B, T, H] embeddings of the new tokens, positions [3, B, T] (t/h/w streams).
-        deepstack_embeds [L, N, H] is added after layer i < L at visual_mask [B, T] (N True).
-        Returns logits [B, 1, V] (last_only) or [B, T, V]; fp32."""
+        """x [B, T, H] embeddings of the new tokens, positions [3, B, T] (t/h/w streams); `cache`
+        gives attention (KVCache, or the engine's PagedAttention). deepstack_rows [L, N, H] is
+        added after layer i < L at token rows visual_index [N] (B = 1), by index, densely:
+        no boolean indexing (a host sync on GPU). Returns fp32 logits [B, R, V] of the rows
+        `logits_rows` [R], else of the last row (last_only, [B, 1, V]) or of every row."""
         cos, sin = self.rotary(positions, x.dtype)
+        deep = deepstack_rows is not None and visual_index is not None and deepstack_rows.shape[1] > 0
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache)
-            if deepstack_embeds is not None and i < deepstack_embeds.shape[0] and deepstack_embeds.shape[1]:
-                x = x.clone()
-                x[visual_mask] = x[visual_mask] + deepstack_embeds[i].to(x.dtype)
-        cache.length += x.shape[1]
-        if last_only:
+            if deep and i < deepstack_rows.shape[0]:
+                x = x.index_add(1, visual_index, deepstack_rows[i].to(x.dtype)[None])
+        cache.finish_step(x.shape[1])
+        if logits_rows is not None:
+            x = x[:, logits_rows]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
 

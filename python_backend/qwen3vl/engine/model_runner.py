@@ -1,0 +1,166 @@
+"""The model runner: one batched forward over a step's tokens, against a paged KV pool.
+
+A step is a ragged batch: decodes (one token each) and prefill chunks of any length, flattened
+into one row of T tokens ([1, T, H] through the decoder), so the MoE runs over all of them at
+once (grouped). Everything that depends on the batch's shape (token ids, MRoPE positions,
+KV slots, which rows are visual, attention gather indices and masks, which rows to sample) is
+built on the CPU in `prepare` and moved in one go: the forward itself has no host syncs and no
+boolean indexing.
+
+Attention (`PagedAttention`): each layer writes the step's keys and values into their slots of
+the pool, then gathers every sequence's context into a padded [B, Hkv, S_max, D] and runs SDPA
+with a [B, 1, Tq_max, S_max] mask (causal within a chunk, the whole past before it). This is
+the reference path; a paged attention kernel can replace it behind the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model.config import TextConfig
+from ..model.text import LanguageModel
+from .scheduler import ScheduledSeq
+
+
+class PagedKVCache:
+    """The KV pool: per layer k and v [num_blocks * block_size, Hkv, D]; token slot s of a
+    sequence lives at block_table[s // block_size] * block_size + s % block_size."""
+
+    def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # empty, not zeros: untouched pages cost nothing until a block is used
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * element
+
+
+@dataclass
+class AttentionMetadata:
+    """Index tensors of one step (B sequences, T tokens; Tq_max / S_max: the longest chunk and
+    context in the step)."""
+    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V goes in the pool
+    q_index: torch.Tensor       # [B, Tq_max] int64: token row of each sequence's query i (pad: 0)
+    kv_index: torch.Tensor      # [B, S_max] int64: pool slot of each sequence's context token j (pad: 0)
+    mask: torch.Tensor          # [B, 1, Tq_max, S_max] bool: query i sees key j
+    out_index: torch.Tensor     # [T] int64: row of [B * Tq_max] holding token t's output
+
+
+class PagedAttention:
+    """The `cache` a step's forward attends through (see LanguageModel.forward)."""
+
+    def __init__(self, kv: PagedKVCache, meta: AttentionMetadata):
+        self.kv, self.meta = kv, meta
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1, Hq, T, D], k and v [1, Hkv, T, D] of the step's tokens -> [1, T, Hq * D]."""
+        m = self.meta
+        k_pool, v_pool = self.kv.k[layer], self.kv.v[layer]
+        k_pool.index_copy_(0, m.slot_mapping, k[0].transpose(0, 1))   # [T, Hkv, D] into their slots
+        v_pool.index_copy_(0, m.slot_mapping, v[0].transpose(0, 1))
+        keys = k_pool[m.kv_index].transpose(1, 2)                     # [B, Hkv, S_max, D]
+        values = v_pool[m.kv_index].transpose(1, 2)
+        queries = q[0].transpose(0, 1)[m.q_index].transpose(1, 2)     # [B, Hq, Tq_max, D]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=m.mask, enable_gqa=True)
+        b, hq, tq, d = out.shape
+        return out.transpose(1, 2).reshape(b * tq, hq * d)[m.out_index][None]  # [1, T, Hq * D]
+
+    def finish_step(self, num_tokens: int) -> None:
+        pass  # the scheduler tracks each sequence's progress
+
+
+@dataclass
+class StepInputs:
+    """One step's forward inputs (CPU tensors until `to`)."""
+    input_ids: torch.Tensor       # [1, T] int64
+    positions: torch.Tensor       # [3, 1, T] int64 (t/h/w)
+    visual_index: torch.Tensor    # [Nv] int64: token rows that are visual
+    visual_embeds: torch.Tensor   # [Nv, H]
+    deepstack: torch.Tensor       # [L, Nv, H]
+    logits_rows: torch.Tensor     # [Bs] int64: the rows whose logits are sampled
+    attention: AttentionMetadata
+
+    def to(self, device) -> "StepInputs":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        meta = AttentionMetadata(*(move(getattr(self.attention, f)) for f in AttentionMetadata.__dataclass_fields__))
+        return StepInputs(move(self.input_ids), move(self.positions), move(self.visual_index), move(self.visual_embeds),
+                          move(self.deepstack), move(self.logits_rows), meta)
+
+
+class ModelRunner:
+    def __init__(self, model: LanguageModel, kv: PagedKVCache, deepstack_layers: int):
+        self.model, self.kv, self.deepstack_layers = model, kv, deepstack_layers
+        w = model.embed_tokens.weight
+        self.device, self.dtype, self.hidden = w.device, w.dtype, w.shape[1]
+
+    def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
+        bs = self.kv.block_size
+        ids, positions, slots, visual_index, visual, deepstack, logits_rows = [], [], [], [], [], [], []
+        q_rows, kv_slots, q_lens, ctx_lens = [], [], [], []
+        row = 0
+        for s in batch:
+            seq, n, start, end = s.seq, s.num_tokens, s.start, s.end
+            if start < seq.prompt_len:  # a prefill chunk
+                ids.append(seq.prompt.input_ids[start:end].numpy())
+                positions.append(seq.prompt.positions[:, start:end].numpy())
+                v0, v1 = int(seq.visual_rows_before[start]), int(seq.visual_rows_before[end])
+                if v1 > v0:  # the chunk may cut through an image: its rows sliced to match
+                    mask = seq.prompt.visual_mask[start:end].numpy()
+                    visual_index.append(row + np.flatnonzero(mask))
+                    visual.append(seq.features.visual_embeds[v0:v1])
+                    deepstack.append(seq.features.deepstack_embeds[:, v0:v1])
+            else:  # a decode: the last generated token, at its own position on all three streams
+                ids.append(np.array(seq.output_ids[-1:], dtype=np.int64))
+                positions.append(np.full((3, 1), start + seq.prompt.rope_delta, dtype=np.int64))
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            context = np.arange(end, dtype=np.int64)
+            ctx_slots = table[context // bs] * bs + context % bs
+            slots.append(ctx_slots[start:end])
+            kv_slots.append(ctx_slots)
+            q_rows.append(np.arange(row, row + n, dtype=np.int64))
+            q_lens.append(n)
+            ctx_lens.append(end)
+            row += n
+            if s.samples:
+                logits_rows.append(row - 1)
+        b, tq_max, s_max = len(batch), max(q_lens), max(ctx_lens)
+        q_index = np.zeros((b, tq_max), dtype=np.int64)
+        kv_index = np.zeros((b, s_max), dtype=np.int64)
+        mask = np.zeros((b, 1, tq_max, s_max), dtype=bool)
+        out_index = np.empty(row, dtype=np.int64)
+        keys = np.arange(s_max)
+        for i, (rows_i, slots_i, n, ctx) in enumerate(zip(q_rows, kv_slots, q_lens, ctx_lens)):
+            q_index[i, :n] = rows_i
+            kv_index[i, :ctx] = slots_i
+            # query j sits at position ctx - n + j: it sees keys up to there
+            mask[i, 0, :n] = keys[None, :] <= (ctx - n + np.arange(n))[:, None]
+            mask[i, 0, n:, 0] = True  # padding queries see one key (no all-masked rows: no NaN)
+            out_index[rows_i] = i * tq_max + np.arange(n)
+        h, layers = self.hidden, self.deepstack_layers
+        return StepInputs(
+            input_ids=torch.from_numpy(np.concatenate(ids))[None],
+            positions=torch.from_numpy(np.concatenate(positions, axis=1))[:, None],
+            visual_index=torch.from_numpy(np.concatenate(visual_index) if visual_index else np.zeros(0, np.int64)),
+            visual_embeds=torch.cat(visual) if visual else torch.empty(0, h, dtype=self.dtype),
+            deepstack=torch.cat(deepstack, dim=1) if deepstack else torch.empty(layers, 0, h, dtype=self.dtype),
+            logits_rows=torch.tensor(logits_rows, dtype=torch.int64),
+            attention=AttentionMetadata(torch.from_numpy(np.concatenate(slots)), torch.from_numpy(q_index),
+                                        torch.from_numpy(kv_index), torch.from_numpy(mask), torch.from_numpy(out_index)),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Run one step; logits [Bs, V] fp32 of the sequences that sample, in batch order."""
+        step = self.prepare(batch).to(self.device)
+        x = self.model.embed_rows(step.input_ids, step.visual_index, step.visual_embeds)
+        return self.model(x, step.positions, PagedAttention(self.kv, step.attention),
+                          visual_index=step.visual_index, deepstack_rows=step.deepstack,
+                          logits_rows=step.logits_rows)[0]

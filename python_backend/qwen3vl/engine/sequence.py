@@ -1,0 +1,87 @@
+"""A request inside the engine: its prompt, sampling state, KV blocks and progress."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..model.prompt import Prompt
+from ..model.vision import VisualFeatures
+from .detokenize import IncrementalDetokenizer
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"    # queued, no KV blocks yet
+    RUNNING = "running"    # has its blocks; prefilling (maybe in chunks) or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Step:
+    """One streamed piece: new token ids, the text they complete, and (last step) why it ended."""
+    token_ids: list[int]
+    text: str
+    finish_reason: str = ""  # "", "stop", "length" or "cancelled"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """prompt.input_ids [T] and positions [3, T]; features [N, H] / [L, N, H] for the prompt's
+    N visual tokens, in prompt order. The prompt's KV and the generated tokens' go into
+    `block_table`; tokens [0, num_computed) have KV in the cache."""
+    prompt: Prompt
+    features: VisualFeatures
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    emit: Callable[[Step], None]                 # called from the engine thread, in order
+    fail: Callable[[Exception], None]
+    is_cancelled: Callable[[], bool] = lambda: False
+    generator: torch.Generator | None = None     # own RNG: sampled text does not depend on neighbours
+    block_keys: list[bytes] = field(default_factory=list)
+    request_id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.monotonic)
+
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_cached: int = 0          # prompt tokens restored from the prefix cache
+    cancel_requested: bool = False
+    finish_reason: str = ""
+
+    def __post_init__(self):
+        mask = self.prompt.visual_mask.numpy()
+        # visual_rows_before[i]: how many visual tokens precede prompt token i ([T + 1]), so a
+        # chunk [s, e) takes rows [visual_rows_before[s], visual_rows_before[e]) of the features.
+        self.visual_rows_before = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt.input_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + len(self.output_ids)
+
+    @property
+    def max_tokens_total(self) -> int:
+        """Prompt plus every token it may generate: what its blocks are reserved for."""
+        return self.prompt_len + self.params.max_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
