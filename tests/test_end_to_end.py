@@ -26,7 +26,9 @@ def test_grpc_streaming_matches_transformers(server, expected, case):
     chunks = list(stream_grpc(server.grpc_url, prompt=PROMPT, images=CASES[case], max_tokens=MAX_NEW, temperature=0.0))
     ids = [t for c in chunks for t in c.token_ids]
     assert ids == expected[case]
-    assert len(chunks) == len(ids)  # one response per new token: really streamed
+    # really streamed: a response per new token, except that the server's response thread merges
+    # a request's pieces that queued up while it was sending (tests/test_worker.py)
+    assert 1 < len(chunks) <= len(ids) and all(c.token_ids for c in chunks)
     assert all(c.finish_reason == "" for c in chunks[:-1])
     assert chunks[-1].finish_reason in ("length", "stop")
 

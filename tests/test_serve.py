@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -45,7 +46,8 @@ def test_demo_prints_a_streamed_answer(tmp_path):
                           str(tmp_path / "ckpt"), "--max-tokens", "8"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "8 streamed responses, 8 tokens, finish_reason=length" in out.stdout
+    streamed = re.search(r"(\d+) streamed responses, 8 tokens, finish_reason=length", out.stdout)
+    assert streamed and int(streamed.group(1)) > 1, out.stdout
     assert "TTFT" in out.stdout
 
 

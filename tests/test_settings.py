@@ -51,7 +51,7 @@ def test_serve_flags_are_the_settings_flags(tmp_path):
                      "max_model_len", "enable_prefix_caching", "max_num_seqs"}
     assert settings.env(given)["QWEN3VL_ENABLE_PREFIX_CACHING"] == "0"
     flags = {f.metadata["flag"] for f in dataclasses.fields(ServingConfig) if f.metadata["flag"]}
-    assert flags == {"--checkpoint", "--device", "--dtype", "--max-model-len", "--max-num-seqs",
+    assert flags == {"--checkpoint", "--device", "--dtype", "--cpu-threads", "--max-model-len", "--max-num-seqs",
                      "--max-num-batched-tokens", "--enable-chunked-prefill", "--enable-prefix-caching", "--block-size",
                      "--kv-cache-mb", "--gpu-memory-utilization", "--encoder-url", "--chunk-tokens", "--shared-memory"}
 

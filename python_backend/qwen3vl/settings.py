@@ -41,6 +41,8 @@ class ServingConfig:
     device: str = _setting("auto", "`auto` (cuda when available), `cpu`, `cuda`, `cuda:N`", "--device")
     dtype: str = _setting("auto", "`auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`; the E->L "
                                   "tensors use it too", "--dtype")
+    cpu_threads: int = _setting(0, "torch threads of each model on the CPU (0: all cores but one, which the "
+                                   "server's own threads need: gRPC, responses)", "--cpu-threads")
     # -- qwen3_language
     max_model_len: int = _setting(0, "prompt + generated tokens limit (0: the model's)", "--max-model-len")
     max_num_seqs: int = _setting(64, "sequences in flight (the running batch) at most; more wait in a FIFO queue",

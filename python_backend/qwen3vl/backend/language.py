@@ -85,6 +85,11 @@ class LanguageService:
         self.pb, self.settings = pb, settings
         self.config = model_config(settings)
         self.engine = Engine.from_checkpoint(self.config, engine_config(settings))
+        blocks = self.engine.blocks
+        print(f"qwen3_language: {blocks.num_blocks} KV blocks of {blocks.block_size} tokens "
+              f"({blocks.num_blocks * blocks.block_size} tokens), max_num_seqs {settings.max_num_seqs}, "
+              f"max_num_batched_tokens {settings.max_num_batched_tokens}, torch threads {torch.get_num_threads()}",
+              flush=True)
         self.metrics = Counters(pb, METRICS, {"model": "qwen3_language"})
         self.loop = EngineLoop(self.engine)
         # Each metric update is an IPC: off the engine thread, onto the response thread.

@@ -56,6 +56,17 @@ def median_ratio(a, b, rounds: int) -> tuple[float, list[float]]:
     return statistics.median(ratios), ratios
 
 
+def _raise(error: Exception):
+    raise error
+
+
+def _cancel_all(engine: Engine) -> None:
+    """End the benchmark's sequences as a client would: cancelled, gone at the next step."""
+    for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:
+        seq.cancel_requested = True
+    engine.step()
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -79,13 +90,14 @@ class Bench:
     def decode_step_s(self, engine: Engine, batch: int, steps: int) -> float:
         """Median time of one engine step with `batch` sequences all decoding."""
         empty = VisualFeatures.empty(self.config)
-        for i in range(batch):
+        for i in range(batch):  # max_tokens: KV blocks are reserved for all of them
             engine.add(engine.new_sequence(f"Decode stream {i}.", empty,
-                                           engine.params(max_tokens=10_000, temperature=0.0), lambda s: None, print))
+                                           engine.params(max_tokens=steps + 64, temperature=0.0), lambda s: None, _raise))
         while any(s.prefilling for s in engine.scheduler.running) or engine.scheduler.waiting:
-            engine.step()
+            if not engine.step():
+                raise RuntimeError("the benchmark's sequences do not fit in the KV cache")
         times = [timed(engine.step) for _ in range(steps)]
-        engine.abort_all(RuntimeError("benchmark done"))
+        _cancel_all(engine)
         return statistics.median(times)
 
     def in_process_request_s(self, engine: Engine, prompt: str, max_tokens: int) -> float:
@@ -145,17 +157,17 @@ class Bench:
             arrivals: list[list[float]] = [[] for _ in range(4)]
             empty = VisualFeatures.empty(cfg)
             for i in range(4):
-                engine.add(engine.new_sequence(f"Stream {i}.", empty, engine.params(max_tokens=10_000, temperature=0.0),
-                                               lambda s, a=arrivals[i]: a.append(time.perf_counter()), print))
+                engine.add(engine.new_sequence(f"Stream {i}.", empty, engine.params(max_tokens=1000, temperature=0.0),
+                                               lambda s, a=arrivals[i]: a.append(time.perf_counter()), _raise))
             for _ in range(6):
                 engine.step()
             engine.add(engine.new_sequence("Describe <image>.", big, engine.params(max_tokens=1, temperature=0.0),
-                                           lambda s: None, print))
+                                           lambda s: None, _raise))
             while engine.scheduler.waiting or any(s.prefilling for s in engine.scheduler.running):
                 engine.step()
             for _ in range(6):
                 engine.step()
-            engine.abort_all(RuntimeError("benchmark done"))
+            _cancel_all(engine)
             itl = [b - a for times in arrivals for a, b in zip(times[2:], times[3:])]
             return sorted(itl)[max(0, int(round(0.99 * len(itl))) - 1)]
 
@@ -199,7 +211,6 @@ class Bench:
 
         rng = random.Random(0)
         requests = [dict(prompt=f"Request {i}: tell me something.", max_tokens=rng.randint(8, 64)) for i in range(32)]
-        r5 = requests[:16] if self.quick else requests
 
         def throughput(reqs, concurrency: int) -> float:
             run = lambda r: ask(url, "grpc", False, temperature=0.0, **r)  # noqa: E731
@@ -208,7 +219,7 @@ class Bench:
                 list(pool.map(run, reqs))
             return len(reqs) / (time.perf_counter() - start)
 
-        self.ratios["R5"], _ = median_ratio(lambda: 1 / throughput(r5, 1), lambda: 1 / throughput(r5, 8),
+        self.ratios["R5"], _ = median_ratio(lambda: 1 / throughput(requests, 1), lambda: 1 / throughput(requests, 8),
                                             max(2, self.rounds - 1))
         self.vs_transformers(lambda: throughput(requests, 8), requests)
 

@@ -165,13 +165,17 @@ class SparseMoe(nn.Module):
 
 
 _FAST_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# torch's grouped GEMM on the CPU is slower than a per-expert loop below about this many rows
+# (2x at 8 rows, one decode token; slightly faster from 64 rows: `qwen3vl-bench`, R6).
+CPU_GROUPED_MIN_ROWS = 64
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """x [S, in] with rows grouped by expert, w [E, in, out], offsets [E] int32 cumulative row
-    ends -> [S, out]. torch's grouped GEMM where it takes this device and dtype (no host sync),
-    else one matmul per non-empty group."""
-    if fast and _FAST_GROUPED_MM is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+    ends -> [S, out]. torch's grouped GEMM where it takes this device and dtype (no host sync)
+    and pays off, else one matmul per non-empty group."""
+    if fast and _FAST_GROUPED_MM is not None and (
+            (x.device.type == "cpu" and x.shape[0] >= CPU_GROUPED_MIN_ROWS) or x.dtype == torch.bfloat16):
         return _FAST_GROUPED_MM(x, w, offs=offsets)
     out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
     start = 0
