@@ -120,8 +120,9 @@ class BlockManager:
                     self.free_ids.append(block_id)
 
 
-def image_key(embeds: bytes, deepstack: bytes, grid: tuple[int, int, int]) -> bytes:
-    """Content hash of one image's E->L tensors (what the language model sees of it)."""
+def image_key(embeds, deepstack, grid: tuple[int, int, int]) -> bytes:
+    """Content hash of one image's E->L tensors (what the language model sees of it): embeds
+    and deepstack as bytes-like objects, grid its (t, h, w)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(np.asarray(grid, dtype=np.int64).tobytes())
     h.update(embeds)

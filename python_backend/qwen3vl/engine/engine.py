@@ -25,6 +25,7 @@ from ..model.config import ModelConfig
 from ..model.prompt import Prompt, PromptBuilder
 from ..model.text import LanguageModel
 from ..model.vision import VisualFeatures
+from ..tensors import raw_bytes
 from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer
 from .model_runner import ModelRunner, PagedKVCache
@@ -157,7 +158,7 @@ class Engine:
         for first, count, grid in zip(starts.tolist(), counts, features.image_grid_thw.tolist()):
             embeds = features.visual_embeds[row:row + count].contiguous()
             deepstack = features.deepstack_embeds[:, row:row + count].contiguous()
-            key = image_key(_bytes(embeds), _bytes(deepstack), tuple(grid))
+            key = image_key(raw_bytes(embeds), raw_bytes(deepstack), tuple(grid))
             images.append((first, count, key))
             row += count
         return block_keys(prompt.input_ids.numpy(), self.blocks.block_size, images)
@@ -278,9 +279,3 @@ def _deliver_now(seq: Sequence, item: Step | Exception) -> None:
         seq.fail(item)
     else:
         seq.emit(item)
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    from ..tensors import raw_bytes
-
-    return raw_bytes(t)
