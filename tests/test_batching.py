@@ -9,7 +9,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 from conftest import LOG_DIR, png, reference_generate
 from qwen3vl.cli.client import ask, infer

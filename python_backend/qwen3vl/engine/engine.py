@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -30,8 +29,8 @@ from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer
 from .model_runner import ModelRunner, PagedKVCache
 from .sampling import SamplingParams, generation_defaults, sample_batch
-from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
-from .sequence import Sequence, Status, Step
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence, Step
 
 log = logging.getLogger(__name__)
 
