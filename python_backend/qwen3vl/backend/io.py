@@ -48,7 +48,9 @@ def scalar(pb, request, name: str, cast):
     value = flat[0]
     try:
         return cast(value.decode("utf-8") if isinstance(value, bytes) else value)
-    except (UnicodeDecodeError, ValueError, TypeError):
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{name} is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, TypeError):
         raise InvalidInput(f"{name}: {str(value)[:40]!r} is not a valid {cast.__name__}") from None
 
 
