@@ -15,6 +15,7 @@ TOP_P = "top_p"                  # FP32 [1], optional
 TOP_K = "top_k"                  # INT32 [1], optional
 SEED = "seed"                    # UINT64 [1], optional
 STREAM = "stream"                # BOOL [1], optional
+IGNORE_EOS = "ignore_eos"        # BOOL [1], optional: generate max_tokens whatever the stop tokens (benchmarks)
 TEXT_OUTPUT = "text_output"      # BYTES [1]
 OUTPUT_IDS = "output_ids"        # INT32 [-1]
 FINISH_REASON = "finish_reason"  # BYTES [1]: stop, length, cancelled, or empty while streaming
@@ -56,6 +57,7 @@ LANGUAGE_REQUEST = [
     _tensor(TOP_K, "TYPE_INT32", [1], True),
     _tensor(SEED, "TYPE_UINT64", [1], True),
     _tensor(STREAM, "TYPE_BOOL", [1], True),
+    _tensor(IGNORE_EOS, "TYPE_BOOL", [1], True),
 ]
 LANGUAGE_REQUEST_INPUTS = tuple(t["name"] for t in LANGUAGE_REQUEST)
 

@@ -43,6 +43,26 @@ class ServingConfig:
                                   "tensors use it too", "--dtype")
     cpu_threads: int = _setting(0, "torch threads of each model on the CPU (0: all cores but one, which the "
                                    "server's own threads need: gRPC, responses)", "--cpu-threads")
+    # -- admission and overload (every model)
+    max_queued_requests: int = _setting(256, "requests waiting for a slot at most (each model's queue); one more "
+                                             "is refused at once with UNAVAILABLE (server busy)",
+                                        "--max-queued-requests")
+    max_queue_time_s: float = _setting(0.0, "a request still waiting for a slot after this long fails with "
+                                            "UNAVAILABLE (0: no deadline)", "--max-queue-time-s")
+    max_images_per_request: int = _setting(16, "images in one request at most", "--max-images-per-request")
+    max_visual_tokens_per_request: int = _setting(16384, "visual tokens of one request's images at most, computed "
+                                                         "from the image headers before any vision work",
+                                                  "--max-visual-tokens-per-request")
+    max_image_pixels: int = _setting(50_000_000, "pixels of one image file at most (a decoded image takes 3 "
+                                                 "bytes per pixel before it is resized)", "--max-image-pixels")
+    allow_special_tokens_in_prompt: bool = _setting(False, "treat special-token text typed inside messages "
+                                                           "(`<|im_end|>`, `<|im_start|>`...) as the control "
+                                                           "token; off: it is plain text, only the chat template "
+                                                           "makes control tokens", "--allow-special-tokens-in-prompt")
+    inject_fault_image_sha256: str = _setting("", "fault tests only: a vision forward holding the image file with "
+                                                  "this SHA-256 (hex) raises")
+    log_requests: bool = _setting(False, "debug: log each request's prompt text and parameters (otherwise logs "
+                                         "never hold prompt text or image bytes)", "--log-requests")
     # -- qwen3_language
     max_model_len: int = _setting(0, "prompt + generated tokens limit (0: the model's)", "--max-model-len")
     max_num_seqs: int = _setting(64, "sequences in flight (the running batch) at most; more wait in a FIFO queue",

@@ -11,11 +11,14 @@ from .. import contract
 from ..disagg import shm
 from ..disagg.fetch import FetchSettings, TransferStats
 from ..disagg.protocol import ChunkRequest, Response, plan_responses
+from ..encoder.admission import Admission, Limits
 from ..encoder.batcher import EncodeBatcher, EncodeJob
 from ..encoder.cache import CachedImage
 from ..encoder.encoder import EncodeReport
 from ..encoder.images import image_file_bytes
-from ..errors import InvalidInput
+from ..engine.sampling import generation_defaults
+from ..errors import InvalidInput, Unavailable
+from ..model.prompt import PromptBuilder
 from ..settings import ServingConfig
 from .io import bytes_list, error_response, input_array, model_config, scalar, torch_output
 from .metrics import Counters
@@ -42,15 +45,13 @@ METRICS = {
 }
 
 
-def build_encoder(settings: ServingConfig, config):
+def build_encoder(settings: ServingConfig, config, image_processor):
     """The local VisionEncoder or the remote fetcher, as `settings.encoder_mode` says."""
     if settings.encoder_mode == "local":
-        from transformers import AutoImageProcessor
-
         from ..encoder.encoder import VisionEncoder
 
-        return VisionEncoder(config, AutoImageProcessor.from_pretrained(config.checkpoint),
-                             cache_bytes=settings.mib(settings.encoder_cache_mb))
+        return VisionEncoder(config, image_processor, cache_bytes=settings.mib(settings.encoder_cache_mb),
+                             fault_sha256=settings.inject_fault_image_sha256)
     if settings.encoder_mode == "remote":
         from ..disagg.remote import RemoteEncoder
 
@@ -61,12 +62,30 @@ def build_encoder(settings: ServingConfig, config):
     raise InvalidInput(f"encoder_mode must be local or remote, not {settings.encoder_mode!r}")
 
 
+def build_admission(settings: ServingConfig, config) -> Admission:
+    """Admission control with the checkpoint's processor (image sizes, chat template) and the
+    settings' limits; both modes run it, so a language server refuses before fetching."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(config.checkpoint)
+    prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size,
+                            settings.allow_special_tokens_in_prompt)
+    defaults, _ = generation_defaults(config.checkpoint)
+    limits = Limits(max_images=settings.max_images_per_request,
+                    max_visual_tokens=settings.max_visual_tokens_per_request,
+                    max_image_pixels=settings.max_image_pixels,
+                    max_model_len=settings.max_model_len or config.text.max_position_embeddings,
+                    default_max_tokens=defaults.max_tokens)
+    return Admission(processor.image_processor, prompts, config, limits)
+
+
 class EncoderService:
     def __init__(self, pb, settings: ServingConfig):
         self.pb, self.settings = pb, settings
         self.config = model_config(settings)
         self.metrics = Counters(pb, METRICS, {"model": "qwen3_encoder", "mode": settings.encoder_mode})
-        self.encoder = build_encoder(settings, self.config)
+        self.admission = build_admission(settings, self.config)
+        self.encoder = build_encoder(settings, self.config, self.admission.processor)
         self.regions = shm.RegionWriter()
         self.batcher = EncodeBatcher(self.encoder, max_delay_s=settings.encoder_max_queue_delay_ms / 1000,
                                      max_images=settings.encoder_max_batch_images, on_batch=self._count_batch)
@@ -77,6 +96,9 @@ class EncoderService:
         sender = request.get_response_sender()
         try:
             files, chunking, passthrough = self._read(request)
+            if self.batcher.jobs.qsize() >= self.settings.max_queued_requests:
+                raise Unavailable(f"server busy: {self.batcher.jobs.qsize()} requests are waiting for the vision "
+                                  f"encoder (max_queued_requests {self.settings.max_queued_requests}); retry later")
             self.batcher.submit(EncodeJob(files, lambda result: self._respond(sender, result, passthrough, chunking)))
         except Exception as e:  # noqa: BLE001 - bad input: this request fails, the model carries on
             self._fail(sender, e)
@@ -102,6 +124,9 @@ class EncoderService:
             if files:
                 raise InvalidInput(f"send either {contract.IMAGES} or {contract.IMAGE_DIGESTS}, not both")
             files = [CachedImage(d) for d in digests]
+        # Before any vision work: the images' sizes, the limits, the context window.
+        self.admission.check(files, scalar(pb, request, contract.TEXT_INPUT, str),
+                             scalar(pb, request, contract.MAX_TOKENS, int))
         return files, chunking, passthrough
 
     # -- responses out

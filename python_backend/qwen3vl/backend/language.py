@@ -16,7 +16,7 @@ from ..errors import InvalidInput
 from ..model.vision import VisualFeatures
 from ..settings import ServingConfig
 from .io import error_response, model_config, scalar, torch_input
-from .metrics import Counters
+from .metrics import Counters, Gauges
 
 METRICS = {
     "requests": ("qwen3vl_language_requests_total", "Generation requests finished"),
@@ -28,6 +28,14 @@ METRICS = {
                              "Prompt tokens restored from the prefix cache instead"),
     "prefix_cache_hits": ("qwen3vl_language_prefix_cache_hits_total",
                           "Requests that restored part of their prompt from the prefix cache"),
+}
+
+
+GAUGES = {
+    "running": ("qwen3vl_language_running_requests", "Requests in the running batch"),
+    "waiting": ("qwen3vl_language_waiting_requests", "Requests waiting for a slot"),
+    "kv_blocks_used": ("qwen3vl_language_kv_blocks_used", "KV cache blocks held by running requests"),
+    "kv_blocks_total": ("qwen3vl_language_kv_blocks_total", "KV cache blocks in all"),
 }
 
 
@@ -75,7 +83,8 @@ def engine_config(settings: ServingConfig) -> EngineConfig:
                         enable_chunked_prefill=settings.enable_chunked_prefill,
                         enable_prefix_caching=settings.enable_prefix_caching, block_size=settings.block_size,
                         kv_cache_bytes=settings.mib(settings.kv_cache_mb),
-                        gpu_memory_utilization=settings.gpu_memory_utilization)
+                        gpu_memory_utilization=settings.gpu_memory_utilization,
+                        allow_special_tokens=settings.allow_special_tokens_in_prompt)
 
 
 class LanguageService:
@@ -91,7 +100,11 @@ class LanguageService:
               f"max_num_batched_tokens {settings.max_num_batched_tokens}, torch threads {torch.get_num_threads()}",
               flush=True)
         self.metrics = Counters(pb, METRICS, {"model": "qwen3_language"})
-        self.loop = EngineLoop(self.engine)
+        self.gauges = Gauges(pb, GAUGES, {"model": "qwen3_language"})
+        self.gauges.set(self.engine.stats())
+        self.loop = EngineLoop(self.engine, max_queued=settings.max_queued_requests,
+                               max_queue_time_s=settings.max_queue_time_s)
+        self.loop.on_stats = self.gauges.set
         # Each metric update is an IPC: off the engine thread, onto the response thread.
         self.engine.on_prefill = lambda report: self.loop.responses.call(lambda: self._count_prefill(report))
 
@@ -116,12 +129,16 @@ class LanguageService:
         text = scalar(pb, request, contract.TEXT_INPUT, str)
         if text is None:
             raise InvalidInput(f"{contract.TEXT_INPUT} is required")
+        if self.settings.log_requests:  # debug only: prompts are the users' data
+            print(f"qwen3_language request: text_input={text!r} max_tokens="
+                  f"{scalar(pb, request, contract.MAX_TOKENS, int)}", flush=True)
         params = self.engine.params(
             max_tokens=scalar(pb, request, contract.MAX_TOKENS, int),
             temperature=scalar(pb, request, contract.TEMPERATURE, float),
             top_p=scalar(pb, request, contract.TOP_P, float),
             top_k=scalar(pb, request, contract.TOP_K, int),
             seed=scalar(pb, request, contract.SEED, int),
+            ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
         )
         return self.engine.new_sequence(text, self._features(request), params, stream.emit, stream.fail,
                                         sender.is_cancelled)
@@ -135,6 +152,12 @@ class LanguageService:
         if embeds is None or deepstack is None:
             raise InvalidInput(f"{contract.IMAGE_GRID_THW} was given without {contract.VISUAL_EMBEDS} "
                                f"and {contract.DEEPSTACK_EMBEDS}")
+        if grids.shape[0] > self.settings.max_images_per_request:
+            raise InvalidInput(f"{grids.shape[0]} images in one request; the limit is "
+                               f"{self.settings.max_images_per_request} (max_images_per_request)")
+        if embeds.shape[0] > self.settings.max_visual_tokens_per_request:
+            raise InvalidInput(f"{embeds.shape[0]} visual tokens in one request; the limit is "
+                               f"{self.settings.max_visual_tokens_per_request} (max_visual_tokens_per_request)")
         return VisualFeatures(embeds, deepstack, grids.to(torch.int64))
 
     def stop(self) -> None:

@@ -58,20 +58,34 @@ class EncodeBatcher(JobThread[EncodeJob]):
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            start = time.perf_counter()
-            report = None
-            try:
-                results = self.encoder.encode([job.images for job in batch])
-                report = self.encoder.last
-            except Exception as e:  # noqa: BLE001 - a failed forward fails its requests only
-                log.exception("vision forward failed")
-                results = [RuntimeError(f"vision encoder failed: {type(e).__name__}: {e}")] * len(batch)
-            try:  # report None: the forward failed, only its time is known
-                self.on_batch(report, time.perf_counter() - start)
-            except Exception:  # noqa: BLE001 - metrics must never stop the encoder
-                log.exception("encoder batch report failed")
+            results = self._encode(batch)
+            if len(batch) > 1 and all(isinstance(r, EncoderFailure) for r in results):
+                # The shared forward failed: run each request alone, so that only the request
+                # that causes the failure fails.
+                log.warning("a vision forward of %d requests failed; running each alone", len(batch))
+                results = [self._encode([job])[0] for job in batch]
             for job, result in zip(batch, results):
                 try:
                     job.done(result)
                 except Exception:  # noqa: BLE001 - one failed reply must not stop the others
                     log.exception("encoder reply failed")
+
+    def _encode(self, batch: list[EncodeJob]) -> list:
+        """One encode call's per-request results (an EncoderFailure each if it raised)."""
+        start = time.perf_counter()
+        report = None
+        try:
+            results = self.encoder.encode([job.images for job in batch])
+            report = self.encoder.last
+        except Exception as e:  # noqa: BLE001 - a failed forward fails its requests only
+            log.exception("vision forward failed")
+            results = [EncoderFailure(f"vision encoder failed: {type(e).__name__}: {e}")] * len(batch)
+        try:  # report None: the forward failed, only its time is known
+            self.on_batch(report, time.perf_counter() - start)
+        except Exception:  # noqa: BLE001 - metrics must never stop the encoder
+            log.exception("encoder batch report failed")
+        return results
+
+
+class EncoderFailure(RuntimeError):
+    """The vision forward (or the fetch from encoder servers) raised."""

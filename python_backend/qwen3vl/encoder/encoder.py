@@ -3,6 +3,7 @@ feature cache and one vision forward for whatever the cache lacks."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,9 @@ class EncodeReport:
 class VisionEncoder:
     """The checkpoint's image processor, the vision tower and a feature cache of `cache_bytes`."""
 
-    def __init__(self, config: ModelConfig, image_processor, cache_bytes: int = 1 << 30):
+    def __init__(self, config: ModelConfig, image_processor, cache_bytes: int = 1 << 30, fault_sha256: str = ""):
         self.config = config
+        self.fault_sha256 = fault_sha256  # fault tests: a forward holding this file raises
         self.image_processor = image_processor
         self.cache = FeatureCache(cache_bytes, image_processor.to_json_string())
         self.last = EncodeReport()
@@ -66,6 +68,8 @@ class VisionEncoder:
                     failed[r] = e
                     break
         if todo:
+            if self.fault_sha256:
+                self._inject_fault(per_request)
             pixels, grids = self.preprocess(list(todo.values()))
             for key, features in zip(todo, self.tower(pixels, grids)):
                 self.cache.put(key, features)
@@ -75,3 +79,8 @@ class VisionEncoder:
                    for r, req_keys in enumerate(keys)]
         self.cache.unpin()
         return results
+
+    def _inject_fault(self, per_request: list[list]) -> None:
+        files = (b for req in per_request for b in req if isinstance(b, bytes))
+        if any(hashlib.sha256(b).hexdigest() == self.fault_sha256 for b in files):
+            raise RuntimeError("injected fault (inject_fault_image_sha256)")

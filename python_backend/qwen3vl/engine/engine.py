@@ -46,6 +46,7 @@ class EngineConfig:
     block_size: int = 16                 # tokens per KV block
     kv_cache_bytes: int = 0              # the KV pool, prefix-cached blocks included (0: kv_cache_budget)
     gpu_memory_utilization: float = 0.9  # with kv_cache_bytes 0, on a GPU
+    allow_special_tokens: bool = False   # special-token text inside messages is the token (prompt.py)
 
 
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -106,7 +107,8 @@ class Engine:
         defaults, stop_ids = generation_defaults(config.checkpoint)
         if not stop_ids and processor.tokenizer.eos_token_id is not None:
             stop_ids = [processor.tokenizer.eos_token_id]
-        prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size)
+        prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size,
+                                engine_config.allow_special_tokens)
         return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, engine_config)
 
     # ---- requests in
@@ -121,7 +123,14 @@ class Engine:
     def prepare(self, text: str, features: VisualFeatures) -> Prompt:
         """The prompt's ids and positions. Raises InvalidInput when the text and the visual
         tensors do not fit together."""
-        prompt = self.prompts(text, features.image_grid_thw)
+        grids = features.image_grid_thw
+        if grids.ndim != 2 or grids.shape[1] != 3 or bool((grids < 1).any()):
+            raise InvalidInput(f"image_grid_thw must be [images, 3] of positive (t, h, w), got shape {list(grids.shape)}")
+        merge = self.config.spatial_merge_size
+        if bool((grids[:, 1:] % merge).any()):
+            raise InvalidInput(f"image_grid_thw: h and w must be multiples of the spatial merge size {merge}")
+        self.prompts.check_size(text, self.max_model_len)
+        prompt = self.prompts(text, grids)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
             raise InvalidInput(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
@@ -129,6 +138,9 @@ class Engine:
         want = (self.config.deepstack_layers, n, h)
         if n and tuple(features.deepstack_embeds.shape) != want:
             raise InvalidInput(f"deepstack_embeds has shape {tuple(features.deepstack_embeds.shape)}, expected {want}")
+        for name, t in (("visual_embeds", features.visual_embeds), ("deepstack_embeds", features.deepstack_embeds)):
+            if n and not bool(torch.isfinite(t).all()):
+                raise InvalidInput(f"{name} holds NaN or infinite values")
         return prompt
 
     def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams,
@@ -140,7 +152,7 @@ class Engine:
         total = len(prompt.input_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidInput(f"prompt ({len(prompt.input_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                               f"= {total} exceeds the model's limit of {self.max_model_len} tokens")
+                               f"= {total} exceeds the context window of {self.max_model_len} tokens (max_model_len)")
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.config.device)
@@ -210,7 +222,7 @@ class Engine:
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
         text = seq.detokenizer.push(token)
-        reason = ("stop" if token in self.stop_ids else
+        reason = ("stop" if token in self.stop_ids and not seq.params.ignore_eos else
                   "length" if len(seq.output_ids) >= seq.params.max_tokens else "")
         if reason:
             text += seq.detokenizer.flush()
@@ -228,6 +240,10 @@ class Engine:
         if not seq.finished:
             self.scheduler.finish(seq, "error")
             self.deliver(seq, error)
+
+    def fail_waiting(self, seq: Sequence, error: Exception) -> None:
+        """Fail a sequence that has not started (e.g. past its queue deadline)."""
+        self._fail(seq, error)
 
     def abort_all(self, error: Exception) -> None:
         """Fail every request in flight (shutdown)."""

@@ -23,6 +23,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0            # 0 = no top-k filter
     seed: int | None = None   # None = a fresh random seed
+    ignore_eos: bool = False  # generate max_tokens, stop tokens or not (vLLM's ignore_eos; benchmarks)
 
     def validate(self) -> None:
         """Raises InvalidInput naming the parameter that is out of range or not finite."""

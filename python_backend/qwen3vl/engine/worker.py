@@ -9,7 +9,9 @@ import logging
 import queue
 import threading
 import time
+from typing import Callable
 
+from ..errors import Unavailable
 from ..jobs import JobThread
 from .engine import Engine
 from .sequence import Sequence, Status, Step
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 # How often the engine asks a waiting request whether its client has gone (an IPC each);
 # running ones are asked by the response thread after each send.
 WAITING_CANCEL_CHECK_S = 0.25
+STATS_INTERVAL_S = 0.5
 
 
 class ResponseThread(JobThread[tuple[Sequence, "Step | Exception"]]):
@@ -90,10 +93,19 @@ def _coalesce(items: list) -> list:
 
 
 class EngineLoop:
-    """The engine thread: takes new sequences from `submit`, runs steps while there is work."""
+    """The engine thread: takes new sequences from `submit`, runs steps while there is work.
 
-    def __init__(self, engine: Engine):
+    Overload: at most `max_queued` requests wait for a slot (submitted, not yet running); one
+    more is refused at once with Unavailable, so a burst costs a bounded queue, never unbounded
+    memory. With `max_queue_time_s`, a request still waiting after that long fails (Unavailable)."""
+
+    def __init__(self, engine: Engine, max_queued: int = 0, max_queue_time_s: float = 0.0):
         self.engine = engine
+        self.max_queued, self.max_queue_time_s = max_queued, max_queue_time_s
+        # Called with engine.stats() on the response thread (gauges: each set is an IPC), at
+        # most every STATS_INTERVAL_S while busy, and when the engine goes idle.
+        self.on_stats: Callable[[dict], None] | None = None
+        self.last_stats = 0.0
         self.responses = ResponseThread()
         engine.deliver = lambda seq, item: self.responses.submit((seq, item))
         self.inbox: queue.Queue[Sequence | None] = queue.Queue()
@@ -103,7 +115,16 @@ class EngineLoop:
         self.thread.start()
 
     def submit(self, seq: Sequence) -> None:
+        """Queue a sequence for the engine thread. Raises Unavailable when `max_queued` are waiting."""
+        waiting = self.num_waiting()
+        if self.max_queued and waiting >= self.max_queued:
+            raise Unavailable(f"server busy: {waiting} requests are waiting for a slot "
+                              f"(max_queued_requests {self.max_queued}); retry later")
         self.inbox.put(seq)
+
+    def num_waiting(self) -> int:
+        """Submitted and not yet running (read from another thread: a snapshot)."""
+        return self.inbox.qsize() + len(self.engine.scheduler.waiting)
 
     def _admit(self, block: bool) -> bool:
         """Move new sequences into the engine; False once stopped."""
@@ -130,8 +151,17 @@ class EngineLoop:
                 except Exception as e:  # noqa: BLE001 - a bug outside the forward: fail everything in flight
                     log.exception("engine loop failed")
                     self.engine.abort_all(RuntimeError(f"engine failure: {type(e).__name__}: {e}"))
+                self._report_stats(idle=not self.engine.has_work())
         finally:
             self.engine.abort_all(RuntimeError("the model is shutting down"))
+
+    def _report_stats(self, idle: bool) -> None:
+        now = time.monotonic()
+        if self.on_stats is None or (not idle and now - self.last_stats < STATS_INTERVAL_S):
+            return
+        self.last_stats = now
+        stats, report = self.engine.stats(), self.on_stats
+        self.responses.call(lambda: report(stats))
 
     def _check_waiting(self) -> None:
         now = time.monotonic()
@@ -139,6 +169,11 @@ class EngineLoop:
             return
         self.last_cancel_check = now
         for seq in list(self.engine.scheduler.waiting):
+            if self.max_queue_time_s and now - seq.arrival > self.max_queue_time_s:
+                self.engine.fail_waiting(seq, Unavailable(
+                    f"waited {now - seq.arrival:.1f} s for a slot (max_queue_time_s {self.max_queue_time_s:g}); "
+                    "the server is busy, retry later"))
+                continue
             try:
                 if seq.is_cancelled():
                     seq.cancel_requested = True

@@ -1,0 +1,100 @@
+"""Admission control before any vision work: from each image file's header (size, EXIF
+orientation) the visual tokens exactly as the checkpoint's processor will make them, then the
+per-request limits and the context window.
+
+The grid comes from transformers' own `smart_resize` (`models/qwen2_vl/image_processing_qwen2_vl`,
+the resize that Qwen3-VL's image processor runs, with the checkpoint's `size` {shortest_edge,
+longest_edge}, `patch_size` and `merge_size`): an image of H x W pixels becomes a grid of
+(1, H'/patch, W'/patch) patches, (H'/patch)(W'/patch)/merge**2 visual tokens. vLLM sizes its
+multimodal inputs the same way (`get_number_of_image_patches`). A request over a limit is refused
+with INVALID_ARGUMENT naming the limit and its setting, never an out-of-memory later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from .. import contract
+from ..errors import InvalidInput
+from ..model.config import ModelConfig
+from ..model.prompt import PromptBuilder
+from .cache import CachedImage
+from .images import ImageError, ImageHeader, read_header
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The per-request limits (from settings.ServingConfig)."""
+    max_images: int            # max_images_per_request
+    max_visual_tokens: int     # max_visual_tokens_per_request
+    max_image_pixels: int      # max_image_pixels
+    max_model_len: int         # prompt + generated tokens
+    default_max_tokens: int    # the checkpoint's, for a request that gives none
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a request will cost, computed from its image headers and text alone."""
+    grids: list[tuple[int, int, int]]  # per image (t, h, w) in patches, as image_grid_thw
+    visual_tokens: list[int]           # per image
+    prompt_tokens: int | None          # the whole prompt, visual tokens included (None: no text)
+    transfer_bytes: int                # E->L: visual + deepstack rows of every image
+
+    @property
+    def total_visual_tokens(self) -> int:
+        return sum(self.visual_tokens)
+
+
+class Admission:
+    def __init__(self, image_processor, prompts: PromptBuilder | None, config: ModelConfig, limits: Limits):
+        self.processor, self.prompts, self.config, self.limits = image_processor, prompts, config, limits
+        size = image_processor.size
+        self.min_pixels, self.max_pixels = size["shortest_edge"], size["longest_edge"]
+        self.patch, self.merge = image_processor.patch_size, image_processor.merge_size
+        # bytes per visual token on the wire: its embedding row and one row per deepstack layer
+        self.bytes_per_token = ((1 + config.deepstack_layers) * config.visual_hidden_size
+                                * config.dtype.itemsize)
+
+    def grid(self, header: ImageHeader, index: int) -> tuple[int, int, int]:
+        """(1, h, w) patches for an image of the header's size. Raises ImageError for an aspect
+        ratio the processor refuses (over 200:1)."""
+        try:
+            height, width = smart_resize(header.height, header.width, self.patch * self.merge,
+                                         min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except ValueError as e:  # the processor's own check: "absolute aspect ratio must be smaller than 200"
+            raise ImageError(f"{contract.IMAGES}[{index}] is {header.width}x{header.height} pixels: {e}") from None
+        return 1, height // self.patch, width // self.patch
+
+    def check(self, files: list, text: str | None = None, max_tokens: int | None = None) -> Estimate:
+        """The request's estimate, or InvalidInput naming the limit it is over. `files`: image
+        bytes (a CachedImage, named by digest, is counted by its number only)."""
+        lim = self.limits
+        if len(files) > lim.max_images:
+            raise InvalidInput(f"{len(files)} images in one request; the limit is {lim.max_images} "
+                               "(max_images_per_request)")
+        grids = []
+        for i, data in enumerate(files):
+            if isinstance(data, CachedImage):
+                continue
+            header = read_header(data, i)
+            pixels = header.width * header.height
+            if pixels > lim.max_image_pixels:
+                raise ImageError(f"{contract.IMAGES}[{i}] is {header.width}x{header.height} = {pixels} pixels; "
+                                 f"the limit is {lim.max_image_pixels} (max_image_pixels)")
+            grids.append(self.grid(header, i))
+        tokens = [t * h * w // self.merge**2 for t, h, w in grids]
+        if sum(tokens) > lim.max_visual_tokens:
+            raise InvalidInput(f"the images need {sum(tokens)} visual tokens ({', '.join(map(str, tokens))}); "
+                               f"the limit is {lim.max_visual_tokens} (max_visual_tokens_per_request)")
+        prompt_tokens = None
+        if text is not None and self.prompts is not None and len(grids) == len(files):
+            self.prompts.check_size(text, lim.max_model_len)
+            prompt_tokens = len(self.prompts.expanded_ids(text, tokens))
+            generated = max_tokens if max_tokens is not None else lim.default_max_tokens
+            if prompt_tokens + generated > lim.max_model_len:
+                raise InvalidInput(f"prompt ({prompt_tokens} tokens, {sum(tokens)} of them visual) + max_tokens "
+                                   f"({generated}) = {prompt_tokens + generated} exceeds the context window of "
+                                   f"{lim.max_model_len} tokens (max_model_len)")
+        return Estimate(grids, tokens, prompt_tokens, sum(tokens) * self.bytes_per_token)
