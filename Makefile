@@ -8,7 +8,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup demo test serve checkpoint perf bench gpu-check clean
+.PHONY: setup demo test serve checkpoint perf bench soak gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ perf: setup
 # The language engine's ratios, side by side in one run (BENCH_ARGS=--quick: under 5 minutes).
 bench: setup
 	$(VENV)/bin/qwen3vl-bench $(BENCH_ARGS) --out bench/results/engine_bench-small-cpu.json
+
+# Several hundred mixed requests above the batch limit: nothing lost, memory given back (SOAK_ARGS).
+soak: setup
+	$(VENV)/bin/qwen3vl-soak $(SOAK_ARGS)
 
 # The prepared GPU check (parity in bf16, real-size benchmark); needs a CUDA GPU.
 gpu-check: setup

@@ -106,7 +106,7 @@ BAD_REQUESTS = [
     (dict(prompt="[not json", images=[]), "not a JSON message list"),
     (dict(prompt="hi", images=[b"\x89PNG broken"]), r"images\[0\].*not a decodable image"),
     (dict(prompt="hi", images=[png(32, 32, 1), b"GIF89a" + bytes(20)]), r"images\[1\].*not a decodable image"),
-    (dict(prompt="hi", max_tokens=10**7), "exceeds the model's limit"),
+    (dict(prompt="hi", max_tokens=10**7), "exceeds the context window"),
     (dict(prompt="hi", top_k=-2), "top_k must be >= 0"),
 ]
 # Data URLs as the image bytes themselves (gRPC; over HTTP the client wraps every image in a

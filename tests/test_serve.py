@@ -18,7 +18,7 @@ def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
     server = Server(checkpoint, LOG_DIR / "sigterm.log",
                     extra=["--device", "cpu", "--max-model-len", "200", "--no-enable-prefix-caching"]).start()
     assert infer(server.http_url, "http", prompt="hi", max_tokens=2, temperature=0.0).finish_reason == "length"
-    with pytest.raises(ServerError, match="exceeds the model's limit of 200 tokens"):  # --max-model-len reached it
+    with pytest.raises(ServerError, match="exceeds the context window of 200 tokens"):  # --max-model-len reached it
         infer(server.http_url, "http", prompt="hi", max_tokens=200, temperature=0.0)
     image = [png(64, 64, 5)]  # --no-enable-prefix-caching reached it: a repeat prefills everything again
     for _ in range(2):

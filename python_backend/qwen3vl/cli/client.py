@@ -50,7 +50,7 @@ class ServerError(RuntimeError):
 
 
 def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None, temperature=None,
-                 top_p=None, top_k=None, seed=None, stream=False) -> list:
+                 top_p=None, top_k=None, seed=None, stream=False, ignore_eos=None) -> list:
     """tritonclient InferInput list for the contract; `module` is tritonclient.grpc or .http."""
     def tensor(name, array):
         t = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -61,7 +61,8 @@ def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None,
     if images:
         inputs.append(tensor(contract.IMAGES, np.array(list(images), dtype=object)))
     optional = [(contract.MAX_TOKENS, max_tokens, np.int32), (contract.TEMPERATURE, temperature, np.float32),
-                (contract.TOP_P, top_p, np.float32), (contract.TOP_K, top_k, np.int32), (contract.SEED, seed, np.uint64)]
+                (contract.TOP_P, top_p, np.float32), (contract.TOP_K, top_k, np.int32), (contract.SEED, seed, np.uint64),
+                (contract.IGNORE_EOS, ignore_eos, np.bool_)]
     for name, value, np_type in optional:
         if value is not None:
             inputs.append(tensor(name, np.array([value], dtype=np_type)))
@@ -202,15 +203,19 @@ def main(argv=None) -> int:
     except Exception as e:  # tritonclient raises its own types for unreachable servers
         print(f"qwen3vl-client: request to {args.url} failed: {e}", file=sys.stderr)
         return 1
+    n = len(answer.token_ids)
+    # Streamed: time to first token, then the decode rate after it. Not streamed, the answer
+    # comes whole: no TTFT, and the rate is over the whole request (prefill included).
+    ttft = answer.ttft_s if args.stream else None
+    span = (answer.total_s - answer.ttft_s, n - 1) if args.stream else (answer.total_s, n)
+    rate = span[1] / span[0] if span[1] > 0 and span[0] > 0 else None
     if args.json:
-        n = len(answer.token_ids)
-        decode_s = answer.total_s - answer.ttft_s
         print(json.dumps({"text": answer.text, "output_ids": answer.token_ids, "finish_reason": answer.finish_reason,
-                          "ttft_s": round(answer.ttft_s, 4), "total_s": round(answer.total_s, 4),
-                          "tokens": n, "tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None}))
+                          "ttft_s": None if ttft is None else round(ttft, 4), "total_s": round(answer.total_s, 4),
+                          "tokens": n, "tokens_per_s": None if rate is None else round(rate, 2)}))
     else:
-        print(f"\n[{answer.finish_reason}; {len(answer.token_ids)} tokens; TTFT {answer.ttft_s * 1000:.0f} ms; "
-              f"{answer.total_s:.2f} s total]", file=sys.stderr)
+        first = f"TTFT {ttft * 1000:.0f} ms; " if ttft is not None else ""
+        print(f"\n[{answer.finish_reason}; {n} tokens; {first}{answer.total_s:.2f} s total]", file=sys.stderr)
     return 0
 
 

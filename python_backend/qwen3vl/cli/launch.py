@@ -105,7 +105,8 @@ class Server:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # a server that does not stop: kill it, not just us
+                subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid)], check=False)
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()

@@ -71,6 +71,9 @@ def server_command(args, backend_dir: Path | None, binary: str) -> list[str]:
         f"--http-port={args.http_port}",
         f"--grpc-port={args.grpc_port}",
         f"--metrics-port={args.metrics_port}",
+        f"--http-address={args.host}",
+        f"--grpc-address={args.host}",
+        f"--metrics-address={args.host}",
         "--model-control-mode=explicit",
         "--exit-on-error=true",
         f"--log-verbose={args.log_verbose}",
@@ -114,6 +117,9 @@ def parse_args(argv=None):
     p.add_argument("--check", action="store_true", help="assemble the Python backend directory, print where, exit")
     p.add_argument("--role", choices=sorted(ROLES), default="aggregated")
     add_setting_flags(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the HTTP, gRPC and metrics endpoints listen on (default: loopback only; "
+                        "0.0.0.0 for every interface, as the containers pass)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
