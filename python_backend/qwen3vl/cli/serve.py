@@ -94,6 +94,7 @@ def server_env(args) -> dict[str, str]:
     paths = [p for p in sys.path if p and Path(p).is_dir()]
     package_root = str(Path(__file__).resolve().parents[2])  # wherever this package is imported from
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *paths]))
+    env["QWEN3VL_PACKAGE_ROOT"] = package_root  # the stub ignores PYTHONPATH; the model.py shells read this
     settings, given = settings_from_args(args)
     env.update(settings.env(given))
     return env
