@@ -18,6 +18,7 @@ STREAM = "stream"                # BOOL [1], optional
 TEXT_OUTPUT = "text_output"      # BYTES [1]
 OUTPUT_IDS = "output_ids"        # INT32 [-1]
 FINISH_REASON = "finish_reason"  # BYTES [1]: stop, length, cancelled, or empty while streaming
+NUM_INPUT_TOKENS = "num_input_tokens"  # INT32 [1]: the prompt's tokens (visual tokens included)
 
 # Encoder -> language (inside the ensemble and between servers).
 VISUAL_EMBEDS = "visual_embeds"        # model dtype [N, H]
@@ -68,6 +69,7 @@ LANGUAGE_OUTPUTS = [
     _tensor(TEXT_OUTPUT, "TYPE_STRING", [1]),
     _tensor(OUTPUT_IDS, "TYPE_INT32", [-1]),
     _tensor(FINISH_REASON, "TYPE_STRING", [1]),
+    _tensor(NUM_INPUT_TOKENS, "TYPE_INT32", [1]),
 ]
 
 TRANSFER_INPUTS = [

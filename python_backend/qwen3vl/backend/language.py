@@ -31,6 +31,15 @@ METRICS = {
 }
 
 
+def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens: int):
+    return pb.InferenceResponse(output_tensors=[
+        pb.Tensor(contract.TEXT_OUTPUT, np.array([text.encode("utf-8")], dtype=object)),
+        pb.Tensor(contract.OUTPUT_IDS, np.array(ids, dtype=np.int32)),
+        pb.Tensor(contract.FINISH_REASON, np.array([finish_reason.encode()], dtype=object)),
+        pb.Tensor(contract.NUM_INPUT_TOKENS, np.array([num_input_tokens], dtype=np.int32)),
+    ])
+
+
 class ResponseStream:
     """Sends one request's steps: each as it comes when streaming, else one response at the end."""
 
@@ -38,14 +47,10 @@ class ResponseStream:
         self.pb, self.sender, self.stream, self.metrics = pb, sender, stream, metrics
         self.text, self.ids = [], []
         self.start, self.first = time.perf_counter(), True
+        self.num_input_tokens = 0  # the prompt's tokens, set once the prompt is built
 
     def _response(self, text: str, ids: list[int], finish_reason: str):
-        pb = self.pb
-        return pb.InferenceResponse(output_tensors=[
-            pb.Tensor(contract.TEXT_OUTPUT, np.array([text.encode("utf-8")], dtype=object)),
-            pb.Tensor(contract.OUTPUT_IDS, np.array(ids, dtype=np.int32)),
-            pb.Tensor(contract.FINISH_REASON, np.array([finish_reason.encode()], dtype=object)),
-        ])
+        return response(self.pb, text, ids, finish_reason, self.num_input_tokens)
 
     def emit(self, step: Step) -> None:
         done = bool(step.finish_reason)
@@ -123,8 +128,10 @@ class LanguageService:
             top_k=scalar(pb, request, contract.TOP_K, int),
             seed=scalar(pb, request, contract.SEED, int),
         )
-        return self.engine.new_sequence(text, self._features(request), params, stream.emit, stream.fail,
-                                        sender.is_cancelled)
+        seq = self.engine.new_sequence(text, self._features(request), params, stream.emit, stream.fail,
+                                       sender.is_cancelled)
+        stream.num_input_tokens = seq.prompt_len
+        return seq
 
     def _features(self, request) -> VisualFeatures:
         grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)
