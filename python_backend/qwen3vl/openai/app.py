@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from .errors import APIError, invalid, unavailable
@@ -62,10 +64,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         arrival = time.perf_counter()
         chat: ChatHandler = request.app.state.chat
-        ignored = sorted(set(req.model_extra or ()) | {f for f in IGNORED_FIELDS if f in req.model_fields_set})
-        if ignored:
-            log.info("ignoring fields: %s", ", ".join(ignored))
-        stream = bool(req.stream)
+        unknown = sorted(set(req.model_extra or ()) - set(IGNORED_FIELDS))
+        if unknown:
+            log.info("ignoring fields this API does not know: %s", ", ".join(unknown))
+        stream, streaming = bool(req.stream), False
         metrics.in_flight.inc()
         try:
             prepared = await chat.prepare(req)
@@ -78,13 +80,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
             if answer is None:
                 metrics.answered(499, True)
                 return Response(status_code=499)
+            streaming = True  # after_stream ends it, in_flight included
             return StreamingResponse(chat.events(prepared, answer, arrival), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(chat.after_stream, answer, arrival))
         except APIError as e:
             metrics.answered(e.status, stream)
             return _error_response(e)
         finally:
-            metrics.in_flight.dec()
+            if not streaming:
+                metrics.in_flight.dec()
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -107,8 +112,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(APIError)

@@ -49,6 +49,7 @@ class Answer:
         self.generation, self.stops, self.metrics = generation, StopStrings(stops), metrics
         self.finish_reason: str | None = None
         self.prompt_tokens = self.completion_tokens = 0
+        self.reported = False  # the streamed response recorded its status
         self._first: Piece | None = None
 
     async def start(self) -> None:
@@ -155,9 +156,20 @@ class ChatHandler:
             status = e.status
             yield _sse_error(e)
         finally:
+            answer.reported = True
             self.metrics.answered(status, True)
             self.metrics.latency.labels("true").observe(time.perf_counter() - arrival)
         yield "data: [DONE]\n\n"
+
+    async def after_stream(self, answer: Answer, arrival: float) -> None:
+        """Once a streamed response is over, however it ended: also when the client went away
+        before its first event, so that the events never ran and could not cancel."""
+        self.metrics.in_flight.dec()
+        if await answer.generation.close():
+            self.metrics.cancelled.labels("client_disconnected").inc()
+        if not answer.reported:
+            self.metrics.answered(499, True)
+            self.metrics.latency.labels("true").observe(time.perf_counter() - arrival)
 
     def _count(self, answer: Answer) -> None:
         self.metrics.prompt_tokens.inc(answer.prompt_tokens)

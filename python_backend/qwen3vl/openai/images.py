@@ -52,9 +52,13 @@ def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
         raise invalid(f"{param}: the image is larger than this server's limit of {max_bytes} bytes", param,
                       code="image_too_large")
     try:
-        return base64.b64decode("".join(payload.split()), validate=True)
+        image = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"{param}: bad base64 in the data URL", param) from None
+    if len(image) > max_bytes:
+        raise invalid(f"{param}: the image is larger than this server's limit of {max_bytes} bytes", param,
+                      code="image_too_large")
+    return image
 
 
 class ImageLoader:
