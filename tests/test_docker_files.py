@@ -18,6 +18,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import LOG_DIR, png
@@ -84,8 +85,8 @@ def compose() -> dict:
 
 def service() -> dict:
     services = compose()["services"]
-    assert len(services) == 1, "the aggregated deployment is one service"
-    return next(iter(services.values()))
+    assert set(services) == {"triton", "openai"}, "the aggregated deployment: one server, and its OpenAI API"
+    return services["triton"]
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
@@ -253,10 +254,36 @@ def test_disaggregated_compose_commands_parse_and_wire_encoders_to_the_language_
     from qwen3vl.cli.serve import parse_args
 
     services = yaml.safe_load((DOCKER / "docker-compose.disaggregated.yml").read_text())["services"]
-    roles = {name: parse_args(s["command"][1:]) for name, s in services.items()}
+    roles = {name: parse_args(s["command"][1:]) for name, s in services.items() if s["command"][0] == "qwen3vl-serve"}
     encoders = [n for n, a in roles.items() if a.role == "encoder"]
     (language,) = [a for a in roles.values() if a.role == "language"]
     assert len(encoders) >= 2
     assert sorted(language.encoder_urls) == sorted(f"{n}:{roles[n].grpc_port}" for n in encoders)
     for s in services.values():
         assert s["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+@pytest.mark.parametrize("compose_file, server", [("docker-compose.yml", "triton"),
+                                                  ("docker-compose.disaggregated.yml", "language")])
+def test_compose_runs_the_openai_api_in_front_of_the_server(compose_file, server):
+    """The `openai` service: qwen3vl-openai (flags its parser accepts) on the server's gRPC port,
+    listening on all interfaces on the port it publishes and checks, after the server is healthy."""
+    from qwen3vl.cli import openai_server
+
+    services = yaml.safe_load((DOCKER / compose_file).read_text())["services"]
+    api, target = services["openai"], services[server]
+    assert api["command"][0] == "qwen3vl-openai"
+    assert PYPROJECT["project"]["scripts"]["qwen3vl-openai"] == f"{openai_server.__name__}:main"
+    args = openai_server.parse_args(api["command"][1:])
+    host, _, port = args.triton_url.partition(":")
+    target_command = target.get("command") or container_command()
+    assert host == server and int(port) == serve.parse_args(target_command[1:]).grpc_port
+    assert args.host == "0.0.0.0" and api["ports"] == [f"{args.port}:{args.port}"]
+    assert f"127.0.0.1:{args.port}/health" in api["healthcheck"]["test"][-1]
+    assert api["depends_on"] == {server: {"condition": "service_healthy"}}
+    assert api["image"] == target.get("image", services[server].get("image"))
+    assert (DOCKER / api["build"]["context"]).resolve() == ROOT and api["build"]["dockerfile"] == "docker/Dockerfile"
+    # what the image installs (dependencies and the server extra) holds what the API imports
+    installed = " ".join(PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["server"])
+    for package in ("fastapi", "uvicorn", "prometheus-client", "httpx2", "tritonclient"):
+        assert package in installed

@@ -19,6 +19,15 @@ IGNORE_EOS = "ignore_eos"        # BOOL [1], optional: generate max_tokens whate
 TEXT_OUTPUT = "text_output"      # BYTES [1]
 OUTPUT_IDS = "output_ids"        # INT32 [-1]
 FINISH_REASON = "finish_reason"  # BYTES [1]: stop, length, cancelled, or empty while streaming
+NUM_INPUT_TOKENS = "num_input_tokens"  # INT32 [1]: the prompt's tokens (visual tokens included)
+
+# Request parameters (not tensors: Triton hands an ensemble request's parameters to every step).
+# A generation request may carry a secret `cancel_token`; a request to `qwen3_language` with the
+# parameter `cancel` set to that token cancels the generation (its `text_input` is ignored). The
+# way to cancel a generation running inside the ensemble: Triton (2.51, and at its HEAD)
+# passes an ensemble request's cancellation only to steps not yet started.
+CANCEL_TOKEN = "cancel_token"
+CANCEL = "cancel"
 
 # Encoder -> language (inside the ensemble and between servers).
 VISUAL_EMBEDS = "visual_embeds"        # model dtype [N, H]
@@ -70,6 +79,7 @@ LANGUAGE_OUTPUTS = [
     _tensor(TEXT_OUTPUT, "TYPE_STRING", [1]),
     _tensor(OUTPUT_IDS, "TYPE_INT32", [-1]),
     _tensor(FINISH_REASON, "TYPE_STRING", [1]),
+    _tensor(NUM_INPUT_TOKENS, "TYPE_INT32", [1]),
 ]
 
 TRANSFER_INPUTS = [

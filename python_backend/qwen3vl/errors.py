@@ -47,6 +47,13 @@ class NotCached(ServingError, LookupError):
     code = NOT_FOUND
 
 
+class NotFound(ServingError, LookupError):
+    """The request names something this server does not have (e.g. a cancel token of no
+    running generation)."""
+
+    code = NOT_FOUND
+
+
 class Unavailable(ServingError, RuntimeError):
     """A dependency (an encoder server) cannot serve now; another try may succeed."""
 

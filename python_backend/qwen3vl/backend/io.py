@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -29,6 +30,15 @@ def model_config(settings: ServingConfig) -> ModelConfig:
         # slower with torch on both of 2 cores than with one).
         torch.set_num_threads(settings.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
     return ModelConfig.load(settings.checkpoint, device=settings.resolved_device, dtype=settings.torch_dtype)
+
+
+def request_parameters(request) -> dict:
+    """The request's parameters ({} when none, or when they are not a JSON object)."""
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except (AttributeError, ValueError):
+        return {}
+    return params if isinstance(params, dict) else {}
 
 
 def input_array(pb, request, name: str) -> np.ndarray | None:

@@ -12,10 +12,10 @@ from .. import contract
 from ..engine.engine import Engine, EngineConfig, PrefillReport
 from ..engine.sequence import Sequence, Step
 from ..engine.worker import EngineLoop
-from ..errors import InvalidInput
+from ..errors import InvalidInput, NotFound
 from ..model.vision import VisualFeatures
 from ..settings import ServingConfig
-from .io import error_response, model_config, scalar, torch_input
+from .io import error_response, model_config, request_parameters, scalar, torch_input
 from .metrics import Counters, Gauges
 
 METRICS = {
@@ -39,6 +39,15 @@ GAUGES = {
 }
 
 
+def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens: int):
+    return pb.InferenceResponse(output_tensors=[
+        pb.Tensor(contract.TEXT_OUTPUT, np.array([text.encode("utf-8")], dtype=object)),
+        pb.Tensor(contract.OUTPUT_IDS, np.array(ids, dtype=np.int32)),
+        pb.Tensor(contract.FINISH_REASON, np.array([finish_reason.encode()], dtype=object)),
+        pb.Tensor(contract.NUM_INPUT_TOKENS, np.array([num_input_tokens], dtype=np.int32)),
+    ])
+
+
 class ResponseStream:
     """Sends one request's steps: each as it comes when streaming, else one response at the end."""
 
@@ -46,14 +55,11 @@ class ResponseStream:
         self.pb, self.sender, self.stream, self.metrics = pb, sender, stream, metrics
         self.text, self.ids = [], []
         self.start, self.first = time.perf_counter(), True
+        self.num_input_tokens = 0  # the prompt's tokens, set once the prompt is built
+        self.on_done = lambda: None
 
     def _response(self, text: str, ids: list[int], finish_reason: str):
-        pb = self.pb
-        return pb.InferenceResponse(output_tensors=[
-            pb.Tensor(contract.TEXT_OUTPUT, np.array([text.encode("utf-8")], dtype=object)),
-            pb.Tensor(contract.OUTPUT_IDS, np.array(ids, dtype=np.int32)),
-            pb.Tensor(contract.FINISH_REASON, np.array([finish_reason.encode()], dtype=object)),
-        ])
+        return response(self.pb, text, ids, finish_reason, self.num_input_tokens)
 
     def emit(self, step: Step) -> None:
         done = bool(step.finish_reason)
@@ -63,6 +69,7 @@ class ResponseStream:
         self.metrics.add("tokens", len(step.token_ids))
         if done:
             self.metrics.add("requests", 1)
+            self.on_done()
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if self.stream:
             self.sender.send(self._response(step.text, step.token_ids, step.finish_reason), flags=final if done else 0)
@@ -73,6 +80,7 @@ class ResponseStream:
             self.sender.send(self._response("".join(self.text), self.ids, step.finish_reason), flags=final)
 
     def fail(self, error: Exception) -> None:
+        self.on_done()
         self.metrics.add("failures", 1)
         self.sender.send(error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -105,6 +113,7 @@ class LanguageService:
         self.loop = EngineLoop(self.engine, max_queued=settings.max_queued_requests,
                                max_queue_time_s=settings.max_queue_time_s)
         self.loop.on_stats = self.gauges.set
+        self.cancellable: dict[str, Sequence] = {}  # cancel_token -> its sequence, until it finishes
         # Each metric update is an IPC: off the engine thread, onto the response thread.
         self.engine.on_prefill = lambda report: self.loop.responses.call(lambda: self._count_prefill(report))
 
@@ -117,12 +126,34 @@ class LanguageService:
         """Validate and enqueue one request (tokenized here, so bad input fails at once, alone)."""
         pb = self.pb
         sender = request.get_response_sender()
+        params = request_parameters(request)
+        if contract.CANCEL in params:
+            self._cancel(sender, str(params[contract.CANCEL]))
+            return
         stream = ResponseStream(pb, sender, False, self.metrics)
         try:
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
-            self.loop.submit(self._sequence(request, stream, sender))
+            seq = self._sequence(request, stream, sender)
+            token = params.get(contract.CANCEL_TOKEN)
+            if token:
+                self.cancellable[str(token)] = seq
+                stream.on_done = lambda: self.cancellable.pop(str(token), None)
+            self.loop.submit(seq)
         except Exception as e:  # noqa: BLE001 - bad input: this request fails, the model carries on
             stream.fail(e)
+
+    def _cancel(self, sender, token: str) -> None:
+        """A cancel request: the generation named by `token` leaves at the next engine step
+        (finish_reason `cancelled`). The reply: one response with finish_reason `cancelled`, or
+        NOT_FOUND when no running generation has that token (finished already, or unknown)."""
+        pb = self.pb
+        seq = self.cancellable.get(token)
+        if seq is None:
+            sender.send(error_response(pb, NotFound("no running request has this cancel token")),
+                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        seq.cancel_requested = True
+        sender.send(response(pb, "", [], "cancelled", 0), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _sequence(self, request, stream: ResponseStream, sender) -> Sequence:
         pb = self.pb
@@ -140,8 +171,10 @@ class LanguageService:
             seed=scalar(pb, request, contract.SEED, int),
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
         )
-        return self.engine.new_sequence(text, self._features(request), params, stream.emit, stream.fail,
-                                        sender.is_cancelled)
+        seq = self.engine.new_sequence(text, self._features(request), params, stream.emit, stream.fail,
+                                       sender.is_cancelled)
+        stream.num_input_tokens = seq.prompt_len
+        return seq
 
     def _features(self, request) -> VisualFeatures:
         grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)

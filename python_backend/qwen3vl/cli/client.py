@@ -28,6 +28,7 @@ class Chunk:
     text: str
     token_ids: list[int]
     finish_reason: str
+    num_input_tokens: int = 0  # the prompt's tokens (visual tokens included)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Answer:
     ttft_s: float = 0.0
     total_s: float = 0.0
     chunks: int = 0
+    num_input_tokens: int = 0
 
 
 class ServerError(RuntimeError):
@@ -74,9 +76,11 @@ def _chunk(result) -> Chunk:
     text = result.as_numpy(contract.TEXT_OUTPUT)
     ids = result.as_numpy(contract.OUTPUT_IDS)
     reason = result.as_numpy(contract.FINISH_REASON)
+    prompt = result.as_numpy(contract.NUM_INPUT_TOKENS)
     return Chunk(text.reshape(-1)[0].decode("utf-8") if text is not None else "",
                  ids.reshape(-1).tolist() if ids is not None else [],
-                 reason.reshape(-1)[0].decode() if reason is not None else "")
+                 reason.reshape(-1)[0].decode() if reason is not None else "",
+                 int(prompt.reshape(-1)[0]) if prompt is not None else 0)
 
 
 def stream_results(url: str, model: str, inputs_for, timeout_s: float = 600) -> Iterator:
@@ -123,7 +127,8 @@ def infer(url: str, protocol: str = "http", model: str = "ensemble", timeout_s: 
     decoupled models."""
     if protocol == "grpc":
         chunks = list(stream_grpc(url, model, timeout_s, **{**request, "stream": False}))
-        return Chunk("".join(c.text for c in chunks), [i for c in chunks for i in c.token_ids], chunks[-1].finish_reason)
+        return Chunk("".join(c.text for c in chunks), [i for c in chunks for i in c.token_ids], chunks[-1].finish_reason,
+                     chunks[-1].num_input_tokens)
     body = generate_body(**request)
     req = urllib.request.Request(f"http://{url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -135,7 +140,7 @@ def infer(url: str, protocol: str = "http", model: str = "ensemble", timeout_s: 
         raise ServerError(message, errors.code_of(message), e.code) from None
     ids = out.get(contract.OUTPUT_IDS, [])
     return Chunk(out.get(contract.TEXT_OUTPUT, ""), [ids] if isinstance(ids, int) else list(ids),
-                 out.get(contract.FINISH_REASON, ""))
+                 out.get(contract.FINISH_REASON, ""), int(out.get(contract.NUM_INPUT_TOKENS, 0)))
 
 
 def generate_body(prompt: str, images: list[bytes] = (), stream: bool = False, **params) -> dict:
@@ -158,6 +163,7 @@ def ask(url: str, protocol: str, stream: bool, on_text=None, **request) -> Answe
         answer.text += chunk.text
         answer.token_ids += chunk.token_ids
         answer.finish_reason = chunk.finish_reason or answer.finish_reason
+        answer.num_input_tokens = chunk.num_input_tokens or answer.num_input_tokens
         if on_text:
             on_text(chunk.text)
     answer.total_s = time.perf_counter() - start
@@ -211,6 +217,7 @@ def main(argv=None) -> int:
     rate = span[1] / span[0] if span[1] > 0 and span[0] > 0 else None
     if args.json:
         print(json.dumps({"text": answer.text, "output_ids": answer.token_ids, "finish_reason": answer.finish_reason,
+                          "num_input_tokens": answer.num_input_tokens,
                           "ttft_s": None if ttft is None else round(ttft, 4), "total_s": round(answer.total_s, 4),
                           "tokens": n, "tokens_per_s": None if rate is None else round(rate, 2)}))
     else:

@@ -97,9 +97,18 @@ def server_env(args) -> dict[str, str]:
     paths = [p for p in sys.path if p and Path(p).is_dir()]
     package_root = str(Path(__file__).resolve().parents[2])  # wherever this package is imported from
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *paths]))
+    env["QWEN3VL_PACKAGE_ROOT"] = package_root  # the stub ignores PYTHONPATH; the model.py shells read this
     settings, given = settings_from_args(args)
     env.update(settings.env(given))
     return env
+
+
+def openai_command(args) -> list[str]:
+    """qwen3vl-openai in front of this server's ensemble; the model's name is the checkpoint
+    directory's (`--openai-arg=--model-name=NAME` overrides it)."""
+    return [sys.executable, "-m", "qwen3vl.cli.openai_server", "--triton-url", f"127.0.0.1:{args.grpc_port}",
+            "--host", args.openai_host, "--port", str(args.openai_port),
+            "--model-name", Path(args.checkpoint).resolve().name, *args.openai_arg]
 
 
 def _die_with_parent() -> None:
@@ -125,6 +134,12 @@ def parse_args(argv=None):
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--openai-port", type=int, default=0, metavar="PORT",
+                   help="also serve the OpenAI-compatible API (qwen3vl-openai) on this port, in front of this "
+                        "server's ensemble (default: 0, off)")
+    p.add_argument("--openai-host", default="127.0.0.1", help="the OpenAI API's address (default: 127.0.0.1)")
+    p.add_argument("--openai-arg", action="append", default=[], metavar="ARG",
+                   help="a further qwen3vl-openai flag, repeatable: --openai-arg=--allow-image-url-domains=example.com")
     p.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
     return p.parse_args(argv)
 
@@ -165,6 +180,8 @@ def main(argv=None) -> int:
         return 0
     if not args.checkpoint:
         sys.exit("qwen3vl-serve: --checkpoint DIR is required")
+    if args.openai_port and args.role == "encoder":
+        sys.exit("qwen3vl-serve: --openai-port needs the ensemble: roles aggregated and language serve it")
     if args.role == "language" and not (args.encoder_urls or os.environ.get("QWEN3VL_ENCODER_URLS")):
         sys.exit("qwen3vl-serve: --role language needs --encoder-url HOST:PORT (an encoder server's gRPC port)")
     if not (Path(args.checkpoint) / "config.json").is_file():
@@ -185,13 +202,45 @@ def main(argv=None) -> int:
         libdirs.append(str(libs))
     env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in [*libdirs, env.get("LD_LIBRARY_PATH", "")] if d)
     proc = subprocess.Popen(server_command(args, backend_dir, binary), env=env, preexec_fn=_die_with_parent)
+    # The API in its own session: a terminal's Ctrl-C reaches it once, through us.
+    api = subprocess.Popen(openai_command(args), env=env, preexec_fn=_die_with_parent,
+                           start_new_session=True) if args.openai_port else None
+    children = [p for p in (proc, api) if p is not None]
+    stopping = False
 
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    return proc.wait()
+    return _wait(proc, api, lambda: stopping)
+
+
+def _wait(server: subprocess.Popen, api: subprocess.Popen | None, stopping) -> int:
+    """tritonserver's exit status once it exits (the API is stopped then). An API that exits on
+    its own (e.g. its port is taken) stops the server too: half a deployment is not left up."""
+    while True:
+        try:
+            code = server.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            if api is not None and api.poll() is not None and not stopping():
+                print(f"qwen3vl-serve: the OpenAI API exited with {api.returncode}; stopping tritonserver",
+                      file=sys.stderr, flush=True)
+                server.send_signal(signal.SIGTERM)
+                return server.wait() or api.returncode or 1
+    if api is not None and api.poll() is None:
+        api.send_signal(signal.SIGTERM)
+        try:
+            api.wait(30)
+        except subprocess.TimeoutExpired:
+            api.kill()
+            api.wait()
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""OpenAI messages -> the JSON chat the model takes (`text_input`, README "Multi-turn chat"):
+each `image_url` part becomes a `{"type": "image"}` item and its URL joins `images`, in order,
+so images keep their places in the conversation. The checkpoint's chat template renders it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .errors import invalid, unsupported
+from .schemas import Message
+
+# OpenAI roles -> the template's. `developer` is OpenAI's newer name for `system`.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class ImageRef:
+    url: str
+    param: str  # where the request holds it, for error messages: messages[1].content[0].image_url.url
+
+
+@dataclass
+class Chat:
+    messages: list[dict] = field(default_factory=list)
+    images: list[ImageRef] = field(default_factory=list)
+
+    def text_input(self) -> str:
+        return json.dumps(self.messages, ensure_ascii=False)
+
+
+def to_chat(messages: list[Message]) -> Chat:
+    """Raises APIError (400) naming the field for what the model cannot take: tool messages,
+    tool calls, images outside user messages, audio and other parts."""
+    chat = Chat()
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.role in ("tool", "function"):
+            raise unsupported(f"{where}.role", f"{where}.role: {m.role} messages are not supported (no tool calling)")
+        role = ROLES.get(m.role)
+        if role is None:
+            raise invalid(f"{where}.role: unknown role {m.role!r}; use system, developer, user or assistant",
+                          f"{where}.role")
+        if m.tool_calls or m.function_call is not None:
+            name = "tool_calls" if m.tool_calls else "function_call"
+            raise unsupported(f"{where}.{name}", f"{where}.{name}: tool calls are not supported")
+        if m.content is None:
+            if role != "assistant":
+                raise invalid(f"{where}.content: required for {m.role} messages", f"{where}.content")
+            content: str | list = ""
+        elif isinstance(m.content, str):
+            content = m.content
+        else:
+            content = [_part(chat, role, f"{where}.content[{j}]", part) for j, part in enumerate(m.content)]
+        chat.messages.append({"role": role, "content": content})
+    return chat
+
+
+def _part(chat: Chat, role: str, where: str, part) -> dict:
+    if part.type == "text":
+        if part.text is None:
+            raise invalid(f"{where}.text: required for a text part", f"{where}.text")
+        return {"type": "text", "text": part.text}
+    if part.type == "image_url":
+        if role != "user":
+            raise unsupported(where, f"{where}: images are only taken in user messages")
+        if part.image_url is None:
+            raise invalid(f"{where}.image_url: required for an image_url part", f"{where}.image_url")
+        chat.images.append(ImageRef(part.image_url.url, f"{where}.image_url.url"))
+        return {"type": "image"}
+    if part.type in ("input_audio", "audio"):
+        raise unsupported(f"{where}.type", f"{where}: audio input is not supported; this model takes text and "
+                                           "image_url parts")
+    raise unsupported(f"{where}.type", f"{where}: content parts of type {part.type!r} are not supported; use "
+                                       "text and image_url parts")
