@@ -172,7 +172,7 @@ def test_cancelling_a_stream_stops_generation(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     client.async_stream_infer("qwen3_language", build_inputs(grpcclient, "Tell me everything", max_tokens=4000,
-                                                              temperature=0.0, stream=True))
+                                                              temperature=0.0, stream=True, ignore_eos=True))
     for _ in range(3):
         result, error = results.get(timeout=60)
         assert error is None

@@ -444,7 +444,7 @@ def test_a_bad_image_gets_400_naming_its_place(api, url, message):
 
 
 def test_other_failures_answer_in_openai_shape(api, client):
-    assert_openai_error(api.post(chat(max_tokens=10**7)), 400, None, "exceeds the model's limit")  # the model's
+    assert_openai_error(api.post(chat(max_tokens=10**7)), 400, None, "exceeds the context window")  # the model's
     assert_openai_error(api.post(chat(model="gpt-4o")), 404, "model", "gpt-4o")
     bad_json = api.http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_openai_error(bad_json, 400, None, "not valid JSON")

@@ -210,11 +210,17 @@ def test_direct_e2l_tensors_that_disagree_are_refused(server, model_config):
 # ---------------------------------------------------------------- faults (shared server)
 
 def test_clients_that_disconnect_mid_stream_leave_nothing_behind(server):
-    """Ten gRPC streams cancelled and ten HTTP event streams whose socket is closed, each after
-    its first chunks: afterwards nothing runs or waits and no KV block is held."""
+    """Ten gRPC streams through the ensemble cancelled (the client cancels by token as well,
+    README: Cancelling) and ten HTTP event streams whose socket is closed, each after its first
+    chunks: the gRPC ones stop generating at once, and afterwards nothing runs or waits and no
+    KV block is held."""
+    generated = metric(server, "qwen3vl_language_generated_tokens_total")
     for i in range(10):
-        for _chunk in stream_grpc(server.grpc_url, prompt=f"Tell a long story {i}.", max_tokens=300, temperature=0.0):
-            break  # leaving the generator cancels the stream
+        for _chunk in stream_grpc(server.grpc_url, prompt=f"Tell a long story {i}.", max_tokens=2000, temperature=0.0,
+                                  ignore_eos=True):
+            break  # leaving the generator cancels the request
+    wait_idle(server)
+    assert metric(server, "qwen3vl_language_generated_tokens_total") - generated < 10 * 2000 / 4
     body = json.dumps({"text_input": "Tell a long story.", "max_tokens": 300, "temperature": 0.0, "stream": True})
     for _ in range(10):
         sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=60)

@@ -17,7 +17,7 @@ class StreamError(RuntimeError):
 
 
 def stream_infer(client, model: str, inputs: list, timeout_s: float, next_timeout_s: float | None = None,
-                 on_unfinished: Callable[[], None] | None = None) -> Iterator:
+                 on_unfinished: Callable[[], None] | None = None, parameters: dict | None = None) -> Iterator:
     """tritonclient InferResults of one request on `client` (a tritonclient.grpc
     InferenceServerClient), each response that has outputs, until the one flagged final.
 
@@ -29,7 +29,7 @@ def stream_infer(client, model: str, inputs: list, timeout_s: float, next_timeou
     finished = False
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True, parameters=parameters)
         wait = timeout_s
         while True:
             try:

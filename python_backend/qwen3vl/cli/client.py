@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -83,15 +84,22 @@ def _chunk(result) -> Chunk:
                  int(prompt.reshape(-1)[0]) if prompt is not None else 0)
 
 
-def stream_results(url: str, model: str, inputs_for, timeout_s: float = 600) -> Iterator:
+def stream_results(url: str, model: str, inputs_for, timeout_s: float = 600, cancellable: bool = False) -> Iterator:
     """Results of one request over gRPC's bidirectional stream (what decoupled models need),
     until the response flagged final. `inputs_for(tritonclient.grpc)` builds the inputs.
+    `cancellable` (a generation request): the request carries a secret cancel token, and when it
+    is left unfinished (the caller stops reading, an error, a timeout) the generation is
+    cancelled by that token too, since Triton does not pass a stream's cancellation on to a
+    running step of an ensemble (README, Cancelling).
     Raises ServerError with the server's message (its `code` from the project's marker)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
+    token = uuid.uuid4().hex if cancellable else None
     try:
-        yield from stream_infer(client, model, inputs_for(grpcclient), timeout_s)
+        yield from stream_infer(client, model, inputs_for(grpcclient), timeout_s,
+                                on_unfinished=(lambda: cancel_generation(url, token)) if token else None,
+                                parameters={contract.CANCEL_TOKEN: token} if token else None)
     except StreamError as e:
         raise ServerError(str(e.error), errors.code_of(e.error)) from None
     finally:
@@ -103,8 +111,28 @@ def stream_grpc(url: str, model: str = "ensemble", timeout_s: float = 600, strea
     """Chunks of one generation request: one per new piece of text with `stream`, else a
     single one; the last has a finish reason."""
     inputs_for = lambda module: build_inputs(module, stream=stream, **request)  # noqa: E731
-    for result in stream_results(url, model, inputs_for, timeout_s):
+    for result in stream_results(url, model, inputs_for, timeout_s, cancellable=True):
         yield _chunk(result)
+
+
+def cancel_generation(url: str, token: str, model: str = "qwen3_language", timeout_s: float = 30) -> bool:
+    """Cancel the generation that carries `token` (contract.CANCEL); False when none runs it
+    (it finished already). Never raises: a server that is gone has cancelled it anyway."""
+    def inputs_for(module):
+        t = module.InferInput(contract.TEXT_INPUT, [1], "BYTES")
+        t.set_data_from_numpy(np.array([b""], dtype=object))
+        return [t]
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        list(stream_infer(client, model, inputs_for(grpcclient), timeout_s, parameters={contract.CANCEL: token}))
+        return True
+    except Exception:  # noqa: BLE001 - NOT_FOUND (finished), or the server is gone
+        return False
+    finally:
+        client.close()
 
 
 def encode(url: str, images: list[bytes], model: str = "qwen3_encoder", timeout_s: float = 600) -> dict:
