@@ -138,6 +138,12 @@ class ServingConfig:
         return str(self.torch_dtype).removeprefix("torch.")
 
     @property
+    def torch_threads(self) -> int:
+        """torch threads of a model on the CPU: `cpu_threads`, or all cores but one (which the
+        server's own threads need: gRPC, the response thread)."""
+        return self.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+
+    @property
     def encoder_url_list(self) -> list[str]:
         return [u for u in self.encoder_urls.replace(",", " ").split() if u]
 

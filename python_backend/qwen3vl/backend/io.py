@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ def model_config(settings: ServingConfig) -> ModelConfig:
         # Small CPU ops gain little from a second thread, and a thread that waits for a core
         # the server's own threads hold stalls every op (measured: served decode steps 1.3x
         # slower with torch on both of 2 cores than with one).
-        torch.set_num_threads(settings.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
+        torch.set_num_threads(settings.torch_threads)
     return ModelConfig.load(settings.checkpoint, device=settings.resolved_device, dtype=settings.torch_dtype)
 
 

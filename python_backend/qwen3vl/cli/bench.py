@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import time
@@ -35,6 +34,7 @@ import torch
 from ..engine.engine import Engine, EngineConfig
 from ..model.config import ModelConfig
 from ..model.vision import VisualFeatures
+from ..settings import ServingConfig
 from .client import ask
 from .launch import Server
 from .make_checkpoint import make_checkpoint
@@ -266,7 +266,10 @@ class Bench:
         self.ratios["vs_transformers"], _ = median_ratio(lambda: 1 / transformers_rps(), lambda: 1 / ours_rps(), rounds)
 
     def run(self):
-        torch.set_num_threads(os.cpu_count() or 1)
+        # Everything in this process (our engine in-process, transformers) runs with the torch
+        # threads the served models use, so a served / in-process ratio measures serving alone.
+        torch.set_num_threads(ServingConfig().torch_threads)
+        self.details["torch_threads"] = torch.get_num_threads()
         self.moe()
         self.batched_decode()
         self.chunked_prefill_itl()

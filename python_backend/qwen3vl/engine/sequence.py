@@ -57,6 +57,7 @@ class Sequence:
     num_computed: int = 0
     num_cached: int = 0          # prompt tokens restored from the prefix cache
     cancel_requested: bool = False
+    last_cancel_check: float = 0.0  # monotonic time the client was last asked (worker.py)
     finish_reason: str = ""
 
     def __post_init__(self):
