@@ -129,6 +129,24 @@ def exposed_names() -> dict[str, str]:
     return out
 
 
+def _buckets(b: list[float]) -> str:
+    if b == TOKEN_BUCKETS:
+        return "1, 2, 5, 10, ... 500000"
+    return ", ".join(f"{x:g}" for x in b)
+
+
+def metrics_table() -> str:
+    """The README's list of the models' metrics (markdown), generated from the tables."""
+    rows = ["| metric | kind | model (labels) | meaning | buckets |", "|---|---|---|---|---|"]
+    for model, tables in TABLES.items():
+        labels = "`model`, `mode`" if model == "qwen3_encoder" else "`model`"
+        for kind, table in tables.items():
+            for name, description, *rest in table.values():
+                buckets = _buckets(rest[0]) if rest else ""
+                rows.append(f"| `{name}` | {kind} | {model} ({labels}) | {description} | {buckets} |")
+    return "\n".join(rows)
+
+
 # -- updating them
 class Counters:
     """`spec`: {key: (metric name, description)}; every counter carries `labels`. Each
