@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import png
+from conftest import LOG_DIR, png
 from qwen3vl.backend import metrics as m
 from qwen3vl.cli.client import ask
+from qwen3vl.cli.launch import Server
 
 
 def scrape(server) -> dict[str, dict]:
@@ -110,6 +111,37 @@ def test_histograms_count_the_requests_sent_and_sum_what_the_client_received(ser
     assert 1 <= batches <= n  # every request passes the encoder (text-only ones with no image)
     assert seconds == pytest.approx(value(after, "qwen3vl_encoder_seconds_total", ENC)
                                     - value(before, "qwen3vl_encoder_seconds_total", ENC))
+
+
+def test_disaggregated_transfer_histograms_count_each_image(checkpoint):
+    """A language server fetching from an encoder server: one E->L transfer-time observation per
+    image it fetched (mode="remote"), summing to its transfer-seconds counter; the encoder server
+    (mode="local") observes the same images' visual tokens."""
+    with Server(checkpoint, LOG_DIR / "metrics-encoder.log", role="encoder", models=("qwen3_encoder",),
+                extra=["--device", "cpu"]) as enc, \
+            Server(checkpoint, LOG_DIR / "metrics-language.log", role="language",
+                   extra=["--device", "cpu", "--chunk-tokens", "8", "--encoder-url", enc.grpc_url]) as lang:
+        images = [[png(100, 80, 51)], [png(64, 64, 52), png(90, 130, 53)]]
+        for imgs in images:
+            ask(lang.grpc_url, "grpc", stream=False, prompt="Describe.", images=imgs, max_tokens=2,
+                temperature=0.0, timeout_s=120)
+        n = sum(map(len, images))
+        name = m.ENCODER_HISTOGRAMS["transfer_seconds"][0]
+        deadline = time.monotonic() + 10
+        while True:  # observed on the metrics thread: a moment after the response
+            scraped, enc_scraped = scrape(lang), scrape(enc)
+            count, total, _ = histogram(scraped, name, ENC)
+            visual = histogram(enc_scraped, m.ENCODER_HISTOGRAMS["visual_tokens"][0], ENC)
+            if (count >= n and visual[0] >= n) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert count == n
+        assert total == pytest.approx(value(scraped, "qwen3vl_transfer_seconds_total", ENC))
+        assert value(scraped, name + "_count", ENC, mode="remote") == n
+        # the language server's qwen3_encoder answers with the same grids: equal visual tokens
+        assert visual[:2] == histogram(scraped, m.ENCODER_HISTOGRAMS["visual_tokens"][0], ENC)[:2]
+        assert visual[0] == n
+        assert histogram(scraped, m.LANGUAGE_HISTOGRAMS["ttft"][0], LANG)[0] == len(images)
 
 
 def _pil(data: bytes):
