@@ -21,29 +21,7 @@ from ..errors import InvalidInput, Unavailable
 from ..model.prompt import PromptBuilder
 from ..settings import ServingConfig
 from .io import bytes_list, error_response, input_array, model_config, scalar, torch_output
-from .metrics import Counters
-
-METRICS = {
-    # key: (name, description); counters labelled with the mode
-    "requests": ("qwen3vl_encoder_requests_total", "Requests answered"),
-    "failures": ("qwen3vl_encoder_failures_total", "Requests answered with an error"),
-    "images": ("qwen3vl_encoder_images_total", "Images in requests"),
-    "forwards": ("qwen3vl_encoder_forwards_total", "Vision tower forwards (one per batch)"),
-    "cache_hits": ("qwen3vl_encoder_cache_hits_total", "Images served from the feature cache"),
-    "cache_misses": ("qwen3vl_encoder_cache_misses_total", "Images run through the vision tower"),
-    "seconds": ("qwen3vl_encoder_seconds_total", "Time encoding (local) or fetching (remote)"),
-    "chunks_sent": ("qwen3vl_transfer_chunks_sent_total", "E->L chunks sent to language servers"),
-    "bytes_sent": ("qwen3vl_transfer_bytes_sent_total", "E->L bytes sent to language servers"),
-    "shm_bytes_sent": ("qwen3vl_transfer_shm_bytes_sent_total", "E->L bytes written into language servers' shared memory"),
-    "chunks_received": ("qwen3vl_transfer_chunks_received_total", "E->L chunks received from encoders"),
-    "bytes_received": ("qwen3vl_transfer_bytes_received_total", "E->L bytes received from encoders"),
-    "shm_bytes_received": ("qwen3vl_transfer_shm_bytes_received_total", "E->L bytes received through shared memory"),
-    "transfer_seconds": ("qwen3vl_transfer_seconds_total",
-                         "Time fetching E->L tensors, per image from first request to assembled, summed"),
-    "resumes": ("qwen3vl_transfer_resumes_total", "Transfers resumed after a broken connection or encoder"),
-    "failovers": ("qwen3vl_transfer_failovers_total", "Transfers moved to another encoder"),
-}
-
+from .metrics import ENCODER_COUNTERS, ENCODER_HISTOGRAMS, Counters, Histograms, MetricsThread
 
 def build_encoder(settings: ServingConfig, config, image_processor):
     """The local VisionEncoder or the remote fetcher, as `settings.encoder_mode` says."""
@@ -83,7 +61,12 @@ class EncoderService:
     def __init__(self, pb, settings: ServingConfig):
         self.pb, self.settings = pb, settings
         self.config = model_config(settings)
-        self.metrics = Counters(pb, METRICS, {"model": "qwen3_encoder", "mode": settings.encoder_mode})
+        labels = {"model": "qwen3_encoder", "mode": settings.encoder_mode}
+        self.metrics = Counters(pb, ENCODER_COUNTERS, labels)
+        # Counters go before the responses they count (the tests read them right after); the
+        # histograms' observations (one per image) go to a thread of their own.
+        self.histograms = Histograms(pb, ENCODER_HISTOGRAMS, labels)
+        self.observer = MetricsThread("qwen3vl-encoder-metrics")
         self.admission = build_admission(settings, self.config)
         self.encoder = build_encoder(settings, self.config, self.admission.processor)
         self.regions = shm.RegionWriter()
@@ -142,6 +125,9 @@ class EncoderService:
         for response in responses:
             self._send(sender, response, passthrough)
         self.metrics.add("requests", 1)
+        merge = self.config.spatial_merge_size ** 2
+        tokens = (result.image_grid_thw.prod(-1) // merge).tolist()
+        self.observer.call(lambda: [self.histograms.observe("visual_tokens", n) for n in tokens])
 
     def _send(self, sender, response: Response, passthrough: list) -> None:
         pb, f = self.pb, response.features
@@ -168,6 +154,14 @@ class EncoderService:
     def _count_batch(self, report: EncodeReport | TransferStats | None, seconds: float) -> None:
         add = self.metrics.add
         add("seconds", seconds)
+        per_image = list(report.image_transfer_seconds) if isinstance(report, TransferStats) else []
+
+        def observe():
+            self.histograms.observe("encode_seconds", seconds)
+            for s in per_image:
+                self.histograms.observe("transfer_seconds", s)
+
+        self.observer.call(observe)
         if isinstance(report, TransferStats):
             add("chunks_received", report.chunks)
             add("bytes_received", report.bytes)
@@ -184,6 +178,7 @@ class EncoderService:
 
     def stop(self) -> None:
         self.batcher.stop()
+        self.observer.stop()
         self.regions.close()
         if hasattr(self.encoder, "close"):
             self.encoder.close()  # remote: free the shared-memory regions, close the gRPC clients

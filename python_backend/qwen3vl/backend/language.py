@@ -16,28 +16,7 @@ from ..errors import InvalidInput, NotFound
 from ..model.vision import VisualFeatures
 from ..settings import ServingConfig
 from .io import error_response, model_config, request_parameters, scalar, torch_input
-from .metrics import Counters, Gauges
-
-METRICS = {
-    "requests": ("qwen3vl_language_requests_total", "Generation requests finished"),
-    "failures": ("qwen3vl_language_failures_total", "Generation requests failed"),
-    "tokens": ("qwen3vl_language_generated_tokens_total", "Tokens generated"),
-    "ttft": ("qwen3vl_language_first_token_seconds_total", "Sum of time to first token"),
-    "prefill_tokens": ("qwen3vl_language_prefill_tokens_total", "Prompt tokens run through the model"),
-    "prefix_cached_tokens": ("qwen3vl_language_prefix_cache_tokens_total",
-                             "Prompt tokens restored from the prefix cache instead"),
-    "prefix_cache_hits": ("qwen3vl_language_prefix_cache_hits_total",
-                          "Requests that restored part of their prompt from the prefix cache"),
-}
-
-
-GAUGES = {
-    "running": ("qwen3vl_language_running_requests", "Requests in the running batch"),
-    "waiting": ("qwen3vl_language_waiting_requests", "Requests waiting for a slot"),
-    "kv_blocks_used": ("qwen3vl_language_kv_blocks_used", "KV cache blocks held by running requests"),
-    "kv_blocks_total": ("qwen3vl_language_kv_blocks_total", "KV cache blocks in all"),
-}
-
+from .metrics import LANGUAGE_COUNTERS, LANGUAGE_GAUGES, LANGUAGE_HISTOGRAMS, Counters, Gauges, Histograms
 
 def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens: int):
     return pb.InferenceResponse(output_tensors=[
@@ -51,11 +30,14 @@ def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens
 class ResponseStream:
     """Sends one request's steps: each as it comes when streaming, else one response at the end."""
 
-    def __init__(self, pb, sender, stream: bool, metrics: Counters):
-        self.pb, self.sender, self.stream, self.metrics = pb, sender, stream, metrics
+    def __init__(self, pb, sender, stream: bool, metrics: Counters, histograms: Histograms | None = None):
+        self.pb, self.sender, self.stream, self.metrics, self.histograms = pb, sender, stream, metrics, histograms
         self.text, self.ids = [], []
         self.start, self.first = time.perf_counter(), True
+        self.first_token_s = 0.0  # time to first token, once sent
+        self.generated = 0
         self.num_input_tokens = 0  # the prompt's tokens, set once the prompt is built
+        self.seq: Sequence | None = None  # once built (its admission time: queue time)
         self.on_done = lambda: None
 
     def _response(self, text: str, ids: list[int], finish_reason: str):
@@ -63,12 +45,15 @@ class ResponseStream:
 
     def emit(self, step: Step) -> None:
         done = bool(step.finish_reason)
-        if self.first:
-            self.metrics.add("ttft", time.perf_counter() - self.start)
+        if self.first and step.token_ids:
+            self.first_token_s = time.perf_counter() - self.start
+            self.metrics.add("ttft", self.first_token_s)
             self.first = False
         self.metrics.add("tokens", len(step.token_ids))
+        self.generated += len(step.token_ids)
         if done:
             self.metrics.add("requests", 1)
+            self._observe()
             self.on_done()
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if self.stream:
@@ -78,6 +63,22 @@ class ResponseStream:
         self.ids += step.token_ids
         if done:
             self.sender.send(self._response("".join(self.text), self.ids, step.finish_reason), flags=final)
+
+    def _observe(self) -> None:
+        """The finished request's histograms (on the response thread, before its last response)."""
+        h = self.histograms
+        if h is None:
+            return
+        e2e = time.perf_counter() - self.start
+        if self.generated:
+            h.observe("ttft", self.first_token_s)
+        if self.generated >= 2:
+            h.observe("itl", (e2e - self.first_token_s) / (self.generated - 1))
+        h.observe("e2e", e2e)
+        if self.seq is not None and self.seq.admitted:
+            h.observe("queue", max(0.0, self.seq.admitted - self.seq.arrival))
+        h.observe("prompt_tokens", self.num_input_tokens)
+        h.observe("generated_tokens", self.generated)
 
     def fail(self, error: Exception) -> None:
         self.on_done()
@@ -107,8 +108,10 @@ class LanguageService:
               f"({blocks.num_blocks * blocks.block_size} tokens), max_num_seqs {settings.max_num_seqs}, "
               f"max_num_batched_tokens {settings.max_num_batched_tokens}, torch threads {torch.get_num_threads()}",
               flush=True)
-        self.metrics = Counters(pb, METRICS, {"model": "qwen3_language"})
-        self.gauges = Gauges(pb, GAUGES, {"model": "qwen3_language"})
+        labels = {"model": "qwen3_language"}
+        self.metrics = Counters(pb, LANGUAGE_COUNTERS, labels)
+        self.gauges = Gauges(pb, LANGUAGE_GAUGES, labels)
+        self.histograms = Histograms(pb, LANGUAGE_HISTOGRAMS, labels)
         self.gauges.set(self.engine.stats())
         self.loop = EngineLoop(self.engine, max_queued=settings.max_queued_requests,
                                max_queue_time_s=settings.max_queue_time_s)
@@ -130,7 +133,7 @@ class LanguageService:
         if contract.CANCEL in params:
             self._cancel(sender, str(params[contract.CANCEL]))
             return
-        stream = ResponseStream(pb, sender, False, self.metrics)
+        stream = ResponseStream(pb, sender, False, self.metrics, self.histograms)
         try:
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
             seq = self._sequence(request, stream, sender)
@@ -173,7 +176,7 @@ class LanguageService:
         )
         seq = self.engine.new_sequence(text, self._features(request), params, stream.emit, stream.fail,
                                        sender.is_cancelled)
-        stream.num_input_tokens = seq.prompt_len
+        stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         return seq
 
     def _features(self, request) -> VisualFeatures:

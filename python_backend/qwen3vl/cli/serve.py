@@ -122,18 +122,27 @@ def _die_with_parent() -> None:
 
 
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen3vl-serve", description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="assemble the Python backend directory, print where, exit")
-    p.add_argument("--role", choices=sorted(ROLES), default="aggregated")
+    p.add_argument("--role", choices=sorted(ROLES), default="aggregated",
+                   help="which models this server loads: aggregated (all three), encoder (qwen3_encoder running "
+                        "the vision tower), language (ensemble, qwen3_language, a qwen3_encoder fetching from "
+                        "--encoder-url)")
     add_setting_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address the HTTP, gRPC and metrics endpoints listen on (default: loopback only; "
                         "0.0.0.0 for every interface, as the containers pass)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
-    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port (health, metadata, generate)")
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="Triton's gRPC port (streaming; what encoder servers are reached on)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Triton's Prometheus metrics port (/metrics)")
+    p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY),
+                   help="the model repository (this project's; the image has it at /opt/qwen3vl/model_repository)")
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
     p.add_argument("--openai-port", type=int, default=0, metavar="PORT",
                    help="also serve the OpenAI-compatible API (qwen3vl-openai) on this port, in front of this "
                         "server's ensemble (default: 0, off)")
@@ -141,7 +150,28 @@ def parse_args(argv=None):
     p.add_argument("--openai-arg", action="append", default=[], metavar="ARG",
                    help="a further qwen3vl-openai flag, repeatable: --openai-arg=--allow-image-url-domains=example.com")
     p.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
-    return p.parse_args(argv)
+    return p
+
+
+def flags_table() -> str:
+    """The README's table of qwen3vl-serve's own flags (those that are no setting; the settings
+    table has the rest), generated from the parser."""
+    settings = {f.name for f in dataclasses.fields(ServingConfig)}
+    rows = ["| `qwen3vl-serve` flag | default | meaning |", "|---|---|---|"]
+    for action in build_parser()._actions:
+        if action.dest in settings or action.dest == "help":
+            continue
+        flag = " ".join(f"`{o}`" for o in action.option_strings) or "`-- ARGS`"
+        default = action.default
+        if action.dest == "model_repository":
+            default = "the checkout's `model_repository/` (`QWEN3VL_MODEL_REPOSITORY`)"
+        elif action.choices:
+            default = f"{default} (of {', '.join(action.choices)})"
+        elif default is None or default is False or default == []:
+            default = ""
+        help = (action.help or "").replace("|", "\\|")
+        rows.append(f"| {flag} | {default} | {help} |")
+    return "\n".join(rows)
 
 
 def add_setting_flags(p: argparse.ArgumentParser) -> None:

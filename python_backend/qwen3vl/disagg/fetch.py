@@ -40,10 +40,12 @@ class TransferStats:
     shm_bytes: int = 0
     seconds: float = 0.0           # the whole encode() call
     transfer_seconds: float = 0.0  # per image, from the first request to the assembled tensors, summed
+    image_transfer_seconds: list[float] = field(default_factory=list)  # the same, each image's
     failovers: list[str] = field(default_factory=list)
 
     def add(self, other: "TransferStats") -> None:
         self.transfer_seconds += other.transfer_seconds
+        self.image_transfer_seconds += other.image_transfer_seconds
         self.chunks += other.chunks
         self.bytes += other.bytes
         self.shm_bytes += other.shm_bytes
@@ -154,6 +156,7 @@ class ImageFetcher:
                     by_digest = True  # that encoder has it now
                 if t.complete:
                     t.stats.transfer_seconds = time.perf_counter() - started
+                    t.stats.image_transfer_seconds = [t.stats.transfer_seconds]
                     return t.buf.features(self.config.dtype), t.stats
             except NotCached:
                 if not by_digest:  # it says so of the file itself: a broken encoder

@@ -97,6 +97,7 @@ class Engine:
         # response thread, so that sends (IPC) never hold up the next step.
         self.deliver: Callable[[Sequence, Step | Exception], None] = _deliver_now
         self.steps = 0
+        self.last_batch_size = 0  # sequences in the last step (a gauge)
 
     @classmethod
     def from_checkpoint(cls, config: ModelConfig, engine_config: EngineConfig = EngineConfig()) -> "Engine":
@@ -188,6 +189,7 @@ class Engine:
         """One scheduler step; returns how many sequences ran in it."""
         self._drop_cancelled()
         batch = self.scheduler.schedule()
+        self.last_batch_size = len(batch)
         if not batch:
             return 0
         self.steps += 1
@@ -251,9 +253,11 @@ class Engine:
             self._fail(seq, error)
 
     def stats(self) -> dict[str, int]:
-        """Running and waiting requests, KV blocks used and in all (gauges)."""
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "kv_blocks_used": self.blocks.num_used, "kv_blocks_total": self.blocks.num_blocks}
+        """Running and waiting requests, KV blocks used and in all, the last step's batch (gauges)."""
+        running = len(self.scheduler.running)
+        return {"running": running, "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.blocks.num_used, "kv_blocks_total": self.blocks.num_blocks,
+                "batch_size": self.last_batch_size if running else 0}
 
     # ---- one request alone (tests, benchmarks)
     def generate(self, text: str, features: VisualFeatures, params: SamplingParams,

@@ -11,6 +11,7 @@ sequence is never preempted; a sequence that does not fit waits at the head of t
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -81,6 +82,7 @@ class Scheduler:
                 break  # first come, first served: later arrivals wait behind it
             self.waiting.popleft()
             seq.status, seq.num_computed = Status.RUNNING, seq.num_cached
+            seq.admitted = time.monotonic()
             self.running.append(seq)
             n = self._chunk(seq, budget)
             out.append(ScheduledSeq(seq, seq.num_computed, n))

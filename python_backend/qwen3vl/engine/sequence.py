@@ -50,6 +50,7 @@ class Sequence:
     block_keys: list[bytes] = field(default_factory=list)
     request_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
+    admitted: float = 0.0        # time.monotonic() when it joined the running batch (queue time)
 
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

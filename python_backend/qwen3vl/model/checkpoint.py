@@ -14,15 +14,11 @@ We keep the hub layout in memory: `x @ W` then needs no transpose.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
-log = logging.getLogger(__name__)
-
 
 def _weight_map(checkpoint: Path) -> dict[str, str]:
     index = checkpoint / "model.safetensors.index.json"
@@ -35,29 +31,56 @@ def _weight_map(checkpoint: Path) -> dict[str, str]:
     raise FileNotFoundError(f"{checkpoint}: neither model.safetensors.index.json nor model.safetensors")
 
 
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """{tensor name: its bytes in the file}, from the shard's safetensors header alone."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g}"
+
+
+def _print(line: str) -> None:
+    # The server's log is the stub's stdout; logging's INFO goes nowhere there.
+    print(line, flush=True)
+
+
 def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch.dtype,
-                 device: str = "cpu") -> dict[str, torch.Tensor]:
-    """{name without its matched prefix: tensor} for every checkpoint tensor under `prefixes`."""
+                 device: str = "cpu", name: str = "", progress=_print) -> dict[str, torch.Tensor]:
+    """{name without its matched prefix: tensor} for every checkpoint tensor under `prefixes`.
+
+    Prints (`progress`) one line per shard with the bytes read so far out of the total, then
+    once "<name>: loaded N GiB in S s" (N: the checkpoint's bytes read for these tensors)."""
     checkpoint = Path(checkpoint)
+    name = name or ", ".join(prefixes)
     wanted: dict[str, list[str]] = {}
-    for name, shard in _weight_map(checkpoint).items():
-        if name.startswith(prefixes):
-            wanted.setdefault(shard, []).append(name)
+    for tensor, shard in _weight_map(checkpoint).items():
+        if tensor.startswith(prefixes):
+            wanted.setdefault(shard, []).append(tensor)
     if not wanted:
         raise ValueError(f"{checkpoint}: no tensors under {prefixes}")
-    start, nbytes, out = time.perf_counter(), 0, {}
-    for i, (shard, names) in enumerate(sorted(wanted.items()), 1):
+    sizes = {shard: _tensor_bytes(checkpoint / shard) for shard in wanted}
+    total = sum(sizes[shard][t] for shard, tensors in wanted.items() for t in tensors)
+    start, done, in_memory, out = time.perf_counter(), 0, 0, {}
+    for i, (shard, tensors) in enumerate(sorted(wanted.items()), 1):
         with safe_open(checkpoint / shard, "pt", device="cpu") as f:
-            for name in names:
-                t = f.get_tensor(name)
+            for tensor in tensors:
+                t = f.get_tensor(tensor)
                 if t.is_floating_point():
                     t = t.to(dtype)
                 t = t.to(device)
-                nbytes += t.numel() * t.element_size()
-                prefix = next(p for p in prefixes if name.startswith(p))
-                out[name[len(prefix):]] = t
-        log.info("shard %d/%d %s: %d tensors", i, len(wanted), shard, len(names))
-    log.info("loaded %.2f GiB (%s) in %.1f s", nbytes / 2**30, ", ".join(prefixes), time.perf_counter() - start)
+                in_memory += t.numel() * t.element_size()
+                done += sizes[shard][tensor]
+                prefix = next(p for p in prefixes if tensor.startswith(p))
+                out[tensor[len(prefix):]] = t
+        progress(f"{name}: shard {i}/{len(wanted)} {shard}: {len(tensors)} tensors, "
+                 f"{_gib(done)}/{_gib(total)} GiB ({100 * done / max(total, 1):.0f}%), "
+                 f"{time.perf_counter() - start:.1f} s")
+    progress(f"{name}: loaded {_gib(total)} GiB in {time.perf_counter() - start:.1f} s "
+             f"({len(wanted)} of the checkpoint's shards, {len(out)} tensors; {_gib(in_memory)} GiB as {dtype} "
+             f"on {device})")
     return out
 
 

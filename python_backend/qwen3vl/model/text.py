@@ -229,7 +229,7 @@ class LanguageModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         tensors = load_tensors(config.checkpoint, ("model.language_model.", "lm_head."),
-                               config.dtype, config.device)
+                               config.dtype, config.device, name="language model")
         if "weight" in tensors:  # `lm_head.weight` lost its prefix
             tensors["lm_head.weight"] = tensors.pop("weight")
         elif config.raw.get("tie_word_embeddings"):

@@ -57,7 +57,8 @@ class VisionTower:
         vcfg._attn_implementation = "sdpa"
         with torch.device("meta"):
             model = Qwen3VLMoeVisionModel._from_config(vcfg)
-        tensors = load_tensors(config.checkpoint, ("model.visual.",), config.dtype, config.device)
+        tensors = load_tensors(config.checkpoint, ("model.visual.",), config.dtype, config.device,
+                               name="vision tower")
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
         if missing or unexpected:
             raise ValueError(f"{config.checkpoint}: vision missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,54 @@
+"""The README's operator section stays true: its tables are the generated ones (qwen3vl-serve's
+own flags, the metrics), every file and test it names exists, and its numbers for the 30B-A3B
+are the arithmetic of that model's config."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from qwen3vl.backend.metrics import metrics_table
+from qwen3vl.cli.serve import build_parser, flags_table
+from qwen3vl.settings import ServingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end]
+
+
+def test_the_flags_table_is_the_generated_one_and_with_the_settings_covers_every_flag():
+    assert flags_table() in README, "README's flags table is stale: paste qwen3vl.cli.serve.flags_table() into it"
+    in_tables = set(re.findall(r"`(--[a-z0-9-]+)`", flags_table()))
+    in_tables |= {f.metadata["flag"] for f in dataclasses.fields(ServingConfig) if f.metadata["flag"]}
+    every = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"
+             and not o.startswith("--no-")}  # a switch's --no- form goes with it
+    assert every <= in_tables, every - in_tables
+
+
+def test_the_metrics_table_is_the_generated_one():
+    assert metrics_table() in README, "README's metrics table is stale: paste qwen3vl.backend.metrics.metrics_table()"
+
+
+def test_the_files_and_tests_it_names_exist():
+    ops = section("Operating it")
+    for path in set(re.findall(r"`((?:docker|tests|python_backend)/[\w./-]+)`", ops)):
+        assert (ROOT / path).exists(), path
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    for name in set(re.findall(r"`(test_[a-z0-9_]+)`", ops)):
+        assert f"def {name}(" in tests, name
+
+
+def test_the_30b_numbers_are_its_configs_arithmetic():
+    layers, kv_heads, head_dim, hidden, deepstack, bf16 = 48, 4, 128, 2048, 3, 2
+    assert 2 * layers * kv_heads * head_dim * bf16 == 96 * 1024
+    assert (1 + deepstack) * hidden * bf16 == 16 * 1024
+    ops = section("Operating it")
+    assert "| 96 KiB (a 4,096-token sequence: 384 MiB) |" in ops
+    assert "16 KiB (a 1024x1024 image, 1,024 visual tokens: 16 MiB)" in ops
+    assert "16 KiB for the\n30B-A3B in bf16" in README
