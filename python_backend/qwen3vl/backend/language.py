@@ -18,6 +18,9 @@ from ..settings import ServingConfig
 from .io import error_response, model_config, request_parameters, scalar, torch_input
 from .metrics import LANGUAGE_COUNTERS, LANGUAGE_GAUGES, LANGUAGE_HISTOGRAMS, Counters, Gauges, Histograms
 
+TOKENS_PER_COUNT = 32
+
+
 def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens: int):
     return pb.InferenceResponse(output_tensors=[
         pb.Tensor(contract.TEXT_OUTPUT, np.array([text.encode("utf-8")], dtype=object)),
@@ -36,6 +39,7 @@ class ResponseStream:
         self.start, self.first = time.perf_counter(), True
         self.first_token_s = 0.0  # time to first token, once sent
         self.generated = 0
+        self.counted = 0  # of `generated`, added to the tokens counter
         self.num_input_tokens = 0  # the prompt's tokens, set once the prompt is built
         self.seq: Sequence | None = None  # once built (its admission time: queue time)
         self.on_done = lambda: None
@@ -49,8 +53,12 @@ class ResponseStream:
             self.first_token_s = time.perf_counter() - self.start
             self.metrics.add("ttft", self.first_token_s)
             self.first = False
-        self.metrics.add("tokens", len(step.token_ids))
         self.generated += len(step.token_ids)
+        # The tokens counter in batches (each increment is an IPC, as is each streamed
+        # response): every TOKENS_PER_COUNT tokens and at the end, before the final response.
+        if done or self.generated - self.counted >= TOKENS_PER_COUNT:
+            self.metrics.add("tokens", self.generated - self.counted)
+            self.counted = self.generated
         if done:
             self.metrics.add("requests", 1)
             self._observe()

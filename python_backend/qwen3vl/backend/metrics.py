@@ -44,7 +44,8 @@ TOKEN_BUCKETS = buckets_1_2_5(500_000)
 LANGUAGE_COUNTERS = {
     "requests": ("qwen3vl_language_requests_total", "Generation requests finished"),
     "failures": ("qwen3vl_language_failures_total", "Generation requests failed"),
-    "tokens": ("qwen3vl_language_generated_tokens_total", "Tokens generated"),
+    "tokens": ("qwen3vl_language_generated_tokens_total",
+               "Tokens generated (added every 32 tokens of a request and at its end)"),
     "ttft": ("qwen3vl_language_first_token_seconds_total", "Sum of time to first token"),
     "prefill_tokens": ("qwen3vl_language_prefill_tokens_total", "Prompt tokens run through the model"),
     "prefix_cached_tokens": ("qwen3vl_language_prefix_cache_tokens_total",
