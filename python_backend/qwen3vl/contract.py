@@ -9,6 +9,8 @@ from __future__ import annotations
 # Public API of `ensemble` (also accepted by `qwen3_language` for text-only requests).
 TEXT_INPUT = "text_input"        # BYTES [1]
 IMAGES = "images"                # BYTES [-1], optional: encoded image files in prompt order
+VIDEOS = "videos"                # BYTES [-1], optional: encoded video files (MP4, WebM, MKV, AVI) in prompt order
+VIDEO_FPS = "video_fps"          # FP32 [1], optional: frames sampled per second of video (default the checkpoint's)
 MAX_TOKENS = "max_tokens"        # INT32 [1], optional
 TEMPERATURE = "temperature"      # FP32 [1], optional, 0 = greedy
 TOP_P = "top_p"                  # FP32 [1], optional
@@ -33,6 +35,11 @@ CANCEL = "cancel"
 VISUAL_EMBEDS = "visual_embeds"        # model dtype [N, H]
 DEEPSTACK_EMBEDS = "deepstack_embeds"  # model dtype [L, N, H]
 IMAGE_GRID_THW = "image_grid_thw"      # INT64 [k, 3]
+VIDEO_GRID_THW = "video_grid_thw"      # INT64 [v, 3]
+VIDEO_TIMESTAMPS = "video_timestamps"  # FP64 [sum of t]: each video frame group's time in seconds (float64:
+                                       # the prompt prints it with one decimal, as the processor does)
+# Rows of visual_embeds/deepstack_embeds: every image's tokens, then every video's (frame groups in
+# order); the language side puts them where the prompt's placeholders are.
 
 # The chunked, resumable E->L transfer between servers (extra inputs and outputs of
 # `qwen3_encoder`; qwen3vl.disagg).
@@ -72,8 +79,9 @@ LANGUAGE_REQUEST_INPUTS = tuple(t["name"] for t in LANGUAGE_REQUEST)
 
 # `ensemble`: the language request plus the images. text_input is declared optional there only
 # so that a request without it reaches the encoder and gets a clear INVALID_ARG (ensemble/config.pbtxt).
-ENSEMBLE_INPUTS = [{**LANGUAGE_REQUEST[0], "optional": True}, _tensor(IMAGES, "TYPE_STRING", [-1], True),
-                   *LANGUAGE_REQUEST[1:]]
+MEDIA_INPUTS = [_tensor(IMAGES, "TYPE_STRING", [-1], True), _tensor(VIDEOS, "TYPE_STRING", [-1], True),
+                _tensor(VIDEO_FPS, "TYPE_FP32", [1], True)]
+ENSEMBLE_INPUTS = [{**LANGUAGE_REQUEST[0], "optional": True}, *MEDIA_INPUTS, *LANGUAGE_REQUEST[1:]]
 
 LANGUAGE_OUTPUTS = [
     _tensor(TEXT_OUTPUT, "TYPE_STRING", [1]),
@@ -103,6 +111,8 @@ def e2l_tensors(dtype_name: str) -> list[dict]:
         _tensor(VISUAL_EMBEDS, tdt, [-1, -1]),
         _tensor(DEEPSTACK_EMBEDS, tdt, [-1, -1, -1]),
         _tensor(IMAGE_GRID_THW, "TYPE_INT64", [-1, 3]),
+        _tensor(VIDEO_GRID_THW, "TYPE_INT64", [-1, 3]),
+        _tensor(VIDEO_TIMESTAMPS, "TYPE_FP64", [-1]),
     ]
 
 
@@ -113,9 +123,9 @@ def language_io(dtype_name: str) -> tuple[list[dict], list[dict]]:
 
 
 def encoder_io(dtype_name: str) -> tuple[list[dict], list[dict]]:
-    """`qwen3_encoder`, local and remote alike: (inputs, outputs). Images are optional (a
-    text-only request through the ensemble); the language request passes through."""
+    """`qwen3_encoder`, local and remote alike: (inputs, outputs). Images and videos are
+    optional (a text-only request through the ensemble); the language request passes through."""
     passthrough = [{**t, "optional": True} for t in LANGUAGE_REQUEST]
-    return ([_tensor(IMAGES, "TYPE_STRING", [-1], True), *passthrough, *TRANSFER_INPUTS],
+    return ([*MEDIA_INPUTS, *passthrough, *TRANSFER_INPUTS],
             [*e2l_tensors(dtype_name), *({k: v for k, v in t.items() if k != "optional"} for t in LANGUAGE_REQUEST),
              *TRANSFER_OUTPUTS])

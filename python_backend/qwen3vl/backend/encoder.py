@@ -16,6 +16,7 @@ from ..encoder.batcher import EncodeBatcher, EncodeJob
 from ..encoder.cache import CachedImage
 from ..encoder.encoder import EncodeReport
 from ..encoder.images import image_file_bytes
+from ..encoder.video import VideoLimits, VideoPlanner, video_file_bytes
 from ..engine.sampling import generation_defaults
 from ..errors import InvalidInput, Unavailable
 from ..model.prompt import PromptBuilder
@@ -45,13 +46,14 @@ METRICS = {
 }
 
 
-def build_encoder(settings: ServingConfig, config, image_processor):
+def build_encoder(settings: ServingConfig, config, image_processor, video_processor=None):
     """The local VisionEncoder or the remote fetcher, as `settings.encoder_mode` says."""
     if settings.encoder_mode == "local":
         from ..encoder.encoder import VisionEncoder
 
         return VisionEncoder(config, image_processor, cache_bytes=settings.mib(settings.encoder_cache_mb),
-                             fault_sha256=settings.inject_fault_image_sha256)
+                             fault_sha256=settings.inject_fault_image_sha256, video_processor=video_processor,
+                             cap_pixels_per_frame=settings.video_cap_pixels_per_frame)
     if settings.encoder_mode == "remote":
         from ..disagg.remote import RemoteEncoder
 
@@ -75,8 +77,13 @@ def build_admission(settings: ServingConfig, config) -> Admission:
                     max_visual_tokens=settings.max_visual_tokens_per_request,
                     max_image_pixels=settings.max_image_pixels,
                     max_model_len=settings.max_model_len or config.text.max_position_embeddings,
-                    default_max_tokens=defaults.max_tokens)
-    return Admission(processor.image_processor, prompts, config, limits)
+                    default_max_tokens=defaults.max_tokens, max_videos=settings.max_videos_per_request)
+    admission = Admission(processor.image_processor, prompts, config, limits)
+    admission.videos = VideoPlanner(processor, VideoLimits(
+        max_bytes=settings.max_video_bytes, max_seconds=settings.max_video_seconds,
+        max_frames=settings.max_video_frames, max_frame_pixels=settings.max_video_frame_pixels),
+        cap_pixels_per_frame=settings.video_cap_pixels_per_frame)
+    return admission
 
 
 class EncoderService:
@@ -85,7 +92,8 @@ class EncoderService:
         self.config = model_config(settings)
         self.metrics = Counters(pb, METRICS, {"model": "qwen3_encoder", "mode": settings.encoder_mode})
         self.admission = build_admission(settings, self.config)
-        self.encoder = build_encoder(settings, self.config, self.admission.processor)
+        self.encoder = build_encoder(settings, self.config, self.admission.processor,
+                                     self.admission.videos.video_processor)
         self.regions = shm.RegionWriter()
         self.batcher = EncodeBatcher(self.encoder, max_delay_s=settings.encoder_max_queue_delay_ms / 1000,
                                      max_images=settings.encoder_max_batch_images, on_batch=self._count_batch)
@@ -124,10 +132,30 @@ class EncoderService:
             if files:
                 raise InvalidInput(f"send either {contract.IMAGES} or {contract.IMAGE_DIGESTS}, not both")
             files = [CachedImage(d) for d in digests]
-        # Before any vision work: the images' sizes, the limits, the context window.
+        videos = self._videos(request)
+        # Before any vision work: the images' sizes, the videos' headers, the limits, the context window.
         self.admission.check(files, scalar(pb, request, contract.TEXT_INPUT, str),
-                             scalar(pb, request, contract.MAX_TOKENS, int))
-        return files, chunking, passthrough
+                             scalar(pb, request, contract.MAX_TOKENS, int), videos)
+        return files + videos, chunking, passthrough
+
+    def _videos(self, request) -> list:
+        """The request's videos, planned from their headers (frame indices by the processor's
+        own sample_frames, timestamps, grid), or InvalidInput for one over a limit."""
+        pb = self.pb
+        raw = bytes_list(pb, request, contract.VIDEOS)
+        fps = scalar(pb, request, contract.VIDEO_FPS, float)
+        if not raw:
+            return []
+        if self.settings.encoder_mode != "local":
+            raise InvalidInput("videos are encoded in the aggregated deployment only for now; this language "
+                               "server fetches images from encoder servers (send the video to an aggregated server)")
+        if len(raw) > self.settings.max_videos_per_request:
+            raise InvalidInput(f"{len(raw)} videos in one request; the limit is "
+                               f"{self.settings.max_videos_per_request} (max_videos_per_request)")
+        if fps is None and self.settings.video_fps > 0:
+            fps = self.settings.video_fps
+        planner = self.admission.videos
+        return [planner.plan(video_file_bytes(b, i), i, fps) for i, b in enumerate(raw)]
 
     # -- responses out
     def _respond(self, sender, result, passthrough: list, chunking: ChunkRequest) -> None:
@@ -147,7 +175,9 @@ class EncoderService:
         pb, f = self.pb, response.features
         tensors = [torch_output(pb, contract.VISUAL_EMBEDS, f.visual_embeds),
                    torch_output(pb, contract.DEEPSTACK_EMBEDS, f.deepstack_embeds),
-                   torch_output(pb, contract.IMAGE_GRID_THW, f.image_grid_thw.to(torch.int64))]
+                   torch_output(pb, contract.IMAGE_GRID_THW, f.image_grid_thw.to(torch.int64)),
+                   pb.Tensor(contract.VIDEO_GRID_THW, f.video_grid_thw.to(torch.int64).numpy().reshape(-1, 3)),
+                   pb.Tensor(contract.VIDEO_TIMESTAMPS, f.video_timestamps.to(torch.float64).numpy().reshape(-1))]
         if response.chunk_start is None:
             tensors += passthrough
         else:
