@@ -47,6 +47,7 @@ CHUNK_TOKENS = "chunk_tokens"    # INT32 [1]: visual tokens per chunk (asks for 
 RESUME_FROM = "resume_from"      # INT64 [1]: first visual token wanted
 MAX_CHUNKS = "max_chunks"        # INT32 [1]: stop after this many chunks (0: all)
 IMAGE_DIGESTS = "image_digests"  # BYTES [-1]: SHA-256 of image files the encoder may have cached
+VIDEO_DIGESTS = "video_digests"  # BYTES [-1]: SHA-256 of video files the encoder may have cached (with video_fps)
 SHM_REGION = "shm_region"        # BYTES [1]: write the chunk into this shared-memory region
 CHUNK_START = "chunk_start"      # INT64 [1]: where this chunk's rows go
 TOTAL_TOKENS = "total_tokens"    # INT64 [1]: N of the whole request
@@ -95,6 +96,7 @@ TRANSFER_INPUTS = [
     _tensor(RESUME_FROM, "TYPE_INT64", [1], True),
     _tensor(MAX_CHUNKS, "TYPE_INT32", [1], True),
     _tensor(IMAGE_DIGESTS, "TYPE_STRING", [-1], True),
+    _tensor(VIDEO_DIGESTS, "TYPE_STRING", [-1], True),
     _tensor(SHM_REGION, "TYPE_STRING", [1], True),
 ]
 TRANSFER_OUTPUTS = [

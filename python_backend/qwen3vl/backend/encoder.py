@@ -13,7 +13,7 @@ from ..disagg.fetch import FetchSettings, TransferStats
 from ..disagg.protocol import ChunkRequest, Response, plan_responses
 from ..encoder.admission import Admission, Limits
 from ..encoder.batcher import EncodeBatcher, EncodeJob
-from ..encoder.cache import CachedImage
+from ..encoder.cache import CachedImage, CachedVideo
 from ..encoder.encoder import EncodeReport
 from ..encoder.images import image_file_bytes
 from ..encoder.video import VideoLimits, VideoPlanner, video_file_bytes
@@ -120,11 +120,12 @@ class EncoderService:
         # Copied: the request's buffers are not ours once execute() has returned.
         passthrough = [pb.Tensor(name, t.as_numpy().copy()) for name in contract.LANGUAGE_REQUEST_INPUTS
                        if (t := pb.get_input_tensor_by_name(request, name)) is not None]
-        images, digests = input_array(pb, request, contract.IMAGES), input_array(pb, request, contract.IMAGE_DIGESTS)
+        media = [input_array(pb, request, name) for name in (contract.IMAGES, contract.IMAGE_DIGESTS,
+                                                             contract.VIDEOS, contract.VIDEO_DIGESTS)]
         if (passthrough and passthrough[0].name() != contract.TEXT_INPUT) or (
-                not passthrough and images is None and digests is None):
+                not passthrough and all(m is None for m in media)):
             # An ensemble request without text_input (declared optional there for this): a
-            # request to encode always names its images, an empty list included.
+            # request to encode always names its images or videos, an empty list included.
             raise InvalidInput(f"{contract.TEXT_INPUT} is required")
         files = [image_file_bytes(b, i) for i, b in enumerate(bytes_list(pb, request, contract.IMAGES))]
         digests = bytes_list(pb, request, contract.IMAGE_DIGESTS)
@@ -132,30 +133,34 @@ class EncoderService:
             if files:
                 raise InvalidInput(f"send either {contract.IMAGES} or {contract.IMAGE_DIGESTS}, not both")
             files = [CachedImage(d) for d in digests]
-        videos = self._videos(request)
+        videos, cached_videos = self._videos(request)
         # Before any vision work: the images' sizes, the videos' headers, the limits, the context window.
         self.admission.check(files, scalar(pb, request, contract.TEXT_INPUT, str),
                              scalar(pb, request, contract.MAX_TOKENS, int), videos)
-        return files + videos, chunking, passthrough
+        return files + videos + cached_videos, chunking, passthrough
 
-    def _videos(self, request) -> list:
-        """The request's videos, planned from their headers (frame indices by the processor's
-        own sample_frames, timestamps, grid), or InvalidInput for one over a limit."""
+    def _videos(self, request) -> tuple[list, list]:
+        """The request's videos planned from their headers (frame indices by the processor's
+        own sample_frames, timestamps, grid), or InvalidInput for one over a limit; and the
+        videos named by digest (an encode request from a language server: video_fps given)."""
         pb = self.pb
         raw = bytes_list(pb, request, contract.VIDEOS)
+        digests = bytes_list(pb, request, contract.VIDEO_DIGESTS)
         fps = scalar(pb, request, contract.VIDEO_FPS, float)
-        if not raw:
-            return []
-        if self.settings.encoder_mode != "local":
-            raise InvalidInput("videos are encoded in the aggregated deployment only for now; this language "
-                               "server fetches images from encoder servers (send the video to an aggregated server)")
-        if len(raw) > self.settings.max_videos_per_request:
-            raise InvalidInput(f"{len(raw)} videos in one request; the limit is "
-                               f"{self.settings.max_videos_per_request} (max_videos_per_request)")
         if fps is None and self.settings.video_fps > 0:
             fps = self.settings.video_fps
         planner = self.admission.videos
-        return [planner.plan(video_file_bytes(b, i), i, fps) for i, b in enumerate(raw)]
+        if fps is not None:  # what travels as FP32: the same rate, and the same cache key, everywhere
+            fps = float(np.float32(fps))
+        if raw and digests:
+            raise InvalidInput(f"send either {contract.VIDEOS} or {contract.VIDEO_DIGESTS}, not both")
+        if len(raw) + len(digests) > self.settings.max_videos_per_request:
+            raise InvalidInput(f"{len(raw) + len(digests)} videos in one request; the limit is "
+                               f"{self.settings.max_videos_per_request} (max_videos_per_request)")
+        if digests:
+            return [], [CachedVideo(d, fps if fps is not None else float(planner.video_processor.fps))
+                        for d in digests]
+        return [planner.plan(video_file_bytes(b, i), i, fps) for i, b in enumerate(raw)], []
 
     # -- responses out
     def _respond(self, sender, result, passthrough: list, chunking: ChunkRequest) -> None:
@@ -168,7 +173,11 @@ class EncoderService:
             self._fail(sender, e)
             return
         for response in responses:
-            self._send(sender, response, passthrough)
+            try:
+                self._send(sender, response, passthrough)
+            except Exception as e:  # noqa: BLE001 - never leave a request without its final response
+                self._fail(sender, e)
+                return
         self.metrics.add("requests", 1)
 
     def _send(self, sender, response: Response, passthrough: list) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from ..errors import InvalidInput, NotCached
 from ..model.config import ModelConfig
 from ..model.vision import VisionTower, VisualFeatures
-from .cache import CachedImage, FeatureCache
+from .cache import CachedImage, CachedVideo, FeatureCache
 from .images import ImageError, decode_image
 from .video import VideoFile, decode_frames, metadata
 
@@ -60,8 +60,8 @@ class VisionEncoder:
         return out["pixel_values_videos"], out["video_grid_thw"]
 
     def _key(self, data) -> str:
-        if isinstance(data, VideoFile):
-            return self.cache.key(hashlib.sha256(data.data).digest() + data.key_settings())
+        if isinstance(data, (VideoFile, CachedVideo)):
+            return self.cache.key(data.key_bytes())
         return self.cache.key(data)
 
     def encode(self, per_request: list[list["bytes | CachedImage | VideoFile"]]) -> list[VisualFeatures | Exception]:
@@ -85,6 +85,9 @@ class VisionEncoder:
                     continue
                 if isinstance(data, CachedImage):
                     failed[r] = NotCached(f"images[{i}] is not in the encoder's cache: send the image itself")
+                    break
+                if isinstance(data, CachedVideo):
+                    failed[r] = NotCached("a video is not in the encoder's cache: send the video itself")
                     break
                 if isinstance(data, VideoFile):
                     todo_videos[key] = data  # decoded by preprocess_videos (the frames it needs only)

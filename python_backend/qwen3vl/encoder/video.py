@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -62,9 +63,12 @@ class VideoFile:
     timestamps: tuple[float, ...]  # per temporal group, float64 seconds
     grid: tuple[int, int, int]     # video_grid_thw row (patches)
 
-    def key_settings(self) -> bytes:
-        """What besides the file decides the features (the cache key's salt adds the processor's)."""
-        return repr(("video", self.fps, self.indices)).encode()
+    def key_bytes(self) -> bytes:
+        """The feature cache's key material: the file's SHA-256 and the sampling rate (the
+        cache's salt adds the processor's settings); a CachedVideo of the same names it."""
+        from .cache import video_key_settings
+
+        return hashlib.sha256(self.data).digest() + video_key_settings(self.fps)
 
 
 def video_file_bytes(data: bytes, index: int) -> bytes:
