@@ -264,6 +264,13 @@ def test_shared_memory_transfer_is_bit_identical(checkpoint, server, encoder_a):
         assert moved_by_shm + moved_by_grpc == total
         assert moved_by_shm >= total - first_chunks  # at most the probes of threads without a region
         assert generate(lang, images) == generate(server, images)
+        # A video the same way: its grid and float64 timestamps ride on the (empty) responses.
+        clip = [video(30, 10, seed=31)]
+        sent = encode(encoder_a.grpc_url, [], videos=clip)
+        for arrived in (encode(lang.grpc_url, [], videos=clip), encode(lang.grpc_url, [], videos=clip)):
+            for name in sent:
+                assert sent[name].dtype == arrived[name].dtype and sent[name].tobytes() == arrived[name].tobytes(), name
+        assert metric(lang, "qwen3vl_transfer_shm_bytes_received_total") > shm_bytes + total
 
 
 def test_shared_memory_survives_an_encoder_restart(checkpoint, server):
