@@ -135,7 +135,8 @@ class Engine:
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
             raise InvalidInput(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
-                               f"image_grid_thw and video_grid_thw imply ({n}, {h})")
+                               f"{'image_grid_thw and video_grid_thw imply' if len(features.video_grid_thw) else 'image_grid_thw implies'} "
+                               f"({n}, {h})")
         want = (self.config.deepstack_layers, n, h)
         if n and tuple(features.deepstack_embeds.shape) != want:
             raise InvalidInput(f"deepstack_embeds has shape {tuple(features.deepstack_embeds.shape)}, expected {want}")

@@ -62,6 +62,9 @@ def build_messages(text: str, num_images: int, num_videos: int = 0) -> list[dict
                 content.append({"type": "image" if part == IMAGE_MARKER else "video"})
             elif part:
                 content.append({"type": "text", "text": part})
+    elif not videos and not num_videos:
+        raise PromptError(f"the prompt has {images} '{IMAGE_MARKER}' markers but the request "
+                          f"has {num_images} images; use one marker per image or none")
     else:
         raise PromptError(f"the prompt has {images} '{IMAGE_MARKER}' and {videos} '{VIDEO_MARKER}' markers but the "
                           f"request has {num_images} images and {num_videos} videos; use one marker per image and "
