@@ -96,8 +96,8 @@ class ServingConfig:
     encoder_mode: str = _setting("local", "`local`: the vision tower runs here; `remote`: fetch from encoder "
                                           "servers (set by the language role's config variant)")
     encoder_max_queue_delay_ms: float = _setting(0.0, "how long the encoder waits for more requests to batch")
-    encoder_max_batch_images: int = _setting(64, "images per vision forward at most")
-    encoder_cache_mb: float = _setting(1024.0, "the encoder's per-image feature cache")
+    encoder_max_batch_images: int = _setting(64, "images and videos per vision forward at most")
+    encoder_cache_mb: float = _setting(1024.0, "the encoder's feature cache (per image and per video)")
     # -- qwen3_encoder on a language server (encoder_mode remote)
     encoder_urls: str = _setting("", "encoder servers' gRPC HOST:PORT, comma separated (the flag: repeat it for several)", "--encoder-url")
     transfer_chunk_tokens: int = _setting(1024, "visual tokens per E->L transfer chunk", "--chunk-tokens")
