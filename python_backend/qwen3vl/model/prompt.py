@@ -5,12 +5,19 @@ checkpoint's own template is what runs. The language side never sees pixels: eac
 `<|image_pad|>` is expanded to the token count its grid implies, `t*h*w / merge**2`, exactly
 what the processor does when it has the pixels.
 
-How a prompt places its images (documented in the README):
-- a plain prompt: images go first in one user turn, then the text; or, if the text holds one
-  `<image>` marker per image, each image goes where its marker is;
+How a prompt places its images and videos (documented in the README):
+- a plain prompt: images go first in one user turn, then videos, then the text; or, if the text
+  holds one `<image>` marker per image and one `<video>` marker per video, each goes where its
+  marker is;
 - a chat: `text_input` is a JSON list of messages (`[{"role": "system", "content": "..."},
   {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]`);
-  the `{"type": "image"}` items take the request's images in order.
+  the `{"type": "image"}` items take the request's images in order, `{"type": "video"}` its videos.
+
+A video's `<|video_pad|>` is expanded as transformers 5.24's processor does: per frame group
+(2 frames), `<t seconds>` (the float64 time, one decimal) + `<|vision_start|>` + its tokens +
+`<|vision_end|>`, inside the template's own `<|vision_start|>`...`<|vision_end|>`. MRoPE takes
+each frame group as an image of one frame. The E->L rows come images' first, then videos';
+`Prompt.row_order` puts them in the prompt's order.
 
 Special tokens typed by a user (documented in the README): text inside messages is plain text by
 default, so `<|im_end|>` typed in a message is the characters `<`, `|`, `im`, ... and never the
