@@ -282,3 +282,18 @@ def test_video_markers_must_match(server):
     with pytest.raises(ServerError, match="markers") as e:
         ask(server.grpc_url, "grpc", False, prompt="<video><video> two?", videos=[CLIP], max_tokens=2)
     assert e.value.code == "INVALID_ARG"
+
+
+def test_client_cli_sends_a_video_with_fps(server, tmp_path, capsys):
+    import json
+
+    from qwen3vl.cli.client import main
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(OTHER)
+    assert main(["--url", server.grpc_url, "--video", str(path), "--fps", "1", "--prompt", "Go.", "--max-tokens", "3",
+                 "--temperature", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = ask(server.grpc_url, "grpc", False, prompt="Go.", videos=[OTHER], video_fps=1.0, max_tokens=3,
+               temperature=0.0)
+    assert out["output_ids"] == want.token_ids and out["num_input_tokens"] == want.num_input_tokens
