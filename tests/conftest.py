@@ -32,6 +32,28 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
+def video(frames: int, fps: float, width: int = 64, height: int = 48, seed: int = 0, codec: str = "mpeg4",
+          container: str = "mp4") -> bytes:
+    """A video file of seeded-noise frames, written with PyAV (its wheel bundles the encoders)."""
+    import fractions
+
+    import av
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(100000))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
 # Prompts with no, one and two images (different sizes and aspect ratios), shared by the tests.
 IMAGE_CASES = {
     "text-only": [],

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import IMAGE_CASES, LOG_DIR, metric, png
+from conftest import IMAGE_CASES, LOG_DIR, metric, png, video
 from qwen3vl.cli.client import ServerError, encode, infer, stream_results
 from qwen3vl.cli.launch import Server
 from qwen3vl.disagg.routing import HashRing
@@ -95,6 +95,36 @@ def test_repeated_image_runs_no_vision_forward(encoder_a, language):
     assert metric(encoder_a, "qwen3vl_encoder_cache_hits_total") == hits + 1
 
 
+VIDEO_CASES = {  # prompt, images, videos, video_fps
+    "video": ("What happens?", [], [video(30, 10, seed=21)], None),
+    "video-before-image": ("Watch <video> then <image>", [png(90, 70, 22)], [video(20, 5, width=96, height=64, seed=23)],
+                           None),
+    "two-videos-fps": ("Compare.", [], [video(30, 10, seed=21), video(7, 1, seed=24)], 1.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VIDEO_CASES))
+def test_disaggregated_video_is_bit_identical(server, encoder_a, language, case):
+    """Videos travel like images (named by file digest and sampling rate, chunked): the same
+    tokens as the aggregated server, the E->L tensors bit for bit, a repeat runs no forward."""
+    prompt, images, videos, fps = VIDEO_CASES[case]
+
+    def ask_ids(s):
+        return infer(s.http_url, "http", prompt=prompt, images=images, videos=videos, video_fps=fps, max_tokens=8,
+                     temperature=0.0).token_ids
+
+    assert ask_ids(language) == ask_ids(server)
+    sent = encode(encoder_a.grpc_url, images, videos=videos, video_fps=fps)
+    arrived = encode(language.grpc_url, images, videos=videos, video_fps=fps)
+    assert sent["video_grid_thw"].shape == (len(videos), 3) and sent["video_timestamps"].dtype.name == "float64"
+    for name in sent:
+        assert sent[name].dtype == arrived[name].dtype and sent[name].shape == arrived[name].shape
+        assert sent[name].tobytes() == arrived[name].tobytes(), name
+    forwards = metric(encoder_a, "qwen3vl_encoder_forwards_total")
+    ask_ids(language)
+    assert metric(encoder_a, "qwen3vl_encoder_forwards_total") == forwards
+
+
 def chunks_of(n_tokens: int) -> int:
     return -(-n_tokens // CHUNK)
 
@@ -110,6 +140,22 @@ def test_cut_connection_resumes_with_only_the_missing_chunks(checkpoint, server,
         assert proxy.cuts == 1
         assert metric(lang, "qwen3vl_transfer_resumes_total") == 1
         assert metric(lang, "qwen3vl_transfer_chunks_received_total") == chunks_of(100)  # none twice
+        assert metric(encoder_a, "qwen3vl_encoder_cache_misses_total") == misses + 1     # tower ran once
+    proxy.close()
+
+
+def test_cut_connection_resumes_a_video_with_only_the_missing_chunks(checkpoint, server, encoder_a):
+    proxy = CuttingProxy(encoder_a.grpc_port)
+    clip = video(30, 10, width=320, height=240, seed=1001)  # 3 frame groups of 8 x 10 tokens
+    with start_language(checkpoint, "language-proxy-video", [proxy.url], encoder_same_wait_s=10) as lang:
+        want = infer(server.http_url, "http", prompt="What?", videos=[clip], max_tokens=8, temperature=0.0).token_ids
+        misses = metric(encoder_a, "qwen3vl_encoder_cache_misses_total")
+        proxy.arm(cut_after_bytes=40_000)
+        got = infer(lang.http_url, "http", prompt="What?", videos=[clip], max_tokens=8, temperature=0.0).token_ids
+        assert got == want
+        assert proxy.cuts == 1
+        assert metric(lang, "qwen3vl_transfer_resumes_total") == 1
+        assert metric(lang, "qwen3vl_transfer_chunks_received_total") == chunks_of(240)  # none twice
         assert metric(encoder_a, "qwen3vl_encoder_cache_misses_total") == misses + 1     # tower ran once
     proxy.close()
 
@@ -250,6 +296,13 @@ def test_shared_memory_transfer_is_bit_identical(checkpoint, server, encoder_a):
         assert moved_by_shm + moved_by_grpc == total
         assert moved_by_shm >= total - first_chunks  # at most the probes of threads without a region
         assert generate(lang, images) == generate(server, images)
+        # A video the same way: its grid and float64 timestamps ride on the (empty) responses.
+        clip = [video(30, 10, seed=31)]
+        sent = encode(encoder_a.grpc_url, [], videos=clip)
+        for arrived in (encode(lang.grpc_url, [], videos=clip), encode(lang.grpc_url, [], videos=clip)):
+            for name in sent:
+                assert sent[name].dtype == arrived[name].dtype and sent[name].tobytes() == arrived[name].tobytes(), name
+        assert metric(lang, "qwen3vl_transfer_shm_bytes_received_total") > shm_bytes + total
 
 
 def test_shared_memory_survives_an_encoder_restart(checkpoint, server):

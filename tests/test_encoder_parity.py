@@ -75,3 +75,50 @@ def test_images_of_concurrent_requests_share_one_forward(server):
     for a, b in zip(alone, together):
         np.testing.assert_allclose(b["visual_embeds"], a["visual_embeds"], rtol=0, atol=1e-5)
         np.testing.assert_array_equal(b["image_grid_thw"], a["image_grid_thw"])
+
+
+def _reference_video_features(reference, videos: list[bytes], images: list[bytes] = ()):
+    """transformers' features of a request's images, then its videos (our E->L row order), from
+    the processor on frames sampled by its own sample_frames (tests/test_video.py)."""
+    import tempfile
+    from pathlib import Path
+
+    from test_video import reference_video_inputs
+
+    model, processor = reference
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = reference_video_inputs(processor, Path(tmp), content, list(images), videos)
+    with torch.no_grad():
+        parts = [model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])] if images else []
+        parts.append(model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]))
+    embeds = torch.cat([t for p in parts for t in p.pooler_output]).numpy()
+    deepstack = [torch.cat([t for p in parts for t in p.deepstack_features[i]]).numpy() for i in range(3)]
+    return embeds, deepstack, inputs["video_grid_thw"].numpy()
+
+
+def test_videos_and_images_of_concurrent_requests_share_a_forward_and_equal_transformers(server, reference):
+    """The served encoder on videos: each request's visual_embeds and deepstack layers within
+    1e-5 of transformers' get_video_features (images' rows first), video_grid_thw and float64
+    timestamps as the processor makes them; requests of images and of videos that arrive
+    together share the vision forward."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import video
+
+    requests = [([], [video(30, 10, seed=300)]), ([png(80, 64, 301)], [video(7, 1, width=96, height=64, seed=302)]),
+                ([png(72, 72, 303)], [])]
+    forwards = metric(server, "qwen3vl_encoder_forwards_total")
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(lambda r: client.encode(server.grpc_url, r[0], videos=r[1]), requests))
+    assert metric(server, "qwen3vl_encoder_forwards_total") - forwards < len(requests)
+    for (images, videos), out in zip(requests, got):
+        if not videos:
+            continue
+        embeds, deepstack, grids = _reference_video_features(reference, videos, images)
+        np.testing.assert_array_equal(out["video_grid_thw"], grids)
+        assert out["video_timestamps"].dtype == np.float64 and len(out["video_timestamps"]) == grids[:, 0].sum()
+        np.testing.assert_allclose(out["visual_embeds"], embeds, rtol=0, atol=1e-5)
+        for layer in range(3):
+            np.testing.assert_allclose(out["deepstack_embeds"][layer], deepstack[layer], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[0]["video_timestamps"], [0.3, 1.45, 2.6], rtol=0, atol=1e-12)

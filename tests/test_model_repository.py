@@ -51,7 +51,7 @@ def test_ensemble_routes_every_language_input_through_the_encoder():
     assert encoder_step.model_name == "qwen3_encoder" and language_step.model_name == "qwen3_language"
     produced = set(encoder_step.output_map.values())
     assert set(language_step.input_map.values()) <= produced  # Triton's rule after a decoupled step
-    assert set(encoder_step.input_map) == {contract.IMAGES, *contract.LANGUAGE_REQUEST_INPUTS}
+    assert set(encoder_step.input_map) == {t["name"] for t in contract.MEDIA_INPUTS} | {*contract.LANGUAGE_REQUEST_INPUTS}
     encoder_in, encoder_out = contract.encoder_io("float32")
     language_in, language_out = contract.language_io("float32")
     assert set(encoder_step.input_map) <= {t["name"] for t in encoder_in}

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import png
+from conftest import png, video
 from qwen3vl.cli import perf
 
 
@@ -58,10 +58,19 @@ def test_input_data_carries_raw_image_bytes(tmp_path):
     assert items == [a, b]
 
 
-@pytest.mark.parametrize("with_image", [False, True], ids=["text", "png"])
-def test_perf_analyzer_streams_against_the_ensemble(server, perf_analyzer, tmp_path, with_image):
-    images = [png(64, 48, seed=7)] if with_image else []
-    input_path = perf.write_input_data(tmp_path / "in.json", ["Describe this.", "What is it?"], images, max_tokens=4)
+def test_input_data_carries_raw_video_bytes_and_fps(tmp_path):
+    clip = video(8, 4, seed=1)
+    step = json.loads(perf.write_input_data(tmp_path / "in.json", ["one"], videos=[clip], video_fps=1.0).read_text())["data"][0]
+    assert step["videos"]["shape"] == [1] and step["video_fps"] == [1.0] and "images" not in step
+    assert base64.b64decode(step["videos"]["b64"]) == struct.pack("<I", len(clip)) + clip
+
+
+@pytest.mark.parametrize("media", ["text", "png", "video"])
+def test_perf_analyzer_streams_against_the_ensemble(server, perf_analyzer, tmp_path, media):
+    images = [png(64, 48, seed=7)] if media == "png" else []
+    videos = [video(8, 4, seed=7)] if media == "video" else []
+    input_path = perf.write_input_data(tmp_path / "in.json", ["Describe this.", "What is it?"], images, max_tokens=4,
+                                       videos=videos)
     before = request_counts(server)
     done = run(perf_analyzer, server, input_path, tmp_path / "report.csv")
     out = done.stdout + done.stderr

@@ -199,6 +199,15 @@ def test_direct_e2l_tensors_that_disagree_are_refused(server, model_config):
         (e2l(cfg, 4, grid=[[1, 3, 4]]), "multiples of the spatial merge size"),
         (e2l(cfg, 4, grid=[[1, -4, -1]]), "positive"),
         (e2l(cfg, 4, dtype=np.float64), r"input .\w+_embeds. data-type is .FP64., but model .qwen3_language. expects"),
+        # videos: a grid without its timestamps, a timestamp per frame group, finite ones
+        ({**e2l(cfg, 12), "video_grid_thw": np.array([[2, 4, 4]], np.int64)},
+         "video_grid_thw was given without video_timestamps"),
+        ({**e2l(cfg, 12), "video_grid_thw": np.array([[2, 4, 4]], np.int64), "video_timestamps": np.array([0.5])},
+         "video_timestamps has 1 entries; video_grid_thw has 2 frame groups"),
+        ({**e2l(cfg, 12), "video_grid_thw": np.array([[2, 4, 4]], np.int64),
+          "video_timestamps": np.array([0.5, np.nan])}, "video_timestamps must be .* finite"),
+        ({**e2l(cfg, 4 + 7), "video_grid_thw": np.array([[2, 4, 4]], np.int64), "video_timestamps": np.array([0.5, 1.5])},
+         r"visual_embeds has shape \(11, \d+\), image_grid_thw and video_grid_thw imply \(12, \d+\)"),
     ]
     for tensors, message in cases:
         with pytest.raises(ServerError, match=message):

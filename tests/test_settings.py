@@ -56,7 +56,8 @@ def test_serve_flags_are_the_settings_flags(tmp_path):
                      "--kv-cache-mb", "--gpu-memory-utilization", "--encoder-url", "--chunk-tokens", "--shared-memory",
                      "--max-queued-requests", "--max-queue-time-s", "--max-images-per-request",
                      "--max-visual-tokens-per-request", "--max-image-pixels", "--allow-special-tokens-in-prompt",
-                     "--log-requests"}
+                     "--log-requests", "--max-videos-per-request", "--max-video-bytes", "--max-video-seconds",
+                     "--max-video-frames", "--max-video-frame-pixels", "--video-fps", "--video-cap-pixels-per-frame"}
 
 
 def test_the_readme_table_is_the_generated_one():

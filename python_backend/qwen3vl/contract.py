@@ -9,6 +9,8 @@ from __future__ import annotations
 # Public API of `ensemble` (also accepted by `qwen3_language` for text-only requests).
 TEXT_INPUT = "text_input"        # BYTES [1]
 IMAGES = "images"                # BYTES [-1], optional: encoded image files in prompt order
+VIDEOS = "videos"                # BYTES [-1], optional: encoded video files (MP4, WebM, MKV, AVI) in prompt order
+VIDEO_FPS = "video_fps"          # FP32 [1], optional: frames sampled per second of video (default the checkpoint's)
 MAX_TOKENS = "max_tokens"        # INT32 [1], optional
 TEMPERATURE = "temperature"      # FP32 [1], optional, 0 = greedy
 TOP_P = "top_p"                  # FP32 [1], optional
@@ -33,6 +35,11 @@ CANCEL = "cancel"
 VISUAL_EMBEDS = "visual_embeds"        # model dtype [N, H]
 DEEPSTACK_EMBEDS = "deepstack_embeds"  # model dtype [L, N, H]
 IMAGE_GRID_THW = "image_grid_thw"      # INT64 [k, 3]
+VIDEO_GRID_THW = "video_grid_thw"      # INT64 [v, 3]
+VIDEO_TIMESTAMPS = "video_timestamps"  # FP64 [sum of t]: each video frame group's time in seconds (float64:
+                                       # the prompt prints it with one decimal, as the processor does)
+# Rows of visual_embeds/deepstack_embeds: every image's tokens, then every video's (frame groups in
+# order); the language side puts them where the prompt's placeholders are.
 
 # The chunked, resumable E->L transfer between servers (extra inputs and outputs of
 # `qwen3_encoder`; qwen3vl.disagg).
@@ -40,6 +47,7 @@ CHUNK_TOKENS = "chunk_tokens"    # INT32 [1]: visual tokens per chunk (asks for 
 RESUME_FROM = "resume_from"      # INT64 [1]: first visual token wanted
 MAX_CHUNKS = "max_chunks"        # INT32 [1]: stop after this many chunks (0: all)
 IMAGE_DIGESTS = "image_digests"  # BYTES [-1]: SHA-256 of image files the encoder may have cached
+VIDEO_DIGESTS = "video_digests"  # BYTES [-1]: SHA-256 of video files the encoder may have cached (with video_fps)
 SHM_REGION = "shm_region"        # BYTES [1]: write the chunk into this shared-memory region
 CHUNK_START = "chunk_start"      # INT64 [1]: where this chunk's rows go
 TOTAL_TOKENS = "total_tokens"    # INT64 [1]: N of the whole request
@@ -72,8 +80,9 @@ LANGUAGE_REQUEST_INPUTS = tuple(t["name"] for t in LANGUAGE_REQUEST)
 
 # `ensemble`: the language request plus the images. text_input is declared optional there only
 # so that a request without it reaches the encoder and gets a clear INVALID_ARG (ensemble/config.pbtxt).
-ENSEMBLE_INPUTS = [{**LANGUAGE_REQUEST[0], "optional": True}, _tensor(IMAGES, "TYPE_STRING", [-1], True),
-                   *LANGUAGE_REQUEST[1:]]
+MEDIA_INPUTS = [_tensor(IMAGES, "TYPE_STRING", [-1], True), _tensor(VIDEOS, "TYPE_STRING", [-1], True),
+                _tensor(VIDEO_FPS, "TYPE_FP32", [1], True)]
+ENSEMBLE_INPUTS = [{**LANGUAGE_REQUEST[0], "optional": True}, *MEDIA_INPUTS, *LANGUAGE_REQUEST[1:]]
 
 LANGUAGE_OUTPUTS = [
     _tensor(TEXT_OUTPUT, "TYPE_STRING", [1]),
@@ -87,6 +96,7 @@ TRANSFER_INPUTS = [
     _tensor(RESUME_FROM, "TYPE_INT64", [1], True),
     _tensor(MAX_CHUNKS, "TYPE_INT32", [1], True),
     _tensor(IMAGE_DIGESTS, "TYPE_STRING", [-1], True),
+    _tensor(VIDEO_DIGESTS, "TYPE_STRING", [-1], True),
     _tensor(SHM_REGION, "TYPE_STRING", [1], True),
 ]
 TRANSFER_OUTPUTS = [
@@ -103,6 +113,8 @@ def e2l_tensors(dtype_name: str) -> list[dict]:
         _tensor(VISUAL_EMBEDS, tdt, [-1, -1]),
         _tensor(DEEPSTACK_EMBEDS, tdt, [-1, -1, -1]),
         _tensor(IMAGE_GRID_THW, "TYPE_INT64", [-1, 3]),
+        _tensor(VIDEO_GRID_THW, "TYPE_INT64", [-1, 3]),
+        _tensor(VIDEO_TIMESTAMPS, "TYPE_FP64", [-1]),
     ]
 
 
@@ -113,9 +125,9 @@ def language_io(dtype_name: str) -> tuple[list[dict], list[dict]]:
 
 
 def encoder_io(dtype_name: str) -> tuple[list[dict], list[dict]]:
-    """`qwen3_encoder`, local and remote alike: (inputs, outputs). Images are optional (a
-    text-only request through the ensemble); the language request passes through."""
+    """`qwen3_encoder`, local and remote alike: (inputs, outputs). Images and videos are
+    optional (a text-only request through the ensemble); the language request passes through."""
     passthrough = [{**t, "optional": True} for t in LANGUAGE_REQUEST]
-    return ([_tensor(IMAGES, "TYPE_STRING", [-1], True), *passthrough, *TRANSFER_INPUTS],
+    return ([*MEDIA_INPUTS, *passthrough, *TRANSFER_INPUTS],
             [*e2l_tensors(dtype_name), *({k: v for k, v in t.items() if k != "optional"} for t in LANGUAGE_REQUEST),
              *TRANSFER_OUTPUTS])

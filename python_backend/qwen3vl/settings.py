@@ -55,6 +55,20 @@ class ServingConfig:
                                                   "--max-visual-tokens-per-request")
     max_image_pixels: int = _setting(50_000_000, "pixels of one image file at most (a decoded image takes 3 "
                                                  "bytes per pixel before it is resized)", "--max-image-pixels")
+    max_videos_per_request: int = _setting(4, "videos in one request at most", "--max-videos-per-request")
+    max_video_bytes: int = _setting(256 << 20, "bytes of one video file at most", "--max-video-bytes")
+    max_video_seconds: float = _setting(600.0, "duration of one video at most (frames / frame rate, from its "
+                                              "header; the decoder walks the file up to its last sampled frame)",
+                                        "--max-video-seconds")
+    max_video_frames: int = _setting(768, "frames sampled from one video at most (the processor's own cap is its "
+                                          "max_frames, 768)", "--max-video-frames")
+    max_video_frame_pixels: int = _setting(3840 * 2160, "pixels of one video frame at most", "--max-video-frame-pixels")
+    video_fps: float = _setting(0.0, "frames sampled per second of video when a request gives no video_fps (0: the "
+                                     "checkpoint's video processor's, 2 for the released ones)", "--video-fps")
+    video_cap_pixels_per_frame: bool = _setting(False, "the video processor's per-frame pixel cap (qwen-vl-utils' "
+                                                       "budget: max(min(768*32^2, longest_edge/frames), "
+                                                       "1.05*shortest_edge)); off: transformers 5.24's default, one "
+                                                       "pixel budget for the whole clip", "--video-cap-pixels-per-frame")
     allow_special_tokens_in_prompt: bool = _setting(False, "treat special-token text typed inside messages "
                                                            "(`<|im_end|>`, `<|im_start|>`...) as the control "
                                                            "token; off: it is plain text, only the chat template "
@@ -82,8 +96,8 @@ class ServingConfig:
     encoder_mode: str = _setting("local", "`local`: the vision tower runs here; `remote`: fetch from encoder "
                                           "servers (set by the language role's config variant)")
     encoder_max_queue_delay_ms: float = _setting(0.0, "how long the encoder waits for more requests to batch")
-    encoder_max_batch_images: int = _setting(64, "images per vision forward at most")
-    encoder_cache_mb: float = _setting(1024.0, "the encoder's per-image feature cache")
+    encoder_max_batch_images: int = _setting(64, "images and videos per vision forward at most")
+    encoder_cache_mb: float = _setting(1024.0, "the encoder's feature cache (per image and per video)")
     # -- qwen3_encoder on a language server (encoder_mode remote)
     encoder_urls: str = _setting("", "encoder servers' gRPC HOST:PORT, comma separated (the flag: repeat it for several)", "--encoder-url")
     transfer_chunk_tokens: int = _setting(1024, "visual tokens per E->L transfer chunk", "--chunk-tokens")

@@ -13,9 +13,10 @@ from ..disagg.fetch import FetchSettings, TransferStats
 from ..disagg.protocol import ChunkRequest, Response, plan_responses
 from ..encoder.admission import Admission, Limits
 from ..encoder.batcher import EncodeBatcher, EncodeJob
-from ..encoder.cache import CachedImage
+from ..encoder.cache import CachedImage, CachedVideo
 from ..encoder.encoder import EncodeReport
 from ..encoder.images import image_file_bytes
+from ..encoder.video import VideoLimits, VideoPlanner, video_file_bytes
 from ..engine.sampling import generation_defaults
 from ..errors import InvalidInput, Unavailable
 from ..model.prompt import PromptBuilder
@@ -23,13 +24,15 @@ from ..settings import ServingConfig
 from .io import bytes_list, error_response, input_array, model_config, scalar, torch_output
 from .metrics import ENCODER_COUNTERS, ENCODER_HISTOGRAMS, Counters, Histograms, MetricsThread
 
-def build_encoder(settings: ServingConfig, config, image_processor):
+
+def build_encoder(settings: ServingConfig, config, image_processor, video_processor=None):
     """The local VisionEncoder or the remote fetcher, as `settings.encoder_mode` says."""
     if settings.encoder_mode == "local":
         from ..encoder.encoder import VisionEncoder
 
         return VisionEncoder(config, image_processor, cache_bytes=settings.mib(settings.encoder_cache_mb),
-                             fault_sha256=settings.inject_fault_image_sha256)
+                             fault_sha256=settings.inject_fault_image_sha256, video_processor=video_processor,
+                             cap_pixels_per_frame=settings.video_cap_pixels_per_frame)
     if settings.encoder_mode == "remote":
         from ..disagg.remote import RemoteEncoder
 
@@ -53,8 +56,13 @@ def build_admission(settings: ServingConfig, config) -> Admission:
                     max_visual_tokens=settings.max_visual_tokens_per_request,
                     max_image_pixels=settings.max_image_pixels,
                     max_model_len=settings.max_model_len or config.text.max_position_embeddings,
-                    default_max_tokens=defaults.max_tokens)
-    return Admission(processor.image_processor, prompts, config, limits)
+                    default_max_tokens=defaults.max_tokens, max_videos=settings.max_videos_per_request)
+    admission = Admission(processor.image_processor, prompts, config, limits)
+    admission.videos = VideoPlanner(processor, VideoLimits(
+        max_bytes=settings.max_video_bytes, max_seconds=settings.max_video_seconds,
+        max_frames=settings.max_video_frames, max_frame_pixels=settings.max_video_frame_pixels),
+        cap_pixels_per_frame=settings.video_cap_pixels_per_frame)
+    return admission
 
 
 class EncoderService:
@@ -68,7 +76,8 @@ class EncoderService:
         self.histograms = Histograms(pb, ENCODER_HISTOGRAMS, labels)
         self.observer = MetricsThread("qwen3vl-encoder-metrics")
         self.admission = build_admission(settings, self.config)
-        self.encoder = build_encoder(settings, self.config, self.admission.processor)
+        self.encoder = build_encoder(settings, self.config, self.admission.processor,
+                                     self.admission.videos.video_processor)
         self.regions = shm.RegionWriter()
         self.batcher = EncodeBatcher(self.encoder, max_delay_s=settings.encoder_max_queue_delay_ms / 1000,
                                      max_images=settings.encoder_max_batch_images, on_batch=self._count_batch)
@@ -95,11 +104,12 @@ class EncoderService:
         # Copied: the request's buffers are not ours once execute() has returned.
         passthrough = [pb.Tensor(name, t.as_numpy().copy()) for name in contract.LANGUAGE_REQUEST_INPUTS
                        if (t := pb.get_input_tensor_by_name(request, name)) is not None]
-        images, digests = input_array(pb, request, contract.IMAGES), input_array(pb, request, contract.IMAGE_DIGESTS)
+        media = [input_array(pb, request, name) for name in (contract.IMAGES, contract.IMAGE_DIGESTS,
+                                                             contract.VIDEOS, contract.VIDEO_DIGESTS)]
         if (passthrough and passthrough[0].name() != contract.TEXT_INPUT) or (
-                not passthrough and images is None and digests is None):
+                not passthrough and all(m is None for m in media)):
             # An ensemble request without text_input (declared optional there for this): a
-            # request to encode always names its images, an empty list included.
+            # request to encode always names its images or videos, an empty list included.
             raise InvalidInput(f"{contract.TEXT_INPUT} is required")
         files = [image_file_bytes(b, i) for i, b in enumerate(bytes_list(pb, request, contract.IMAGES))]
         digests = bytes_list(pb, request, contract.IMAGE_DIGESTS)
@@ -107,10 +117,34 @@ class EncoderService:
             if files:
                 raise InvalidInput(f"send either {contract.IMAGES} or {contract.IMAGE_DIGESTS}, not both")
             files = [CachedImage(d) for d in digests]
-        # Before any vision work: the images' sizes, the limits, the context window.
+        videos, cached_videos = self._videos(request)
+        # Before any vision work: the images' sizes, the videos' headers, the limits, the context window.
         self.admission.check(files, scalar(pb, request, contract.TEXT_INPUT, str),
-                             scalar(pb, request, contract.MAX_TOKENS, int))
-        return files, chunking, passthrough
+                             scalar(pb, request, contract.MAX_TOKENS, int), videos)
+        return files + videos + cached_videos, chunking, passthrough
+
+    def _videos(self, request) -> tuple[list, list]:
+        """The request's videos planned from their headers (frame indices by the processor's
+        own sample_frames, timestamps, grid), or InvalidInput for one over a limit; and the
+        videos named by digest (an encode request from a language server: video_fps given)."""
+        pb = self.pb
+        raw = bytes_list(pb, request, contract.VIDEOS)
+        digests = bytes_list(pb, request, contract.VIDEO_DIGESTS)
+        fps = scalar(pb, request, contract.VIDEO_FPS, float)
+        if fps is None and self.settings.video_fps > 0:
+            fps = self.settings.video_fps
+        planner = self.admission.videos
+        if fps is not None:  # what travels as FP32: the same rate, and the same cache key, everywhere
+            fps = float(np.float32(fps))
+        if raw and digests:
+            raise InvalidInput(f"send either {contract.VIDEOS} or {contract.VIDEO_DIGESTS}, not both")
+        if len(raw) + len(digests) > self.settings.max_videos_per_request:
+            raise InvalidInput(f"{len(raw) + len(digests)} videos in one request; the limit is "
+                               f"{self.settings.max_videos_per_request} (max_videos_per_request)")
+        if digests:
+            return [], [CachedVideo(d, fps if fps is not None else float(planner.video_processor.fps))
+                        for d in digests]
+        return [planner.plan(video_file_bytes(b, i), i, fps) for i, b in enumerate(raw)], []
 
     # -- responses out
     def _respond(self, sender, result, passthrough: list, chunking: ChunkRequest) -> None:
@@ -123,7 +157,11 @@ class EncoderService:
             self._fail(sender, e)
             return
         for response in responses:
-            self._send(sender, response, passthrough)
+            try:
+                self._send(sender, response, passthrough)
+            except Exception as e:  # noqa: BLE001 - never leave a request without its final response
+                self._fail(sender, e)
+                return
         self.metrics.add("requests", 1)
         merge = self.config.spatial_merge_size ** 2
         tokens = (result.image_grid_thw.prod(-1) // merge).tolist()
@@ -133,7 +171,9 @@ class EncoderService:
         pb, f = self.pb, response.features
         tensors = [torch_output(pb, contract.VISUAL_EMBEDS, f.visual_embeds),
                    torch_output(pb, contract.DEEPSTACK_EMBEDS, f.deepstack_embeds),
-                   torch_output(pb, contract.IMAGE_GRID_THW, f.image_grid_thw.to(torch.int64))]
+                   torch_output(pb, contract.IMAGE_GRID_THW, f.image_grid_thw.to(torch.int64)),
+                   pb.Tensor(contract.VIDEO_GRID_THW, f.video_grid_thw.to(torch.int64).numpy().reshape(-1, 3)),
+                   pb.Tensor(contract.VIDEO_TIMESTAMPS, f.video_timestamps.to(torch.float64).numpy().reshape(-1))]
         if response.chunk_start is None:
             tensors += passthrough
         else:

@@ -77,7 +77,11 @@ def torch_input(pb, request, name: str) -> torch.Tensor | None:
 
 
 def torch_output(pb, name: str, t: torch.Tensor):
-    """A torch tensor (any dtype, bf16 included) as an output tensor, without a copy."""
+    """A torch tensor (any dtype, bf16 included) as an output tensor, without a copy. An empty
+    one is made afresh: one from a numpy array of the wire (e.g. a [0, 3] grid) can carry
+    strides that DLPack export calls non-contiguous."""
+    if t.numel() == 0:
+        t = torch.empty(t.shape, dtype=t.dtype)
     return pb.Tensor.from_dlpack(name, to_dlpack(t.contiguous()))
 
 

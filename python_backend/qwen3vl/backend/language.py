@@ -189,8 +189,13 @@ class LanguageService:
 
     def _features(self, request) -> VisualFeatures:
         grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)
-        if grids is None or grids.shape[0] == 0:
+        video_grids = torch_input(self.pb, request, contract.VIDEO_GRID_THW)
+        timestamps = torch_input(self.pb, request, contract.VIDEO_TIMESTAMPS)
+        no_videos = video_grids is None or video_grids.shape[0] == 0
+        if (grids is None or grids.shape[0] == 0) and no_videos:
             return VisualFeatures.empty(self.config)
+        if grids is None:
+            grids = torch.empty(0, 3, dtype=torch.int64)
         embeds = torch_input(self.pb, request, contract.VISUAL_EMBEDS)
         deepstack = torch_input(self.pb, request, contract.DEEPSTACK_EMBEDS)
         if embeds is None or deepstack is None:
@@ -202,7 +207,15 @@ class LanguageService:
         if embeds.shape[0] > self.settings.max_visual_tokens_per_request:
             raise InvalidInput(f"{embeds.shape[0]} visual tokens in one request; the limit is "
                                f"{self.settings.max_visual_tokens_per_request} (max_visual_tokens_per_request)")
-        return VisualFeatures(embeds, deepstack, grids.to(torch.int64))
+        if no_videos:
+            return VisualFeatures(embeds, deepstack, grids.to(torch.int64))
+        if video_grids.shape[0] > self.settings.max_videos_per_request:
+            raise InvalidInput(f"{video_grids.shape[0]} videos in one request; the limit is "
+                               f"{self.settings.max_videos_per_request} (max_videos_per_request)")
+        if timestamps is None:
+            raise InvalidInput(f"{contract.VIDEO_GRID_THW} was given without {contract.VIDEO_TIMESTAMPS}")
+        return VisualFeatures(embeds, deepstack, grids.to(torch.int64), video_grids.to(torch.int64),
+                              timestamps.to(torch.float64).reshape(-1))
 
     def stop(self) -> None:
         self.loop.stop()

@@ -82,10 +82,10 @@ ENCODER_COUNTERS = {
     # labelled with the mode: local (the vision tower runs here) or remote (fetched from encoder servers)
     "requests": ("qwen3vl_encoder_requests_total", "Requests answered"),
     "failures": ("qwen3vl_encoder_failures_total", "Requests answered with an error"),
-    "images": ("qwen3vl_encoder_images_total", "Images in requests"),
+    "images": ("qwen3vl_encoder_images_total", "Images and videos in requests"),
     "forwards": ("qwen3vl_encoder_forwards_total", "Vision tower forwards (one per batch)"),
-    "cache_hits": ("qwen3vl_encoder_cache_hits_total", "Images served from the feature cache"),
-    "cache_misses": ("qwen3vl_encoder_cache_misses_total", "Images run through the vision tower"),
+    "cache_hits": ("qwen3vl_encoder_cache_hits_total", "Images and videos served from the feature cache"),
+    "cache_misses": ("qwen3vl_encoder_cache_misses_total", "Images and videos run through the vision tower"),
     "seconds": ("qwen3vl_encoder_seconds_total", "Time encoding (local) or fetching (remote)"),
     "chunks_sent": ("qwen3vl_transfer_chunks_sent_total", "E->L chunks sent to language servers"),
     "bytes_sent": ("qwen3vl_transfer_bytes_sent_total", "E->L bytes sent to language servers"),

@@ -1,6 +1,7 @@
 """`qwen3vl-client`: ask a served model a question, over gRPC (streaming) or HTTP.
 
     qwen3vl-client --url localhost:8001 --image cat.png --prompt "What is this?" --stream
+    qwen3vl-client --video clip.mp4 --fps 1 --prompt "What happens?"
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class ServerError(RuntimeError):
 
 
 def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None, temperature=None,
-                 top_p=None, top_k=None, seed=None, stream=False, ignore_eos=None) -> list:
+                 top_p=None, top_k=None, seed=None, stream=False, ignore_eos=None, videos: list[bytes] = (),
+                 video_fps=None) -> list:
     """tritonclient InferInput list for the contract; `module` is tritonclient.grpc or .http."""
     def tensor(name, array):
         t = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -63,7 +65,10 @@ def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None,
     inputs = [tensor(contract.TEXT_INPUT, np.array([prompt.encode("utf-8")], dtype=object))]
     if images:
         inputs.append(tensor(contract.IMAGES, np.array(list(images), dtype=object)))
-    optional = [(contract.MAX_TOKENS, max_tokens, np.int32), (contract.TEMPERATURE, temperature, np.float32),
+    if videos:
+        inputs.append(tensor(contract.VIDEOS, np.array(list(videos), dtype=object)))
+    optional = [(contract.VIDEO_FPS, video_fps, np.float32),
+                (contract.MAX_TOKENS, max_tokens, np.int32), (contract.TEMPERATURE, temperature, np.float32),
                 (contract.TOP_P, top_p, np.float32), (contract.TOP_K, top_k, np.int32), (contract.SEED, seed, np.uint64),
                 (contract.IGNORE_EOS, ignore_eos, np.bool_)]
     for name, value, np_type in optional:
@@ -135,15 +140,24 @@ def cancel_generation(url: str, token: str, model: str = "qwen3_language", timeo
         client.close()
 
 
-def encode(url: str, images: list[bytes], model: str = "qwen3_encoder", timeout_s: float = 600) -> dict:
-    """The encoder's E->L tensors for these images: {name: numpy array}."""
+def encode(url: str, images: list[bytes], model: str = "qwen3_encoder", timeout_s: float = 600,
+           videos: list[bytes] = (), video_fps: float | None = None) -> dict:
+    """The encoder's E->L tensors for these images and videos: {name: numpy array}."""
     def inputs_for(module):  # an empty list too: a request that names no images is not an encode
-        array = np.array(list(images), dtype=object).reshape(len(images))
-        t = module.InferInput(contract.IMAGES, list(array.shape), np_to_triton_dtype(array.dtype))
-        t.set_data_from_numpy(array)
-        return [t]
+        def tensor(name, array):
+            t = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            t.set_data_from_numpy(array)
+            return t
 
-    names = (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW)
+        inputs = [tensor(contract.IMAGES, np.array(list(images), dtype=object).reshape(len(images)))]
+        if videos:
+            inputs.append(tensor(contract.VIDEOS, np.array(list(videos), dtype=object).reshape(len(videos))))
+        if video_fps is not None:
+            inputs.append(tensor(contract.VIDEO_FPS, np.array([video_fps], dtype=np.float32)))
+        return inputs
+
+    names = (contract.VISUAL_EMBEDS, contract.DEEPSTACK_EMBEDS, contract.IMAGE_GRID_THW, contract.VIDEO_GRID_THW,
+             contract.VIDEO_TIMESTAMPS)
     for result in stream_results(url, model, inputs_for, timeout_s):
         return {name: result.as_numpy(name) for name in names}
     raise ServerError(f"{model} sent no outputs")
@@ -171,11 +185,14 @@ def infer(url: str, protocol: str = "http", model: str = "ensemble", timeout_s: 
                  out.get(contract.FINISH_REASON, ""), int(out.get(contract.NUM_INPUT_TOKENS, 0)))
 
 
-def generate_body(prompt: str, images: list[bytes] = (), stream: bool = False, **params) -> dict:
+def generate_body(prompt: str, images: list[bytes] = (), stream: bool = False, videos: list[bytes] = (),
+                  **params) -> dict:
     """JSON body for Triton's generate endpoints."""
     body = {contract.TEXT_INPUT: prompt, contract.STREAM: stream}
     if images:
         body[contract.IMAGES] = ["data:image;base64," + base64.b64encode(b).decode() for b in images]
+    if videos:
+        body[contract.VIDEOS] = ["data:video;base64," + base64.b64encode(b).decode() for b in videos]
     body.update({k: v for k, v in params.items() if v is not None})
     return body
 
@@ -204,6 +221,9 @@ def parse_args(argv=None):
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.add_argument("--model", default="ensemble")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several, in prompt order")
+    p.add_argument("--video", action="append", default=[], help="video file (MP4, WebM, MKV, AVI); repeat for "
+                   "several, in prompt order (after the images unless the prompt has <image>/<video> markers)")
+    p.add_argument("--fps", type=float, help="video frames sampled per second (default: the server's)")
     p.add_argument("--prompt", required=True, help="the question; or a JSON list of chat messages")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
@@ -220,13 +240,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.stream and args.protocol == "http":
         sys.exit("qwen3vl-client: --stream needs --protocol grpc")
-    images = []
-    for path in args.image:
-        try:
-            images.append(Path(path).read_bytes())
-        except OSError as e:
-            sys.exit(f"qwen3vl-client: cannot read image {path}: {e}")
-    request = dict(prompt=args.prompt, images=images, max_tokens=args.max_tokens, temperature=args.temperature,
+    images, videos = [], []
+    for kind, paths, out in (("image", args.image, images), ("video", args.video, videos)):
+        for path in paths:
+            try:
+                out.append(Path(path).read_bytes())
+            except OSError as e:
+                sys.exit(f"qwen3vl-client: cannot read {kind} {path}: {e}")
+    request = dict(prompt=args.prompt, images=images, videos=videos, video_fps=args.fps,
+                   max_tokens=args.max_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, model=args.model, timeout_s=args.timeout)
     printer = None if args.json else (lambda s: print(s, end="", flush=True))
     try:

@@ -136,7 +136,7 @@ def bytes_tensor_b64(items: Sequence[bytes]) -> dict:
 
 
 def input_step(prompt: str, images: Sequence[bytes] = (), max_tokens: int = 16, temperature: float = 0.0,
-               stream: bool = True) -> dict:
+               stream: bool = True, videos: Sequence[bytes] = (), video_fps: float | None = None) -> dict:
     """One request of the ensemble contract (DESIGN section 3) in perf_analyzer's JSON form."""
     step = {contract.TEXT_INPUT: [prompt],
             contract.MAX_TOKENS: [int(max_tokens)],
@@ -144,15 +144,23 @@ def input_step(prompt: str, images: Sequence[bytes] = (), max_tokens: int = 16, 
             contract.STREAM: [bool(stream)]}
     if images:
         step[contract.IMAGES] = bytes_tensor_b64(list(images))
+    if videos:
+        step[contract.VIDEOS] = bytes_tensor_b64(list(videos))
+    if video_fps is not None:
+        step[contract.VIDEO_FPS] = [float(video_fps)]
     return step
 
 
 def write_input_data(path: str | Path, prompts: Iterable[str], images: Sequence[bytes | str | Path] = (),
-                     max_tokens: int = 16, temperature: float = 0.0, stream: bool = True) -> Path:
-    """Write perf_analyzer's --input-data file: one step per prompt, each with all `images`
-    (raw file bytes, or paths to read) before the text, greedy by default, streamed."""
-    blobs = [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in images]
-    steps = [input_step(p, blobs, max_tokens, temperature, stream) for p in prompts]
+                     max_tokens: int = 16, temperature: float = 0.0, stream: bool = True,
+                     videos: Sequence[bytes | str | Path] = (), video_fps: float | None = None) -> Path:
+    """Write perf_analyzer's --input-data file: one step per prompt, each with all `images` and
+    `videos` (raw file bytes, or paths to read) before the text, greedy by default, streamed."""
+    def read(items):
+        return [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in items]
+
+    blobs, clips = read(images), read(videos)
+    steps = [input_step(p, blobs, max_tokens, temperature, stream, clips, video_fps) for p in prompts]
     if not steps:
         raise ValueError("write_input_data: at least one prompt is needed")
     path = Path(path)
@@ -187,6 +195,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="ensemble")
     p.add_argument("--prompt", action="append", help="prompt; repeat for several (perf_analyzer cycles them)")
     p.add_argument("--image", action="append", default=[], help="image file sent with every request; repeatable")
+    p.add_argument("--video", action="append", default=[], help="video file sent with every request; repeatable")
+    p.add_argument("--fps", type=float, help="video frames sampled per second (default: the server's)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--concurrency", default="1:4", help="perf_analyzer --concurrency-range START:END[:STEP]")
     p.add_argument("--measurement-interval", type=int, default=4000, help="ms per measurement window")
@@ -201,13 +211,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    prompts = args.prompt or ["Describe this picture." if args.image else "Tell me a short story."]
+    prompts = args.prompt or ["Describe this picture." if args.image or args.video else "Tell me a short story."]
     try:
         images = [Path(i).read_bytes() for i in args.image]
+        videos = [Path(i).read_bytes() for i in args.video]
     except OSError as e:
-        sys.exit(f"qwen3vl.cli.perf: cannot read image: {e}")
+        sys.exit(f"qwen3vl.cli.perf: cannot read input file: {e}")
     cache = Path(args.cache_dir or os.environ.get("QWEN3VL_PERF_CACHE") or DEFAULT_CACHE)
-    input_path = write_input_data(args.input_data or cache / "input.json", prompts, images, args.max_tokens)
+    input_path = write_input_data(args.input_data or cache / "input.json", prompts, images, args.max_tokens,
+                                  videos=videos, video_fps=args.fps)
     try:
         binary, env = (Path("perf_analyzer"), dict(os.environ)) if args.dry_run else ensure_perf_analyzer(cache)
     except PerfAnalyzerError as e:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from ..encoder.video import VideoFile
 from ..errors import NotCached, SharedMemoryUnavailable, Unavailable
 from ..model.config import ModelConfig
 from ..model.vision import VisualFeatures
@@ -54,23 +55,29 @@ class TransferStats:
 
 
 class Buffers:
-    """One image's E->L tensors being assembled in place from chunks (numpy, wire dtype):
-    embeds [N, H], deepstack [L, N, H], grids [1, 3]."""
+    """One image's (or video's) E->L tensors being assembled in place from chunks (numpy, wire
+    dtype): embeds [N, H], deepstack [L, N, H], grids [1, 3] (a video: [0, 3], with
+    video_grids [1, 3] and its frame groups' timestamps, float64)."""
 
-    def __init__(self, embeds: np.ndarray, deepstack: np.ndarray, grids: np.ndarray):
+    def __init__(self, embeds: np.ndarray, deepstack: np.ndarray, grids: np.ndarray, video_grids=None,
+                 timestamps=None):
         self.embeds, self.deepstack, self.grids = embeds, deepstack, grids
+        self.video_grids = np.empty((0, 3), np.int64) if video_grids is None else np.array(video_grids, dtype=np.int64)
+        self.timestamps = np.empty(0, np.float64) if timestamps is None else np.array(timestamps, dtype=np.float64)
         self.received = 0
 
     @classmethod
-    def allocate(cls, total: int, grids, config: ModelConfig, dtype: np.dtype) -> "Buffers":
+    def allocate(cls, total: int, grids, config: ModelConfig, dtype: np.dtype, video_grids=None,
+                 timestamps=None) -> "Buffers":
         h = config.visual_hidden_size
         return cls(np.empty((total, h), dtype), np.empty((config.deepstack_layers, total, h), dtype),
-                   np.array(grids, dtype=np.int64))
+                   np.array(grids, dtype=np.int64), video_grids, timestamps)
 
     @classmethod
     def filled(cls, features: VisualFeatures) -> "Buffers":
         """A whole image that arrived in one piece, kept as it is."""
-        buf = cls(features.visual_embeds, features.deepstack_embeds, np.array(features.image_grid_thw, dtype=np.int64))
+        buf = cls(features.visual_embeds, features.deepstack_embeds, np.array(features.image_grid_thw, dtype=np.int64),
+                  features.video_grid_thw, features.video_timestamps)
         buf.received = buf.total
         return buf
 
@@ -97,15 +104,17 @@ class Buffers:
         self.received += n
 
     def features(self, dtype: torch.dtype) -> VisualFeatures:
-        return VisualFeatures(to_torch(self.embeds, dtype), to_torch(self.deepstack, dtype), torch.from_numpy(self.grids))
+        return VisualFeatures(to_torch(self.embeds, dtype), to_torch(self.deepstack, dtype), torch.from_numpy(self.grids),
+                              torch.from_numpy(self.video_grids), torch.from_numpy(self.timestamps))
 
 
 @dataclass
 class ImageTransfer:
-    """One image being fetched; what has arrived survives a failed attempt."""
+    """One image (or video) being fetched; what has arrived survives a failed attempt."""
     image: bytes
     digest: bytes
     stats: TransferStats = field(default_factory=TransferStats)
+    video_fps: float | None = None  # a video: the rate it is sampled at (part of the encoder's cache key)
     buf: Buffers | None = None  # allocated at the first response, filled in place
 
     @property
@@ -136,10 +145,17 @@ class ImageFetcher:
         # Per encoder: False once it could not write into our regions (another host): gRPC from then on.
         self.shm_ok: dict[str, bool] = {}
 
-    def fetch(self, image: bytes, index: int = 0) -> tuple[VisualFeatures, TransferStats]:
-        """`images[index]`'s features. Raises EncoderRejected (bad image) or Unavailable (no
-        encoder could serve it within timeout_s; the message lists each one's failure)."""
-        t = ImageTransfer(image, hashlib.sha256(image).digest())  # hashed once: a large file is not free
+    def fetch(self, image: "bytes | VideoFile", index: int = 0) -> tuple[VisualFeatures, TransferStats]:
+        """`images[index]`'s (or a VideoFile's) features. Raises EncoderRejected (bad image) or
+        Unavailable (no encoder could serve it within timeout_s; the message lists each one's
+        failure). A video travels like an image: named by its file's digest (with its sampling
+        rate), routed by that digest, in chunks, resumed."""
+        name = f"images[{index}]"
+        if isinstance(image, VideoFile):
+            t = ImageTransfer(image.data, hashlib.sha256(image.data).digest(), video_fps=image.fps)
+            name = f"videos[{image.index}]"
+        else:
+            t = ImageTransfer(image, hashlib.sha256(image).digest())  # hashed once: a large file is not free
         key = t.digest.hex()
         order = self.ring.order(key)
         errors: dict[str, str] = {}
@@ -160,10 +176,10 @@ class ImageFetcher:
                     return t.buf.features(self.config.dtype), t.stats
             except NotCached:
                 if not by_digest:  # it says so of the file itself: a broken encoder
-                    raise EncoderRejected(f"images[{index}]: encoder {url} did not cache the image it was sent") from None
+                    raise EncoderRejected(f"{name}: encoder {url} did not cache the file it was sent") from None
                 by_digest = False
             except EncoderRejected as e:
-                raise EncoderRejected(f"images[{index}]: {e}") from None
+                raise EncoderRejected(f"{name}: {e}") from None
             except Exception as e:  # noqa: BLE001 - any transport failure: resume here or elsewhere
                 errors[url] = f"{type(e).__name__}: {e}"
                 log.warning("image %s from %s failed after %d visual tokens: %s", key[:12], url, t.received, e)
@@ -172,7 +188,7 @@ class ImageFetcher:
                 failed, url = url, next_encoder(url, order, deadline, self.settings.same_encoder_wait_s)
                 if url is None:
                     detail = "; ".join(f"{u}: {m}" for u, m in errors.items())
-                    raise Unavailable(f"images[{index}]: no encoder could serve it within {self.settings.timeout_s:g} s "
+                    raise Unavailable(f"{name}: no encoder could serve it within {self.settings.timeout_s:g} s "
                                       f"({t.received} visual tokens had arrived): {detail}") from None
                 if url != failed:
                     t.stats.failovers.append(url)
@@ -180,7 +196,8 @@ class ImageFetcher:
     def _chunks(self, url: str, t: ImageTransfer, deadline: float, by_digest: bool, **kw):
         return request_chunks(self.clients, url, t.digest if by_digest else t.image, by_digest=by_digest,
                               resume_from=t.received, first_timeout_s=max(1.0, deadline - time.monotonic()),
-                              chunk_timeout_s=self.settings.chunk_timeout_s, wire_dtype=self.wire_dtype, **kw)
+                              chunk_timeout_s=self.settings.chunk_timeout_s, wire_dtype=self.wire_dtype,
+                              video_fps=t.video_fps, **kw)
 
     def _through_grpc(self, url: str, t: ImageTransfer, deadline: float, by_digest: bool) -> None:
         """The rest of the image as gRPC chunks; with shared memory on, only a one-token first
@@ -189,7 +206,8 @@ class ImageFetcher:
         for start, total, piece in self._chunks(url, t, deadline, by_digest,
                                                 chunk_tokens=1 if probe else self.settings.chunk_tokens,
                                                 max_chunks=1 if probe else 0):
-            t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config, piece.visual_embeds.dtype)
+            t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config, piece.visual_embeds.dtype,
+                                              piece.video_grid_thw, piece.video_timestamps)
             t.buf.write(start, piece, url)
             t.stats.chunks += 1
             t.stats.bytes += piece.visual_embeds.nbytes + piece.deepstack_embeds.nbytes
@@ -240,10 +258,13 @@ class ImageFetcher:
             n = min(region.tokens, total - resume_from)
             try:
                 if t.buf is None and n == total:
-                    t.buf = Buffers.filled(self.regions.lend(region, n, piece.image_grid_thw))
+                    t.buf = Buffers.filled(replace(self.regions.lend(region, n, piece.image_grid_thw),
+                                                   video_grid_thw=piece.video_grid_thw,
+                                                   video_timestamps=piece.video_timestamps))
                 else:
                     t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config,
-                                                      numpy_dtype(self.config.dtype))
+                                                      numpy_dtype(self.config.dtype), piece.video_grid_thw,
+                                                      piece.video_timestamps)
                     t.buf.write(resume_from, region.read(n, piece.image_grid_thw)[0], url)
                     self.regions.give_back(region)
             except Exception:

@@ -31,8 +31,7 @@ def chunks(features: VisualFeatures, chunk_tokens: int, resume_from: int = 0) ->
     start = resume_from
     while True:
         end = min(start + chunk_tokens, n)
-        yield start, VisualFeatures(features.visual_embeds[start:end], features.deepstack_embeds[:, start:end],
-                                    features.image_grid_thw)
+        yield start, features.rows(features.visual_embeds[start:end], features.deepstack_embeds[:, start:end])
         start = end
         if start >= n:
             return
@@ -84,5 +83,5 @@ def plan_responses(result: VisualFeatures, request: ChunkRequest,
         raise
     except Exception as e:  # noqa: BLE001 - whatever it is, the language side can use gRPC
         raise SharedMemoryUnavailable(f"shared-memory region {request.shm_region!r}: {type(e).__name__}: {e}") from None
-    empty = VisualFeatures(piece.visual_embeds[:0], piece.deepstack_embeds[:, :0], piece.image_grid_thw)
+    empty = piece.rows(piece.visual_embeds[:0], piece.deepstack_embeds[:, :0])
     return [Response(empty, start, total, final=True, shm_bytes=piece.nbytes)]

@@ -85,12 +85,17 @@ def _close(client) -> None:
 
 
 def _inputs(image: bytes, by_digest: bool, chunk_tokens: int, resume_from: int, max_chunks: int,
-            shm_region: str | None) -> list:
+            shm_region: str | None, video_fps: float | None = None) -> list:
     import tritonclient.grpc as grpcclient
 
+    if video_fps is None:
+        media = [(contract.IMAGE_DIGESTS if by_digest else contract.IMAGES, np.array([image], dtype=object))]
+    else:  # a video: the file (or its digest) and the rate it is sampled at
+        media = [(contract.VIDEO_DIGESTS if by_digest else contract.VIDEOS, np.array([image], dtype=object)),
+                 (contract.VIDEO_FPS, np.array([video_fps], dtype=np.float32))]
     inputs = []
     for name, value in (
-            (contract.IMAGE_DIGESTS if by_digest else contract.IMAGES, np.array([image], dtype=object)),
+            *media,
             (contract.CHUNK_TOKENS, np.array([chunk_tokens], dtype=np.int32)),
             (contract.RESUME_FROM, np.array([resume_from], dtype=np.int64)),
             (contract.MAX_CHUNKS, np.array([max_chunks], dtype=np.int32)),
@@ -101,18 +106,23 @@ def _inputs(image: bytes, by_digest: bool, chunk_tokens: int, resume_from: int, 
     return inputs
 
 
+def _or_empty(result, name: str, shape, dtype) -> np.ndarray:
+    array = result.as_numpy(name)
+    return np.empty(shape, dtype) if array is None else array
+
+
 def request_chunks(clients: EncoderClients, url: str, image: bytes, *, by_digest: bool, resume_from: int,
                    chunk_tokens: int, max_chunks: int = 0, shm_region: str | None = None,
                    first_timeout_s: float, chunk_timeout_s: float,
-                   wire_dtype: str) -> Iterator[tuple[int, int, VisualFeatures]]:
+                   wire_dtype: str, video_fps: float | None = None) -> Iterator[tuple[int, int, VisualFeatures]]:
     """(chunk start, total tokens, chunk as numpy arrays) as the encoder at `url` sends them for
-    `image` (the file, or its SHA-256 digest with `by_digest`); with `shm_region`, the arrays
+    `image` (the file, or its SHA-256 digest with `by_digest`; a video with `video_fps`); with `shm_region`, the arrays
     arrive empty and the chunk is in that region. The first chunk may take as long as an encode
     (`first_timeout_s`); later ones `chunk_timeout_s`.
 
     Raises EncoderRejected (also when the encoder's tensors are not `wire_dtype`, e.g. "BF16"),
     NotCached, SharedMemoryUnavailable, or ConnectionError/TimeoutError (transient)."""
-    inputs = _inputs(image, by_digest, chunk_tokens, resume_from, max_chunks, shm_region)
+    inputs = _inputs(image, by_digest, chunk_tokens, resume_from, max_chunks, shm_region, video_fps)
     results = stream_infer(clients.get(url), ENCODER_MODEL, inputs, first_timeout_s, chunk_timeout_s,
                            on_unfinished=lambda: clients.drop(url))
     try:
@@ -123,7 +133,9 @@ def request_chunks(clients: EncoderClients, url: str, image: bytes, *, by_digest
                                       f"{wire_dtype}: start both with the same --dtype")
             yield (int(result.as_numpy(contract.CHUNK_START)[0]), int(result.as_numpy(contract.TOTAL_TOKENS)[0]),
                    VisualFeatures(result.as_numpy(contract.VISUAL_EMBEDS), result.as_numpy(contract.DEEPSTACK_EMBEDS),
-                                  result.as_numpy(contract.IMAGE_GRID_THW)))
+                                  result.as_numpy(contract.IMAGE_GRID_THW), _or_empty(result, contract.VIDEO_GRID_THW, (0, 3),
+                                                                                        np.int64),
+                                  _or_empty(result, contract.VIDEO_TIMESTAMPS, (0,), np.float64)))
     except StreamError as e:
         raise classify(e.error) from None
     finally:

@@ -19,9 +19,10 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from .. import contract
 from ..errors import InvalidInput
 from ..model.config import ModelConfig
-from ..model.prompt import PromptBuilder
+from ..model.prompt import PromptBuilder, VideoLayout
 from .cache import CachedImage
 from .images import ImageError, ImageHeader, read_header
+from .video import VideoFile
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,14 @@ class Limits:
     max_image_pixels: int      # max_image_pixels
     max_model_len: int         # prompt + generated tokens
     default_max_tokens: int    # the checkpoint's, for a request that gives none
+    max_videos: int = 4        # max_videos_per_request
 
 
 @dataclass(frozen=True)
 class Estimate:
     """What a request will cost, computed from its image headers and text alone."""
     grids: list[tuple[int, int, int]]  # per image (t, h, w) in patches, as image_grid_thw
-    visual_tokens: list[int]           # per image
+    visual_tokens: list[int]           # per image, then per video
     prompt_tokens: int | None          # the whole prompt, visual tokens included (None: no text)
     transfer_bytes: int                # E->L: visual + deepstack rows of every image
 
@@ -67,13 +69,19 @@ class Admission:
             raise ImageError(f"{contract.IMAGES}[{index}] is {header.width}x{header.height} pixels: {e}") from None
         return 1, height // self.patch, width // self.patch
 
-    def check(self, files: list, text: str | None = None, max_tokens: int | None = None) -> Estimate:
+    def check(self, files: list, text: str | None = None, max_tokens: int | None = None,
+              videos: list[VideoFile] = ()) -> Estimate:
         """The request's estimate, or InvalidInput naming the limit it is over. `files`: image
-        bytes (a CachedImage, named by digest, is counted by its number only)."""
+        bytes (a CachedImage, named by digest, is counted by its number only); `videos`: the
+        request's videos as VideoPlanner planned them (from their headers: frames, grid,
+        timestamps)."""
         lim = self.limits
         if len(files) > lim.max_images:
             raise InvalidInput(f"{len(files)} images in one request; the limit is {lim.max_images} "
                                "(max_images_per_request)")
+        if len(videos) > lim.max_videos:
+            raise InvalidInput(f"{len(videos)} videos in one request; the limit is {lim.max_videos} "
+                               "(max_videos_per_request)")
         grids = []
         for i, data in enumerate(files):
             if isinstance(data, CachedImage):
@@ -85,16 +93,19 @@ class Admission:
                                  f"the limit is {lim.max_image_pixels} (max_image_pixels)")
             grids.append(self.grid(header, i))
         tokens = [t * h * w // self.merge**2 for t, h, w in grids]
-        if sum(tokens) > lim.max_visual_tokens:
-            raise InvalidInput(f"the images need {sum(tokens)} visual tokens ({', '.join(map(str, tokens))}); "
-                               f"the limit is {lim.max_visual_tokens} (max_visual_tokens_per_request)")
+        layouts = [VideoLayout(v.grid[1] * v.grid[2] // self.merge**2, v.timestamps) for v in videos]
+        all_tokens = tokens + [len(v.timestamps) * v.group_tokens for v in layouts]
+        if sum(all_tokens) > lim.max_visual_tokens:
+            raise InvalidInput(f"the images and videos need {sum(all_tokens)} visual tokens "
+                               f"({', '.join(map(str, all_tokens))}); the limit is {lim.max_visual_tokens} "
+                               "(max_visual_tokens_per_request)")
         prompt_tokens = None
         if text is not None and self.prompts is not None and len(grids) == len(files):
             self.prompts.check_size(text, lim.max_model_len)
-            prompt_tokens = len(self.prompts.expanded_ids(text, tokens))
+            prompt_tokens = len(self.prompts.expanded_ids(text, tokens, layouts))
             generated = max_tokens if max_tokens is not None else lim.default_max_tokens
             if prompt_tokens + generated > lim.max_model_len:
-                raise InvalidInput(f"prompt ({prompt_tokens} tokens, {sum(tokens)} of them visual) + max_tokens "
+                raise InvalidInput(f"prompt ({prompt_tokens} tokens, {sum(all_tokens)} of them visual) + max_tokens "
                                    f"({generated}) = {prompt_tokens + generated} exceeds the context window of "
                                    f"{lim.max_model_len} tokens (max_model_len)")
-        return Estimate(grids, tokens, prompt_tokens, sum(tokens) * self.bytes_per_token)
+        return Estimate(grids, all_tokens, prompt_tokens, sum(all_tokens) * self.bytes_per_token)

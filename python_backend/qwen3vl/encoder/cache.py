@@ -19,8 +19,25 @@ class CachedImage:
     digest: bytes
 
 
+@dataclass(frozen=True)
+class CachedVideo:
+    """A video named by the SHA-256 of its file and the frames per second it is sampled at."""
+    digest: bytes
+    fps: float
+
+    def key_bytes(self) -> bytes:
+        return self.digest + video_key_settings(self.fps)
+
+
+def video_key_settings(fps: float) -> bytes:
+    """What besides the file and the processor's settings decides a video's features: its
+    sampling rate (the frame indices follow from the file, the rate and the processor)."""
+    return repr(("video", float(fps))).encode()
+
+
 def features_nbytes(features: VisualFeatures) -> int:
-    return features.nbytes + features.image_grid_thw.numel() * features.image_grid_thw.element_size()
+    return features.nbytes + sum(t.numel() * t.element_size() for t in (
+        features.image_grid_thw, features.video_grid_thw, features.video_timestamps))
 
 
 class FeatureCache:
@@ -36,6 +53,7 @@ class FeatureCache:
         self.pinned: dict[str, VisualFeatures] = {}
 
     def key(self, data: "bytes | CachedImage") -> str:
+        """`data`: an image file, a CachedImage, or a video's `key_bytes()`."""
         digest = data.digest if isinstance(data, CachedImage) else hashlib.sha256(data).digest()
         return hashlib.sha256(self.salt + digest).hexdigest()
 

@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from ..errors import InvalidInput
@@ -124,18 +123,21 @@ class Engine:
     def prepare(self, text: str, features: VisualFeatures) -> Prompt:
         """The prompt's ids and positions. Raises InvalidInput when the text and the visual
         tensors do not fit together."""
-        grids = features.image_grid_thw
-        if grids.ndim != 2 or grids.shape[1] != 3 or bool((grids < 1).any()):
-            raise InvalidInput(f"image_grid_thw must be [images, 3] of positive (t, h, w), got shape {list(grids.shape)}")
         merge = self.config.spatial_merge_size
-        if bool((grids[:, 1:] % merge).any()):
-            raise InvalidInput(f"image_grid_thw: h and w must be multiples of the spatial merge size {merge}")
+        for name, grids in (("image_grid_thw", features.image_grid_thw), ("video_grid_thw", features.video_grid_thw)):
+            if grids.ndim != 2 or grids.shape[1] != 3 or bool((grids < 1).any()):
+                raise InvalidInput(f"{name} must be [items, 3] of positive (t, h, w), got shape {list(grids.shape)}")
+            if bool((grids[:, 1:] % merge).any()):
+                raise InvalidInput(f"{name}: h and w must be multiples of the spatial merge size {merge}")
+        if features.video_timestamps.ndim != 1 or not bool(torch.isfinite(features.video_timestamps).all()):
+            raise InvalidInput("video_timestamps must be [frame groups] of finite seconds")
         self.prompts.check_size(text, self.max_model_len)
-        prompt = self.prompts(text, grids)
+        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
             raise InvalidInput(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
-                               f"image_grid_thw implies ({n}, {h})")
+                               f"{'image_grid_thw and video_grid_thw imply' if len(features.video_grid_thw) else 'image_grid_thw implies'} "
+                               f"({n}, {h})")
         want = (self.config.deepstack_layers, n, h)
         if n and tuple(features.deepstack_embeds.shape) != want:
             raise InvalidInput(f"deepstack_embeds has shape {tuple(features.deepstack_embeds.shape)}, expected {want}")
@@ -144,12 +146,20 @@ class Engine:
                 raise InvalidInput(f"{name} holds NaN or infinite values")
         return prompt
 
+    @staticmethod
+    def in_prompt_order(prompt: Prompt, features: VisualFeatures) -> VisualFeatures:
+        """The E->L rows (images', then videos') reordered to where the prompt consumes them."""
+        if prompt.row_order is None:
+            return features
+        return features.rows(features.visual_embeds[prompt.row_order], features.deepstack_embeds[:, prompt.row_order])
+
     def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams,
                      emit: Callable[[Step], None], fail: Callable[[Exception], None],
                      is_cancelled: Callable[[], bool] = lambda: False) -> Sequence:
         """A validated sequence, ready for `add`. Raises InvalidInput (bad text, tensors, or a
         request longer than max_model_len)."""
         prompt = self.prepare(text, features)
+        features = self.in_prompt_order(prompt, features)
         total = len(prompt.input_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidInput(f"prompt ({len(prompt.input_ids)} tokens) + max_tokens ({params.max_tokens}) "
@@ -164,10 +174,10 @@ class Engine:
                         generator, keys)
 
     def _block_keys(self, prompt: Prompt, features: VisualFeatures) -> list[bytes]:
-        counts = (features.image_grid_thw.prod(-1) // self.config.spatial_merge_size**2).tolist()
-        starts = np.flatnonzero(np.diff(np.concatenate(([0], prompt.visual_mask.numpy().astype(np.int8)))) == 1)
+        """features: in prompt order. Each run of visual tokens (an image, a video's frame
+        group) keys the blocks it overlaps by its content."""
         images, row = [], 0
-        for first, count, grid in zip(starts.tolist(), counts, features.image_grid_thw.tolist()):
+        for first, count, grid in prompt.runs:
             embeds = features.visual_embeds[row:row + count].contiguous()
             deepstack = features.deepstack_embeds[:, row:row + count].contiguous()
             key = image_key(raw_bytes(embeds), raw_bytes(deepstack), tuple(grid))
@@ -285,6 +295,7 @@ class Engine:
         """All prompt positions' logits [T, V] in one unbatched prefill over a static cache
         (parity checks against transformers)."""
         prompt = self.prepare(text, features)
+        features = self.in_prompt_order(prompt, features)
         dev = self.config.device
         cache = self.model.new_cache(1, len(prompt.input_ids))
         visual_index = torch.nonzero(prompt.visual_mask).flatten().to(dev)

@@ -5,12 +5,19 @@ checkpoint's own template is what runs. The language side never sees pixels: eac
 `<|image_pad|>` is expanded to the token count its grid implies, `t*h*w / merge**2`, exactly
 what the processor does when it has the pixels.
 
-How a prompt places its images (documented in the README):
-- a plain prompt: images go first in one user turn, then the text; or, if the text holds one
-  `<image>` marker per image, each image goes where its marker is;
+How a prompt places its images and videos (documented in the README):
+- a plain prompt: images go first in one user turn, then videos, then the text; or, if the text
+  holds one `<image>` marker per image and one `<video>` marker per video, each goes where its
+  marker is;
 - a chat: `text_input` is a JSON list of messages (`[{"role": "system", "content": "..."},
   {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]`);
-  the `{"type": "image"}` items take the request's images in order.
+  the `{"type": "image"}` items take the request's images in order, `{"type": "video"}` its videos.
+
+A video's `<|video_pad|>` is expanded as transformers 5.24's processor does: per frame group
+(2 frames), `<t seconds>` (the float64 time, one decimal) + `<|vision_start|>` + its tokens +
+`<|vision_end|>`, inside the template's own `<|vision_start|>`...`<|vision_end|>`. MRoPE takes
+each frame group as an image of one frame. The E->L rows come images' first, then videos';
+`Prompt.row_order` puts them in the prompt's order.
 
 Special tokens typed by a user (documented in the README): text inside messages is plain text by
 default, so `<|im_end|>` typed in a message is the characters `<`, `|`, `im`, ... and never the
@@ -23,20 +30,22 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import InvalidInput
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+_MARKER_RE = re.compile("(" + re.escape(IMAGE_MARKER) + "|" + re.escape(VIDEO_MARKER) + ")")
 
 
 class PromptError(InvalidInput):
     """A request whose text and images don't fit together; the message says how."""
 
 
-def build_messages(text: str, num_images: int) -> list[dict]:
+def build_messages(text: str, num_images: int, num_videos: int = 0) -> list[dict]:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -45,42 +54,51 @@ def build_messages(text: str, num_images: int) -> list[dict]:
             raise PromptError(f"text_input starts with '[' but is not a JSON message list: {e}") from None
         except RecursionError:
             raise PromptError("text_input is a JSON message list nested too deeply") from None
-        _check_messages(messages, num_images)
+        _check_messages(messages, num_images, num_videos)
         return messages
-    parts = text.split(IMAGE_MARKER)
-    markers = len(parts) - 1
-    if markers == 0:
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-    elif markers == num_images:
+    parts = _MARKER_RE.split(text)
+    markers = parts[1::2]
+    images, videos = markers.count(IMAGE_MARKER), markers.count(VIDEO_MARKER)
+    if not markers:
+        content = ([{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)]
+                   + [{"type": "text", "text": text}])
+    elif images == num_images and videos == num_videos:
         content = []
         for i, part in enumerate(parts):
-            if part:
+            if i % 2:
+                content.append({"type": "image" if part == IMAGE_MARKER else "video"})
+            elif part:
                 content.append({"type": "text", "text": part})
-            if i < num_images:
-                content.append({"type": "image"})
-    else:
-        raise PromptError(f"the prompt has {markers} '{IMAGE_MARKER}' markers but the request "
+    elif not videos and not num_videos:
+        raise PromptError(f"the prompt has {images} '{IMAGE_MARKER}' markers but the request "
                           f"has {num_images} images; use one marker per image or none")
+    else:
+        raise PromptError(f"the prompt has {images} '{IMAGE_MARKER}' and {videos} '{VIDEO_MARKER}' markers but the "
+                          f"request has {num_images} images and {num_videos} videos; use one marker per image and "
+                          "video, or none")
     return [{"role": "user", "content": content}]
 
 
-def _check_messages(messages, num_images: int) -> None:
+def _check_messages(messages, num_images: int, num_videos: int = 0) -> None:
     if not isinstance(messages, list) or not messages:
         raise PromptError("a chat text_input must be a non-empty JSON list of messages")
-    slots = 0
+    slots = videos = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise PromptError(f"message {i}: needs a role of system, user or assistant")
         content = m.get("content")
         if isinstance(content, list):
             for item in content:
-                if not isinstance(item, dict) or item.get("type") not in ("text", "image"):
-                    raise PromptError(f"message {i}: content items must be {{'type': 'text'|'image'}}")
+                if not isinstance(item, dict) or item.get("type") not in ("text", "image", "video"):
+                    raise PromptError(f"message {i}: content items must be {{'type': 'text'|'image'|'video'}}")
                 slots += item["type"] == "image"
+                videos += item["type"] == "video"
         elif not isinstance(content, str):
             raise PromptError(f"message {i}: content must be a string or a list of items")
     if slots != num_images:
         raise PromptError(f"the messages have {slots} image items but the request has {num_images} images")
+    if videos != num_videos:
+        raise PromptError(f"the messages have {videos} video items but the request has {num_videos} videos")
 
 
 @dataclass
@@ -88,8 +106,21 @@ class Prompt:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [3, T] int64, t/h/w streams
     rope_delta: int          # decode position of token at cache index i is i + rope_delta
-    visual_mask: torch.Tensor  # [T] bool, True at image tokens
+    visual_mask: torch.Tensor  # [T] bool, True at image and video tokens
     num_visual_tokens: int
+    # The E->L rows (images', then videos') in the order the prompt consumes them: [N] int64,
+    # None when that is their order already (no video).
+    row_order: torch.Tensor | None = None
+    # Each run of visual tokens (an image, or one frame group of a video) in prompt order:
+    # (first token, token count, (t, h, w) grid of the run)
+    runs: list[tuple[int, int, tuple[int, int, int]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """What the prompt needs of one video: tokens per frame group, and each group's time."""
+    group_tokens: int
+    timestamps: tuple[float, ...]  # float64 seconds, one per frame group
 
 
 class PromptBuilder:
@@ -97,6 +128,9 @@ class PromptBuilder:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.vision_start_id = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        self.vision_end_id = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         self.merge = spatial_merge_size
         self.allow_special_tokens = allow_special_tokens
         # The tokenizer's special tokens, longest first (a regex alternation takes the first match).
@@ -115,38 +149,108 @@ class PromptBuilder:
             raise PromptError(f"text_input is {size} bytes: more than the context window of {max_model_len} "
                               f"tokens (max_model_len) could hold at {self.max_token_bytes} bytes a token")
 
-    def __call__(self, text: str, image_grid_thw: torch.Tensor) -> Prompt:
-        """image_grid_thw [k, 3]: one row per image, in prompt order. Raises PromptError when the
-        text and the images do not fit together."""
+    def video_layouts(self, video_grid_thw: torch.Tensor | None, video_timestamps: torch.Tensor | None) -> list[VideoLayout]:
+        """Each video's layout from its grid row and its groups' timestamps (in order)."""
+        if video_grid_thw is None or video_grid_thw.shape[0] == 0:
+            return []
+        times = [] if video_timestamps is None else video_timestamps.to(torch.float64).tolist()
+        groups = int(video_grid_thw[:, 0].sum())
+        if len(times) != groups:
+            raise PromptError(f"video_timestamps has {len(times)} entries; video_grid_thw has {groups} frame groups")
+        layouts, start = [], 0
+        for t, h, w in video_grid_thw.tolist():
+            layouts.append(VideoLayout(h * w // self.merge**2, tuple(times[start:start + t])))
+            start += t
+        return layouts
+
+    def __call__(self, text: str, image_grid_thw: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
+                 video_timestamps: torch.Tensor | None = None) -> Prompt:
+        """image_grid_thw [k, 3]: one row per image, in prompt order; video_grid_thw [v, 3] and
+        video_timestamps [sum of t] (float64) the same for videos. Raises PromptError when the
+        text and the images and videos do not fit together."""
         counts = (image_grid_thw.prod(-1) // self.merge**2).tolist()
-        expanded = self.expanded_ids(text, counts)
+        videos = self.video_layouts(video_grid_thw, video_timestamps)
+        expanded, items = self._expand(text, counts, videos)
         input_ids = torch.tensor(expanded, dtype=torch.long)
-        positions = self.mrope_positions(input_ids, image_grid_thw)
+        # Rows: images' in order, then videos'; runs: each image, each frame group, in prompt order.
+        image_rows = [sum(counts[:k]) for k in range(len(counts))]
+        video_rows = [sum(counts) + sum(len(v.timestamps) * v.group_tokens for v in videos[:j])
+                      for j in range(len(videos))]
+        runs, order = [], []
+        for kind, k, first in items:
+            if kind == "image":
+                t, h, w = (int(x) for x in image_grid_thw[k])
+                runs.append((first, counts[k], (t, h, w)))
+                order.append(torch.arange(image_rows[k], image_rows[k] + counts[k]))
+                continue
+            v, (_, h, w) = videos[k], (int(x) for x in video_grid_thw[k])
+            for g, (start, _) in enumerate(self._groups(first, v)):
+                runs.append((start, v.group_tokens, (1, h, w)))
+                row = video_rows[k] + g * v.group_tokens
+                order.append(torch.arange(row, row + v.group_tokens))
+        positions = self.mrope_positions(input_ids, torch.tensor([g for _, _, g in runs], dtype=torch.long).reshape(-1, 3))
+        row_order = torch.cat(order) if videos and order else None
         return Prompt(
             input_ids=input_ids,
             positions=positions,
             rope_delta=int(positions.max()) + 1 - len(expanded) if len(expanded) else 0,
-            visual_mask=input_ids == self.image_token_id,
-            num_visual_tokens=int(sum(counts)),
+            visual_mask=(input_ids == self.image_token_id) | (input_ids == self.video_token_id),
+            num_visual_tokens=int(sum(counts) + sum(len(v.timestamps) * v.group_tokens for v in videos)),
+            row_order=row_order,
+            runs=runs,
         )
 
-    def expanded_ids(self, text: str, visual_tokens: list[int]) -> list[int]:
+    def _groups(self, first: int, video: VideoLayout):
+        """(first pad token, timestamp) of each frame group of a video expanded at `first`."""
+        pos = first
+        for t in video.timestamps:
+            pos += len(self.timestamp_ids(t)) + 1  # the timestamp, <|vision_start|>
+            yield pos, t
+            pos += video.group_tokens + 1          # the pads, <|vision_end|>
+
+    def timestamp_ids(self, seconds: float) -> list[int]:
+        """The ids of a frame group's time as the processor writes it: `<{t:.1f} seconds>` of the
+        float64 time (plain text between special tokens: tokenized alone, the same ids)."""
+        return self.tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
+
+    def expanded_ids(self, text: str, visual_tokens: list[int], videos: list[VideoLayout] = ()) -> list[int]:
         """The prompt's token ids, each image's placeholder expanded to its `visual_tokens[i]`
-        tokens (what `len()` of a prompt is: admission control counts it before any vision work)."""
-        ids = self.token_ids(build_messages(text, len(visual_tokens)))
+        tokens, each video's to its frame groups (what `len()` of a prompt is: admission control
+        counts it before any vision work)."""
+        return self._expand(text, visual_tokens, list(videos))[0]
+
+    def _expand(self, text: str, visual_tokens: list[int], videos: list[VideoLayout]):
+        """(expanded ids, [(kind, index, first token)] of each image and video in prompt order).
+        A video's `<|video_pad|>` becomes, per frame group, what transformers 5.24's processor
+        writes: `<t seconds><|vision_start|>` + pads + `<|vision_end|>`; the template's own
+        `<|vision_start|>`/`<|vision_end|>` around it stay."""
+        ids = self.token_ids(build_messages(text, len(visual_tokens), len(videos)))
         placeholders = sum(1 for i in ids if i == self.image_token_id)
+        video_placeholders = sum(1 for i in ids if i == self.video_token_id)
+        typed = " ('<|image_pad|>' typed in the text counts while special tokens are allowed)"
         if placeholders != len(visual_tokens):
-            typed = " ('<|image_pad|>' typed in the text counts while special tokens are allowed)"
             raise PromptError(f"the prompt renders {placeholders} image placeholders for {len(visual_tokens)} "
                               f"images{typed if self.allow_special_tokens else ''}")
-        expanded, k = [], 0
+        if video_placeholders != len(videos):
+            raise PromptError(f"the prompt renders {video_placeholders} video placeholders for {len(videos)} "
+                              f"videos{typed.replace('image', 'video') if self.allow_special_tokens else ''}")
+        expanded, items, k, j = [], [], 0, 0
         for tok in ids:
             if tok == self.image_token_id:
+                items.append(("image", k, len(expanded)))
                 expanded.extend([tok] * visual_tokens[k])
                 k += 1
+            elif tok == self.video_token_id:
+                items.append(("video", j, len(expanded)))
+                for t in videos[j].timestamps:
+                    expanded += self.timestamp_ids(t)
+                    expanded.append(self.vision_start_id)
+                    expanded.extend([tok] * videos[j].group_tokens)
+                    expanded.append(self.vision_end_id)
+                j += 1
             else:
                 expanded.append(tok)
-        return expanded
+        return expanded, items
 
     def token_ids(self, messages: list[dict]) -> list[int]:
         """The chat template's rendering of `messages`, tokenized. Unless special tokens are
@@ -180,14 +284,16 @@ class PromptBuilder:
         return re.sub(re.escape(sentinel) + "(.)", lambda m: self.specials[ord(m.group(1)) - 0xF0000], text)
 
     def mrope_positions(self, input_ids: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-        """[3, T]: text tokens advance all three streams together; an image's tokens take
-        (t, row, col) offsets from where the text left off, and the text after it resumes at
-        start + max(rows, cols)."""
+        """[3, T]: text tokens advance all three streams together; each run of visual tokens (an
+        image, or one frame group of a video: `grids` has one (t, h, w) row per run, in prompt
+        order) takes (t, row, col) offsets from where the text left off, and the text after it
+        resumes at start + max(rows, cols). A video's frame groups are runs of (1, h, w), as
+        transformers' get_rope_index splits video_grid_thw: time lives in the timestamp text."""
         out = torch.empty(3, len(input_ids), dtype=torch.long)
-        is_image = (input_ids == self.image_token_id).tolist()
+        is_visual = ((input_ids == self.image_token_id) | (input_ids == self.video_token_id)).tolist()
         pos, i, k = 0, 0, 0
-        while i < len(is_image):
-            if not is_image[i]:
+        while i < len(is_visual):
+            if not is_visual[i]:
                 out[:, i] = pos
                 pos += 1
                 i += 1

@@ -8,7 +8,7 @@ checkpoint's image processor, caching and batching live in `qwen3vl.encoder`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.models.qwen3_vl_moe import Qwen3VLMoeVisionConfig
@@ -18,18 +18,34 @@ from .checkpoint import load_tensors
 from .config import ModelConfig
 
 
+def _no_videos() -> torch.Tensor:
+    return torch.empty(0, 3, dtype=torch.int64)
+
+
+def _no_timestamps() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.float64)
+
+
 @dataclass
 class VisualFeatures:
-    """The E->L tensors of one request (or one image, or one chunk of either)."""
+    """The E->L tensors of one request (or one image or video, or one chunk of either). Rows:
+    every image's tokens in prompt order, then every video's (each video's frame groups in
+    order); the language side places them where the prompt's placeholders are."""
     visual_embeds: torch.Tensor     # [N, H] model dtype
     deepstack_embeds: torch.Tensor  # [L, N, H] model dtype
     image_grid_thw: torch.Tensor    # [k, 3] int64
+    video_grid_thw: torch.Tensor = field(default_factory=_no_videos)          # [v, 3] int64
+    video_timestamps: torch.Tensor = field(default_factory=_no_timestamps)    # [sum of t] float64 seconds
 
     @classmethod
     def empty(cls, config: ModelConfig) -> "VisualFeatures":
         h = config.visual_hidden_size
         return cls(torch.empty(0, h, dtype=config.dtype), torch.empty(config.deepstack_layers, 0, h, dtype=config.dtype),
                    torch.empty(0, 3, dtype=torch.int64))
+
+    def rows(self, visual_embeds: torch.Tensor, deepstack_embeds: torch.Tensor) -> "VisualFeatures":
+        """The same grids and timestamps with other rows (a chunk, a reordering)."""
+        return replace(self, visual_embeds=visual_embeds, deepstack_embeds=deepstack_embeds)
 
     @property
     def nbytes(self) -> int:
@@ -38,14 +54,19 @@ class VisualFeatures:
 
     @classmethod
     def concat(cls, parts: list["VisualFeatures"], config: ModelConfig) -> "VisualFeatures":
-        """Several images' features as one request's, in order (no copy for a single part)."""
+        """Several images' and videos' features as one request's (no copy for a single part):
+        the parts holding images first, then those holding videos, each kind in order."""
         if not parts:
             return cls.empty(config)
         if len(parts) == 1:
             return parts[0]
+        parts = ([p for p in parts if p.video_grid_thw.shape[0] == 0]
+                 + [p for p in parts if p.video_grid_thw.shape[0] > 0])
         return cls(torch.cat([p.visual_embeds for p in parts]),
                    torch.cat([p.deepstack_embeds for p in parts], dim=1),
-                   torch.cat([p.image_grid_thw for p in parts]))
+                   torch.cat([p.image_grid_thw for p in parts]),
+                   torch.cat([p.video_grid_thw for p in parts]),
+                   torch.cat([p.video_timestamps for p in parts]))
 
 
 class VisionTower:
@@ -72,9 +93,11 @@ class VisionTower:
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[VisualFeatures]:
-        """pixel_values [P, C*t*p*p] and grids [k, 3] (the image processor's outputs for k images)
-        -> one VisualFeatures per image, each its own memory (a cached image must not pin the
-        whole batch's output)."""
+        """pixel_values [P, C*t*p*p] and grids [k, 3] (the image and video processors' outputs for
+        k images and videos, concatenated: the tower treats a video (T, h, w) as T frame groups)
+        -> one VisualFeatures per grid row (with image_grid_thw = that row; a caller makes a
+        video's its video_grid_thw), each its own memory (a cached image must not pin the whole
+        batch's output)."""
         out = self.model(pixel_values.to(self.config.device, self.config.dtype), grid_thw=grids.to(self.config.device))
         tokens = (grids.prod(-1) // self.config.spatial_merge_size**2).tolist()
         embeds = out.pooler_output                        # [N_all, H]

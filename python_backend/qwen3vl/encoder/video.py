@@ -1,0 +1,219 @@
+"""Video files as requests carry them: raw bytes or base64 `data:video/...` URLs, read with PyAV
+(its wheels bundle FFmpeg: MP4, WebM, MKV, AVI, ...).
+
+What transformers 5.24 does for Qwen3-VL video, and what we do the same way:
+- frame indices: the checkpoint's `Qwen3VLVideoProcessor.sample_frames` itself (called, not
+  copied) on the file's frame count and rate, at `fps` frames per second (default the processor's);
+- frames: decoded in order up to the last sampled index and kept at the sampled indices, as
+  transformers' `load_video(..., backend="pyav")` does (RGB24);
+- timestamps: `Qwen3VLProcessor._calculate_timestamps` (float64; each temporal group's time is
+  the mean of its first and last frame's);
+- the grid: the video processor's `smart_resize` over the whole clip, with the per-frame pixel
+  cap (`cap_pixels_per_frame`) set explicitly (transformers 5.24 leaves it off by default).
+
+A clip of one frame (the reference raises: `t:1 must be larger than temporal_factor:2`) is given
+its frame twice (indices [0, 0], timestamp 0.0), as vLLM does: a still image sent as a video works.
+
+The frame count a file declares can be 0 (some containers do not say): then the packets of its
+video stream are counted (no decoding). A rate the file does not give: the processor's default
+(24 fps, as `sample_frames` does).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import contract
+from ..errors import InvalidInput
+
+_BASE64_WHITESPACE = b" \t\r\n\f\v"
+
+
+class VideoError(InvalidInput):
+    """An input that is not a usable video; the message names which one."""
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    max_bytes: int          # max_video_bytes
+    max_seconds: float      # max_video_seconds
+    max_frames: int         # max_video_frames: sampled frames
+    max_frame_pixels: int   # max_video_frame_pixels
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    """One video of a request: its file and how it is sampled (the encoder's cache key holds
+    all of it), with what admission control read from its header."""
+    data: bytes
+    index: int                 # its place in the request's `videos`
+    total_frames: int
+    src_fps: float | None      # the file's frame rate (None: the file does not say)
+    width: int
+    height: int
+    indices: tuple[int, ...]   # sampled frame indices (a 1-frame clip: (0, 0))
+    fps: float                 # frames sampled per second (the request's or the checkpoint's)
+    timestamps: tuple[float, ...]  # per temporal group, float64 seconds
+    grid: tuple[int, int, int]     # video_grid_thw row (patches)
+
+    def key_bytes(self) -> bytes:
+        """The feature cache's key material: the file's SHA-256 and the sampling rate (the
+        cache's salt adds the processor's settings); a CachedVideo of the same names it."""
+        from .cache import video_key_settings
+
+        return hashlib.sha256(self.data).digest() + video_key_settings(self.fps)
+
+
+def video_file_bytes(data: bytes, index: int) -> bytes:
+    """The video file itself: raw bytes, or the payload of a base64 `data:video/...` URL."""
+    if data[:5] != b"data:":
+        return data
+    header, _, payload = data.partition(b",")
+    if not header.endswith(b";base64"):
+        raise VideoError(f"{contract.VIDEOS}[{index}]: a data URL must be base64 (data:video/...;base64,...)")
+    try:
+        return base64.b64decode(payload.translate(None, _BASE64_WHITESPACE), validate=True)
+    except binascii.Error as e:
+        raise VideoError(f"{contract.VIDEOS}[{index}]: bad base64 in data URL: {e}") from None
+
+
+def _open(data: bytes, index: int):
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: "
+                         f"{type(e).__name__}: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: no video stream found")
+    return container
+
+
+def read_header(data: bytes, index: int) -> tuple[int, float | None, int, int]:
+    """(frames, frames per second or None, width, height) from the container, no decoding."""
+    import av
+
+    container = _open(data, index)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else None
+        frames = int(stream.frames or 0)
+        if frames <= 0:  # the container does not say: count the stream's packets
+            try:
+                frames = sum(1 for packet in container.demux(stream) if packet.size)
+            except av.error.FFmpegError as e:
+                raise VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: "
+                                 f"{type(e).__name__}: {e}") from None
+        return frames, fps, int(stream.width or 0), int(stream.height or 0)
+    finally:
+        container.close()
+
+
+def decode_frames(data: bytes, index: int, indices) -> np.ndarray:
+    """[n, H, W, 3] uint8 RGB frames at `indices` (sorted, repeats allowed), decoded in order up
+    to the last one, as transformers' `read_video_pyav` does."""
+    import av
+
+    wanted = sorted(set(int(i) for i in indices))
+    last = wanted[-1]
+    found: dict[int, np.ndarray] = {}
+    container = _open(data, index)
+    try:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i > last:
+                break
+            if i in wanted:
+                found[i] = frame.to_ndarray(format="rgb24")
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: "
+                         f"{type(e).__name__}: {e}") from None
+    finally:
+        container.close()
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise VideoError(f"{contract.VIDEOS}[{index}]: the file declares frames it does not hold "
+                         f"(frame {missing[0]} of {last + 1} is missing)")
+    return np.stack([found[int(i)] for i in indices])
+
+
+def metadata(video: VideoFile):
+    """transformers' VideoMetadata of the sampled clip (what the processor gets)."""
+    from transformers.video_utils import VideoMetadata
+
+    return VideoMetadata(total_num_frames=video.total_frames, fps=video.src_fps,
+                         duration=video.total_frames / video.src_fps if video.src_fps else None,
+                         video_backend="pyav", height=video.height, width=video.width,
+                         frames_indices=list(video.indices))
+
+
+class VideoPlanner:
+    """From a video file's header: its sampled indices, timestamps and grid, or VideoError
+    naming the limit it is over. `processor` is the checkpoint's Qwen3VLProcessor."""
+
+    def __init__(self, processor, limits: VideoLimits, cap_pixels_per_frame: bool):
+        self.processor = processor
+        self.video_processor = processor.video_processor
+        self.limits, self.cap_pixels_per_frame = limits, cap_pixels_per_frame
+
+    def plan(self, data: bytes, index: int, fps: float | None) -> VideoFile:
+        from transformers.video_utils import VideoMetadata
+
+        lim, vp = self.limits, self.video_processor
+        name = f"{contract.VIDEOS}[{index}]"
+        if len(data) > lim.max_bytes:
+            raise VideoError(f"{name} is {len(data)} bytes; the limit is {lim.max_bytes} (max_video_bytes)")
+        if fps is not None and not (math.isfinite(fps) and fps > 0):
+            raise VideoError(f"{contract.VIDEO_FPS} must be a positive number, got {fps}")
+        total, src_fps, width, height = read_header(data, index)
+        if total < 1 or width < 1 or height < 1:
+            raise VideoError(f"{name} ({len(data)} bytes) holds no video frames")
+        if width * height > lim.max_frame_pixels:
+            raise VideoError(f"{name} frames are {width}x{height} = {width * height} pixels; the limit is "
+                             f"{lim.max_frame_pixels} (max_video_frame_pixels)")
+        seconds = total / (src_fps or 24)
+        if seconds > lim.max_seconds:
+            raise VideoError(f"{name} is {seconds:.1f} s long ({total} frames); the limit is {lim.max_seconds:g} s "
+                             "(max_video_seconds)")
+        # transformers' own sampling (a copy of the metadata: sample_frames fills in a missing fps)
+        meta = VideoMetadata(total_num_frames=total, fps=src_fps)
+        indices = [int(i) for i in vp.sample_frames(meta, fps=fps)]
+        if len(indices) > lim.max_frames:
+            raise VideoError(f"{name} samples to {len(indices)} frames; the limit is {lim.max_frames} "
+                             "(max_video_frames: send a lower video_fps or a shorter clip)")
+        if len(indices) == 1:  # the documented choice: a 1-frame clip is its frame twice
+            indices = [indices[0], indices[0]]
+        rate = src_fps if src_fps else 24.0  # what the processor's timestamps use without a rate
+        timestamps = self.processor._calculate_timestamps(list(indices), rate, vp.temporal_patch_size)
+        grid = self.grid(len(indices), height, width, index)
+        return VideoFile(data, index, total, src_fps, width, height, tuple(indices),
+                         float(fps if fps is not None else vp.fps), tuple(float(t) for t in timestamps), grid)
+
+    def grid(self, frames: int, height: int, width: int, index: int) -> tuple[int, int, int]:
+        """video_grid_thw of `frames` frames of height x width, as the video processor's resize
+        and patchify make it (its smart_resize, its per-frame cap when set)."""
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        vp = self.video_processor
+        factor = vp.patch_size * vp.merge_size
+        max_pixels = vp.size["longest_edge"]
+        if self.cap_pixels_per_frame:  # Qwen3VLVideoProcessor.resize's cap, with its own settings
+            frame_cap = vp.max_video_tokens * factor * factor
+            per_frame = max(min(frame_cap, vp.size["longest_edge"] // frames), int(vp.size["shortest_edge"] * 1.05))
+            max_pixels = per_frame * frames
+        try:
+            h, w = smart_resize(num_frames=frames, height=height, width=width, factor=factor,
+                                temporal_factor=vp.temporal_patch_size, min_pixels=vp.size["shortest_edge"],
+                                max_pixels=max_pixels)
+        except ValueError as e:
+            raise VideoError(f"{contract.VIDEOS}[{index}] is {width}x{height} pixels: {e}") from None
+        return -(-frames // vp.temporal_patch_size), h // vp.patch_size, w // vp.patch_size
