@@ -100,8 +100,11 @@ class Admission:
                                f"({', '.join(map(str, all_tokens))}); the limit is {lim.max_visual_tokens} "
                                "(max_visual_tokens_per_request)")
         prompt_tokens = None
-        if text is not None and self.prompts is not None and len(grids) == len(files):
+        if text is not None and self.prompts is not None:
             self.prompts.check_size(text, lim.max_model_len)
+        # The exact prompt where there is vision work to spare; a text-only request's prompt is
+        # built once, by the language model, which checks the context window the same way.
+        if text is not None and self.prompts is not None and len(grids) == len(files) and (files or videos):
             prompt_tokens = len(self.prompts.expanded_ids(text, tokens, layouts))
             generated = max_tokens if max_tokens is not None else lim.default_max_tokens
             if prompt_tokens + generated > lim.max_model_len:
