@@ -36,15 +36,21 @@ def image_file_bytes(data: bytes, index: int) -> bytes:
     same image hits the same cache entry whichever way it came.
 
     Raises ImageError naming `images[index]` for a data URL that is not valid base64."""
+    return data_url_payload(data, f"{contract.IMAGES}[{index}]", "image", ImageError)
+
+
+def data_url_payload(data: bytes, name: str, media: str, error: type[InvalidInput]) -> bytes:
+    """`data` as given, or the payload of a base64 `data:` URL (whitespace inside the base64
+    allowed). Raises `error` naming the input `name` for a data URL that is not base64."""
     if data[:5] != b"data:":
         return data
     header, _, payload = data.partition(b",")
     if not header.endswith(b";base64"):
-        raise ImageError(f"{contract.IMAGES}[{index}]: a data URL must be base64 (data:image/...;base64,...)")
+        raise error(f"{name}: a data URL must be base64 (data:{media}/...;base64,...)")
     try:
         return base64.b64decode(payload.translate(None, _BASE64_WHITESPACE), validate=True)
     except binascii.Error as e:
-        raise ImageError(f"{contract.IMAGES}[{index}]: bad base64 in data URL: {e}") from None
+        raise error(f"{name}: bad base64 in data URL: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,6 @@ video stream are counted (no decoding). A rate the file does not give: the proce
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import math
@@ -32,8 +30,8 @@ import numpy as np
 
 from .. import contract
 from ..errors import InvalidInput
+from .images import data_url_payload
 
-_BASE64_WHITESPACE = b" \t\r\n\f\v"
 
 
 class VideoError(InvalidInput):
@@ -73,15 +71,7 @@ class VideoFile:
 
 def video_file_bytes(data: bytes, index: int) -> bytes:
     """The video file itself: raw bytes, or the payload of a base64 `data:video/...` URL."""
-    if data[:5] != b"data:":
-        return data
-    header, _, payload = data.partition(b",")
-    if not header.endswith(b";base64"):
-        raise VideoError(f"{contract.VIDEOS}[{index}]: a data URL must be base64 (data:video/...;base64,...)")
-    try:
-        return base64.b64decode(payload.translate(None, _BASE64_WHITESPACE), validate=True)
-    except binascii.Error as e:
-        raise VideoError(f"{contract.VIDEOS}[{index}]: bad base64 in data URL: {e}") from None
+    return data_url_payload(data, f"{contract.VIDEOS}[{index}]", "video", VideoError)
 
 
 def _open(data: bytes, index: int):
