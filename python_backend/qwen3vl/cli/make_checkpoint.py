@@ -53,11 +53,23 @@ PRESETS = {
         vision=dict(depth=8, hidden_size=256, num_heads=4, intermediate_size=1024,
                     num_position_embeddings=2304, deepstack_visual_indexes=[1, 3, 5]),
         shard_bytes=100 << 20),
+    "shapes": dict(  # the demo model qwen3vl-train-demo trains (8 experts / top-2), a few MB in bf16
+        text=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, intermediate_size=256, moe_intermediate_size=96, num_experts=8,
+                  num_experts_per_tok=2, mrope_section=[6, 5, 5]),
+        vision=dict(depth=4, hidden_size=96, num_heads=4, intermediate_size=192,
+                    num_position_embeddings=576, deepstack_visual_indexes=[1, 2, 3]),
+        bpe_vocab=512, vocab_size=576,
+        # Pictures of 96-320 pixels a side are resized to 160^2..240^2 pixels: 100..225 patches,
+        # 25..56 visual tokens each; a shape of 20 % of a square picture's side covers 2 patches.
+        image_pixels=(160 * 160, 240 * 240),
+        shard_bytes=2 << 20),
 }
 
 
-def build_tokenizer():
-    """Byte-level BPE trained on the shipped corpus, then Qwen's special tokens appended."""
+def build_tokenizer(texts=None, vocab_size: int = BPE_VOCAB):
+    """Byte-level BPE trained on `texts` (an iterable of str; default: the shipped corpus), with
+    `vocab_size` entries, then Qwen's special tokens appended."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -67,9 +79,12 @@ def build_tokenizer():
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, min_frequency=1, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(ASSETS / "corpus.txt")], trainer)
+    if texts is None:
+        tok.train([str(ASSETS / "corpus.txt")], trainer)
+    else:
+        tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     return tok, {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
@@ -87,7 +102,7 @@ def hf_configs(preset: str, ids: dict[str, int]) -> dict[str, dict]:
         # The release writes `rope_scaling` + `rope_theta` (transformers 4.57); transformers 5
         # reads those and itself writes `rope_parameters` (theta inside). Write both, same values.
         rope_scaling=rope, rope_theta=5000000, rope_parameters={**rope, "rope_theta": 5000000},
-        use_cache=True, vocab_size=VOCAB_SIZE, **t)
+        use_cache=True, vocab_size=p.get("vocab_size", VOCAB_SIZE), **t)
     vision_config = dict(
         hidden_act="gelu_pytorch_tanh", in_channels=3, initializer_range=0.02,
         model_type="qwen3_vl_moe",  # sic: the release's vision_config says this; transformers fixes it up
@@ -146,10 +161,16 @@ def write_weights(out: Path, config: dict, seed: int, layout: str, shard_bytes: 
         t = random_tensor(name, shape, seed)
         if name == "lm_head.weight":
             t[n_tokens:] = 0                     # padding ids past the tokenizer never win argmax
-        t = t.to(torch.bfloat16)
         if layout == "transformers" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             t = t.transpose(1, 2).contiguous()   # hub [E, H, 2I]/[E, I, H] -> [E, 2I, H]/[E, H, I]
         tensors[name] = t
+    write_shards(out, tensors, shard_bytes)
+
+
+def write_shards(out: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> None:
+    """Save {hub name: tensor} as bf16 safetensors shards (at least two, greedy in the given
+    order, at most `shard_bytes` each where a tensor allows) plus model.safetensors.index.json."""
+    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in tensors.items()}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     shard_bytes = min(shard_bytes, math.ceil(total / 2))   # always >= 2 shards, like the release
     shards, size = [[]], 0
@@ -169,7 +190,10 @@ def write_weights(out: Path, config: dict, seed: int, layout: str, shard_bytes: 
     _write_json(out / "model.safetensors.index.json", index)
 
 
-def write_tokenizer_and_processor(out: Path, tok, ids: dict[str, int]) -> None:
+def write_tokenizer_and_processor(out: Path, tok, ids: dict[str, int],
+                                  image_pixels: tuple[int, int] = (65536, 16777216)) -> None:
+    """tokenizer.json/tokenizer_config.json/chat_template.json and the processor configs;
+    `image_pixels` = (min, max) pixels an image is resized into (the processor's `size`)."""
     template = (ASSETS / "chat_template.jinja").read_text().rstrip("\n")
     _atomic(out / "tokenizer.json", lambda p: tok.save(str(p)))
     _write_json(out / "tokenizer_config.json", {
@@ -188,7 +212,7 @@ def write_tokenizer_and_processor(out: Path, tok, ids: dict[str, int]) -> None:
               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
               "processor_class": "Qwen3VLProcessor"}
     _write_json(out / "preprocessor_config.json", {
-        "size": {"longest_edge": 16777216, "shortest_edge": 65536}, **common,
+        "size": {"longest_edge": image_pixels[1], "shortest_edge": image_pixels[0]}, **common,
         "image_processor_type": "Qwen2VLImageProcessorFast"})
     _write_json(out / "video_preprocessor_config.json", {
         "size": {"longest_edge": 25165824, "shortest_edge": 4096}, **common,
@@ -211,11 +235,11 @@ def make_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, layout: str = 
     for old in out.glob("model-*-of-*.safetensors"):
         old.unlink()                         # another preset may have had more shards
 
-    tok, ids = build_tokenizer()
+    tok, ids = build_tokenizer(vocab_size=PRESETS[preset].get("bpe_vocab", BPE_VOCAB))
     configs = hf_configs(preset, ids)
     for fname, obj in configs.items():
         _write_json(out / fname, obj)
-    write_tokenizer_and_processor(out, tok, ids)
+    write_tokenizer_and_processor(out, tok, ids, PRESETS[preset].get("image_pixels", (65536, 16777216)))
     write_weights(out, configs["config.json"], int(seed), layout, PRESETS[preset]["shard_bytes"],
                   tok.get_vocab_size())
     (out / "README.md").write_text(
