@@ -17,6 +17,8 @@ It makes the checkpoint it needs, starts one real server, and prints one table:
            requests/s / transformers' generate over the same requests in padded static batches of 8
 - floor    bandwidth floor of a batch-1 decode step (active weight bytes / measured copy
            bandwidth) / the measured step
+
+`qwen3vl-bench demo-accuracy` measures the demo checkpoint's answers instead (qwen3vl.shapes.accuracy).
 """
 
 from __future__ import annotations
@@ -280,7 +282,14 @@ class Bench:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qwen3vl-bench", description=__doc__.splitlines()[0])
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo-accuracy"]:      # the demo checkpoint's accuracy (qwen3vl.shapes.accuracy)
+        from ..shapes.accuracy import main as demo_accuracy
+        return demo_accuracy(argv[1:])
+    p = argparse.ArgumentParser(prog="qwen3vl-bench", description=__doc__.splitlines()[0],
+                                epilog="qwen3vl-bench demo-accuracy --help: the demo checkpoint's accuracy")
     p.add_argument("--quick", action="store_true", help="fewer rounds: under 5 minutes on 2 cores")
     p.add_argument("--preset", default="small")
     p.add_argument("--out", required=True, help="JSON result file")

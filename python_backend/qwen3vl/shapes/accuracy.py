@@ -1,0 +1,216 @@
+"""`qwen3vl-bench demo-accuracy`: how often the served demo checkpoint answers right, through real
+servers, beside ablations that show what the answers depend on.
+
+    qwen3vl-bench demo-accuracy [--checkpoint checkpoints/shapes] [--per-category 200]
+                                [--deployments aggregated,disaggregated-grpc,disaggregated-shm]
+                                [--out bench/results/demo_accuracy.json]
+
+Every question is about a freshly drawn picture (seeded by `--seed`; the training pictures come
+from another stream, so none of these was trained on) and goes to a started server like any
+client's: half as a plain prompt, half in the JSON chat form, over gRPC streaming, greedy.
+
+Rows:
+- one per deployment: `aggregated` (one server), `disaggregated-grpc` (an encoder server and a
+  language server, E->L tensors in chunks over gRPC), `disaggregated-shm` (the same through
+  shared memory);
+- `blank picture`: each picture replaced by a white one of the same size (the answer must then
+  come from the question alone: about chance);
+- `E->L direct`: the encoder's tensors fetched from `qwen3_encoder` and handed to
+  `qwen3_language` unchanged (the control for the next row);
+- `deepstack zeroed`: the same with the three deepstack layers set to zero, so the language
+  model sees only the merger's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import contract
+from ..cli.client import encode, infer, stream_results
+from .questions import CATEGORIES, CHANCE, Question, random_question
+from .scenes import Scene
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CHECKPOINT = REPO_ROOT / "checkpoints" / "shapes"
+MAX_TOKENS = 24                  # the longest answer is 17 tokens
+TARGETS = {"colour": 0.95, "shape": 0.95, "count": 0.95, "exists": 0.95, "describe": 0.85}
+DEPLOYMENTS = ("aggregated", "disaggregated-grpc", "disaggregated-shm")
+ABLATIONS = ("blank picture", "E->L direct", "deepstack zeroed")
+
+
+@dataclass
+class Result:
+    question: Question
+    reply: str
+
+    @property
+    def right(self) -> bool:
+        return self.question.is_right(self.reply)
+
+
+def questions(per_category: int, seed: int, categories=CATEGORIES) -> list[Question]:
+    """`per_category` questions of each category, each about a picture drawn for it."""
+    rng = random.Random(f"{seed}/accuracy")
+    return [random_question(c, rng) for c in categories for _ in range(per_category)]
+
+
+def blank(scene: Scene) -> Scene:
+    return Scene(scene.width, scene.height, ())
+
+
+def prompt_for(question: Question, chat_form: bool) -> str:
+    """The question as a plain prompt (the server puts the pictures first) or as JSON chat
+    messages with one image item per picture; both render the same tokens."""
+    if not chat_form:
+        return question.text
+    content = [{"type": "image"} for _ in question.scenes] + [{"type": "text", "text": question.text}]
+    return json.dumps([{"role": "user", "content": content}])
+
+
+def ask_ensemble(url: str, question: Question, chat_form: bool, blank_pictures: bool = False) -> str:
+    """The served answer to `question` (gRPC streaming through the ensemble, greedy)."""
+    scenes = [blank(s) if blank_pictures else s for s in question.scenes]
+    chunk_texts = []
+    from ..cli.client import stream_grpc
+
+    for chunk in stream_grpc(url, prompt=prompt_for(question, chat_form), images=[s.png() for s in scenes],
+                             max_tokens=MAX_TOKENS, temperature=0.0, stream=True):
+        chunk_texts.append(chunk.text)
+    return "".join(chunk_texts)
+
+
+def ask_language_directly(url: str, question: Question, chat_form: bool, zero_deepstack: bool) -> str:
+    """The answer from `qwen3_language` given the encoder's E->L tensors for the pictures, taken
+    from `qwen3_encoder` on the same server, with the deepstack layers zeroed if asked."""
+    tensors = encode(url, [s.png() for s in question.scenes])
+    deepstack = tensors[contract.DEEPSTACK_EMBEDS]
+    if zero_deepstack:
+        deepstack = np.zeros_like(deepstack)
+    inputs = {contract.TEXT_INPUT: np.array([prompt_for(question, chat_form).encode()], dtype=object),
+              contract.VISUAL_EMBEDS: tensors[contract.VISUAL_EMBEDS], contract.DEEPSTACK_EMBEDS: deepstack,
+              contract.IMAGE_GRID_THW: tensors[contract.IMAGE_GRID_THW],
+              contract.MAX_TOKENS: np.array([MAX_TOKENS], dtype=np.int32),
+              contract.TEMPERATURE: np.array([0.0], dtype=np.float32)}
+
+    def inputs_for(module):
+        from tritonclient.utils import np_to_triton_dtype
+
+        out = []
+        for name, array in inputs.items():
+            t = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype))
+            t.set_data_from_numpy(array)
+            out.append(t)
+        return out
+
+    text = []
+    for result in stream_results(url, "qwen3_language", inputs_for, cancellable=False):
+        out = result.as_numpy(contract.TEXT_OUTPUT)
+        if out is not None:
+            text.append(out.reshape(-1)[0].decode())
+    return "".join(text)
+
+
+def run(url: str, qs: list[Question], variant: str = "real", concurrency: int = 8) -> list[Result]:
+    """Ask every question (concurrently, `concurrency` in flight); even-numbered ones as plain
+    prompts, odd ones in the chat form. `variant`: "real", a deployment name, or an ablation."""
+    def one(i_q):
+        i, q = i_q
+        chat = bool(i % 2)
+        if variant == "blank picture":
+            return Result(q, ask_ensemble(url, q, chat, blank_pictures=True))
+        if variant in ("E->L direct", "deepstack zeroed"):
+            return Result(q, ask_language_directly(url, q, chat, zero_deepstack=variant == "deepstack zeroed"))
+        return Result(q, ask_ensemble(url, q, chat))
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, enumerate(qs)))
+
+
+def accuracy(results: list[Result]) -> dict[str, float]:
+    """{category: fraction right} for the categories present."""
+    out = {}
+    for c in CATEGORIES:
+        rows = [r.right for r in results if r.question.category == c]
+        if rows:
+            out[c] = sum(rows) / len(rows)
+    return out
+
+
+def infer_greedy(url: str, question: Question, protocol: str = "http") -> str:
+    """One whole answer (not streamed) over `protocol`: for spot checks."""
+    return infer(url, protocol, prompt=question.text, images=[s.png() for s in question.scenes],
+                 max_tokens=MAX_TOKENS, temperature=0.0).text
+
+
+def start_servers(checkpoint: Path, deployment: str, log_dir: Path):
+    """Context managers of the servers a deployment needs, the one clients talk to last."""
+    from ..cli.launch import Server
+
+    if deployment == "aggregated":
+        return [Server(checkpoint, log_dir / "demo-aggregated.log",
+                       models=("ensemble", "qwen3_encoder", "qwen3_language"))]
+    encoder = Server(checkpoint, log_dir / "demo-encoder.log", role="encoder", models=("qwen3_encoder",))
+    extra = ["--encoder-url", encoder.grpc_url] + (["--shared-memory"] if deployment.endswith("shm") else [])
+    return [encoder, Server(checkpoint, log_dir / f"demo-{deployment}.log", role="language", extra=extra)]
+
+
+def table(rows: dict[str, dict[str, float]]) -> str:
+    cats = [c for c in CATEGORIES if any(c in r for r in rows.values())]
+    lines = ["| | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    lines.append("| target | " + " | ".join(f">= {TARGETS[c]:.0%}" if c in TARGETS else "" for c in cats) + " |")
+    lines.append("| chance | " + " | ".join(f"{CHANCE[c]:.0%}" for c in cats) + " |")
+    for name, acc in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{acc[c]:.1%}" if c in acc else "" for c in cats) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from contextlib import ExitStack
+
+    p = argparse.ArgumentParser(prog="qwen3vl-bench demo-accuracy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    p.add_argument("--per-category", type=int, default=200, help="questions (fresh pictures) per category")
+    p.add_argument("--seed", type=int, default=1000, help="the pictures' seed (training used another stream)")
+    p.add_argument("--deployments", default=",".join(DEPLOYMENTS))
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--log-dir", type=Path, default=Path(".work/logs"))
+    p.add_argument("--out", type=Path, help="JSON results")
+    args = p.parse_args(argv)
+    qs = questions(args.per_category, args.seed)
+    rows, wrong = {}, {}
+    for deployment in args.deployments.split(","):
+        variants = [deployment] + ([] if args.no_ablations or deployment != "aggregated" else list(ABLATIONS))
+        with ExitStack() as stack:
+            servers = [stack.enter_context(s) for s in start_servers(args.checkpoint, deployment, args.log_dir)]
+            url = servers[-1].grpc_url
+            for variant in variants:
+                # Ablations skip the two-picture question: their point is one picture's content.
+                asked = qs if variant == deployment else [q for q in qs if q.category != "compare"]
+                results = run(url, asked, variant, args.concurrency)
+                rows[variant] = accuracy(results)
+                wrong[variant] = [{"category": r.question.category, "question": r.question.text,
+                                   "answer": r.question.answer, "reply": r.reply} for r in results if not r.right][:20]
+                print(f"{variant}: " + ", ".join(f"{c} {a:.1%}" for c, a in rows[variant].items()), flush=True)
+    print()
+    print(table(rows))
+    passed = all(rows[d].get(c, 1.0) >= t for d in rows if d in DEPLOYMENTS for c, t in TARGETS.items())
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint.name), "per_category": args.per_category,
+                                        "seed": args.seed, "accuracy": rows, "chance": CHANCE, "targets": TARGETS,
+                                        "meets_targets": passed, "wrong_examples": wrong}, indent=2) + "\n")
+    print(f"\ntargets {'met' if passed else 'NOT met'} in every deployment")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
