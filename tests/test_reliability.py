@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from conftest import LOG_DIR, metric, png
 from qwen3vl import contract
-from qwen3vl.cli.client import ServerError, encode, infer, stream_grpc, stream_results
+from qwen3vl.cli.client import ServerError, encode, infer, raw_results, stream_grpc
 from qwen3vl.cli.launch import Server
 from qwen3vl.cli.soak import soak, stub_rss_mib
 
@@ -40,18 +40,7 @@ def rotated_jpeg(width: int, height: int, orientation: int) -> bytes:
 
 def raw_request(url: str, model: str, tensors: dict[str, np.ndarray], timeout_s: float = 120):
     """One gRPC request with exactly these input tensors; the results' outputs."""
-    def inputs_for(module):
-        from tritonclient.utils import np_to_triton_dtype
-
-        out = []
-        for name, array in tensors.items():
-            dtype = "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype)
-            t = module.InferInput(name, list(array.shape), dtype)
-            t.set_data_from_numpy(array)
-            out.append(t)
-        return out
-
-    return list(stream_results(url, model, inputs_for, timeout_s))
+    return raw_results(url, model, tensors, timeout_s)
 
 
 def text(s: str | bytes) -> np.ndarray:

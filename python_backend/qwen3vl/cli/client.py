@@ -53,14 +53,20 @@ class ServerError(RuntimeError):
         self.code, self.http_status = code, http_status
 
 
+def infer_input(module, name: str, array: np.ndarray):
+    """A tritonclient InferInput holding `array` (object arrays travel as BYTES); `module` is
+    tritonclient.grpc or .http."""
+    t = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    t.set_data_from_numpy(array)
+    return t
+
+
 def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None, temperature=None,
                  top_p=None, top_k=None, seed=None, stream=False, ignore_eos=None, videos: list[bytes] = (),
                  video_fps=None) -> list:
     """tritonclient InferInput list for the contract; `module` is tritonclient.grpc or .http."""
     def tensor(name, array):
-        t = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        t.set_data_from_numpy(array)
-        return t
+        return infer_input(module, name, array)
 
     inputs = [tensor(contract.TEXT_INPUT, np.array([prompt.encode("utf-8")], dtype=object))]
     if images:
@@ -145,9 +151,7 @@ def encode(url: str, images: list[bytes], model: str = "qwen3_encoder", timeout_
     """The encoder's E->L tensors for these images and videos: {name: numpy array}."""
     def inputs_for(module):  # an empty list too: a request that names no images is not an encode
         def tensor(name, array):
-            t = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            t.set_data_from_numpy(array)
-            return t
+            return infer_input(module, name, array)
 
         inputs = [tensor(contract.IMAGES, np.array(list(images), dtype=object).reshape(len(images)))]
         if videos:
@@ -161,6 +165,13 @@ def encode(url: str, images: list[bytes], model: str = "qwen3_encoder", timeout_
     for result in stream_results(url, model, inputs_for, timeout_s):
         return {name: result.as_numpy(name) for name in names}
     raise ServerError(f"{model} sent no outputs")
+
+
+def raw_results(url: str, model: str, tensors: dict[str, np.ndarray], timeout_s: float = 600) -> list:
+    """All results of one gRPC streaming request made of exactly these input tensors (direct
+    calls to a model of the ensemble, fault tests)."""
+    inputs_for = lambda module: [infer_input(module, k, v) for k, v in tensors.items()]  # noqa: E731
+    return list(stream_results(url, model, inputs_for, timeout_s))
 
 
 def infer(url: str, protocol: str = "http", model: str = "ensemble", timeout_s: float = 600, **request) -> Chunk:

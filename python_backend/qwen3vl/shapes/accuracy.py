@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import contract
-from ..cli.client import encode, infer, stream_results
+from ..cli.client import encode, infer, raw_results, stream_grpc
 from .questions import CATEGORIES, CHANCE, Question, random_question
 from .scenes import Scene
 
@@ -79,8 +79,6 @@ def ask_ensemble(url: str, question: Question, chat_form: bool, blank_pictures: 
     """The served answer to `question` (gRPC streaming through the ensemble, greedy)."""
     scenes = [blank(s) if blank_pictures else s for s in question.scenes]
     chunk_texts = []
-    from ..cli.client import stream_grpc
-
     for chunk in stream_grpc(url, prompt=prompt_for(question, chat_form), images=[s.png() for s in scenes],
                              max_tokens=MAX_TOKENS, temperature=0.0, stream=True):
         chunk_texts.append(chunk.text)
@@ -100,22 +98,9 @@ def ask_language_directly(url: str, question: Question, chat_form: bool, zero_de
               contract.MAX_TOKENS: np.array([MAX_TOKENS], dtype=np.int32),
               contract.TEMPERATURE: np.array([0.0], dtype=np.float32)}
 
-    def inputs_for(module):
-        from tritonclient.utils import np_to_triton_dtype
-
-        out = []
-        for name, array in inputs.items():
-            t = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype))
-            t.set_data_from_numpy(array)
-            out.append(t)
-        return out
-
-    text = []
-    for result in stream_results(url, "qwen3_language", inputs_for, cancellable=False):
-        out = result.as_numpy(contract.TEXT_OUTPUT)
-        if out is not None:
-            text.append(out.reshape(-1)[0].decode())
-    return "".join(text)
+    results = raw_results(url, "qwen3_language", inputs)
+    return "".join(out.reshape(-1)[0].decode() for r in results
+                   if (out := r.as_numpy(contract.TEXT_OUTPUT)) is not None)
 
 
 def run(url: str, qs: list[Question], variant: str = "real", concurrency: int = 8) -> list[Result]:

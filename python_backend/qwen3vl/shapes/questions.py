@@ -48,17 +48,16 @@ def ask(category: str, scene: Scene, rng: random.Random) -> Question | None:
     """A question of `category` about `scene`, or None where the category does not apply
     (no shape is the only one of its kind or colour)."""
     shapes = scene.shapes
-    if category == "colour":
-        unique = [s for s in shapes if sum(t.kind == s.kind for t in shapes) == 1]
+    if category in ("colour", "shape"):
+        # "What colour is the circle?" needs exactly one circle; "What shape is the blue one?"
+        # exactly one blue shape.
+        key = "kind" if category == "colour" else "colour"
+        unique = [s for s in shapes if sum(getattr(t, key) == getattr(s, key) for t in shapes) == 1]
         if not unique:
             return None
         s = rng.choice(unique)
-        return Question(category, f"What colour is the {s.kind}?", f"{s.colour}.", (scene,))
-    if category == "shape":
-        unique = [s for s in shapes if sum(t.colour == s.colour for t in shapes) == 1]
-        if not unique:
-            return None
-        s = rng.choice(unique)
+        if category == "colour":
+            return Question(category, f"What colour is the {s.kind}?", f"{s.colour}.", (scene,))
         return Question(category, f"What shape is the {s.colour} one?", f"a {s.kind}.", (scene,))
     if category == "count":
         return Question(category, "How many shapes are there?", f"{NUMBERS[len(shapes)]}.", (scene,))
