@@ -5,8 +5,9 @@ one to three filled shapes that do not overlap. Each shape is a circle, a square
 one of six colours drawn from a range of shades (hue, saturation and value jittered around the
 colour a person would name), spanning 20 to 45 % of the canvas' short side.
 
-"Left to right" must mean one thing, so shape centres are at least `MIN_CENTRE_GAP` of the
-canvas width apart horizontally; otherwise positions are uniform.
+"Left to right" must mean one thing at a glance, so two shapes' centres are apart horizontally by
+at least half the wider one's side (and `MIN_CENTRE_GAP` of the canvas width): a shape is never
+straight above another. Otherwise positions are uniform.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ COLOURS = {
 }
 MIN_SIDE, MAX_SIDE = 96, 320          # canvas side, pixels
 MIN_SPAN, MAX_SPAN = 0.20, 0.45       # shape size / canvas short side
-MIN_CENTRE_GAP = 0.08                 # horizontal centre gap / canvas width
+MIN_CENTRE_GAP = 0.08                 # horizontal centre gap / canvas width, at least
+MIN_CENTRE_GAP_SIDES = 0.5            # horizontal centre gap / the wider shape's side, at least
 GAP_PIXELS = 2                        # white pixels at least between two shapes' boxes
 
 
@@ -84,7 +86,8 @@ def shade(colour: str, rng: random.Random) -> tuple[int, int, int]:
     lo, hi = COLOURS[colour]
     hue = (rng.uniform(lo, hi) % 360.0) / 360.0
     sat = rng.uniform(0.65, 1.0)
-    val = rng.uniform(0.85, 1.0) if colour == "yellow" else rng.uniform(0.6, 1.0)   # dark yellow is olive
+    # Dark yellow is olive and dark orange is brown; the other colours keep their name darker.
+    val = rng.uniform(*{"yellow": (0.85, 1.0), "orange": (0.8, 1.0)}.get(colour, (0.6, 1.0)))
     return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val))
 
 
@@ -114,5 +117,15 @@ def _apart(a, b, width: int) -> bool:
     """Boxes a and b do not touch, and their centres are far enough apart horizontally."""
     separated = (a[2] + GAP_PIXELS < b[0] or b[2] + GAP_PIXELS < a[0]
                  or a[3] + GAP_PIXELS < b[1] or b[3] + GAP_PIXELS < a[1])
-    gap = abs((a[0] + a[2]) - (b[0] + b[2])) / 2
-    return separated and gap >= MIN_CENTRE_GAP * width
+    return separated and centre_gap(a, b) >= min_centre_gap(a, b, width)
+
+
+def centre_gap(a, b) -> float:
+    """Horizontal distance between boxes' centres, pixels."""
+    return abs((a[0] + a[2]) - (b[0] + b[2])) / 2
+
+
+def min_centre_gap(a, b, width: int) -> float:
+    """The least horizontal centre gap two shapes' boxes may have on a canvas `width` wide."""
+    wider = max(a[2] - a[0], b[2] - b[0]) + 1
+    return max(MIN_CENTRE_GAP * width, MIN_CENTRE_GAP_SIDES * wider)
