@@ -5,6 +5,7 @@ deterministically for a seed."""
 from __future__ import annotations
 
 import colorsys
+import itertools
 import json
 import random
 
@@ -15,7 +16,7 @@ from safetensors import safe_open
 
 from qwen3vl.shapes import train as T
 from qwen3vl.shapes.questions import CATEGORIES, ONE_PICTURE, ask, compare, random_question
-from qwen3vl.shapes.scenes import COLOURS, MAX_SIDE, MIN_CENTRE_GAP, MIN_SIDE, random_scene
+from qwen3vl.shapes.scenes import COLOURS, MAX_SIDE, MIN_SIDE, centre_gap, min_centre_gap, random_scene
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,16 @@ def test_pictures_keep_the_stated_sizes_spacing_and_colours(scenes):
             left, top, right, bottom = s.box
             assert 0 <= left and right < scene.width and 0 <= top and bottom < scene.height
             assert 0.2 * short - 1 <= right - left + 1 <= 0.45 * short + 1
-            hue = colorsys.rgb_to_hsv(*(c / 255 for c in s.rgb))[0] * 360
+            hue, _, value = colorsys.rgb_to_hsv(*(c / 255 for c in s.rgb))
+            hue *= 360
+            assert value >= (0.8 - 0.01 if s.colour in ("orange", "yellow") else 0.6 - 0.01)   # never brown or olive
             lo, hi = COLOURS[s.colour]
             assert lo - 1 <= (hue if hue <= 300 or lo >= 0 else hue - 360) <= hi + 1, (s.colour, hue)
         xs = [s.centre_x for s in scene.shapes]
-        assert xs == sorted(xs) and all(b - a >= MIN_CENTRE_GAP * scene.width for a, b in zip(xs, xs[1:]))
+        assert xs == sorted(xs)
+        for a, b in itertools.combinations(scene.shapes, 2):
+            assert centre_gap(a.box, b.box) >= min_centre_gap(a.box, b.box, scene.width)
+            assert centre_gap(a.box, b.box) >= (max(a.box[2] - a.box[0], b.box[2] - b.box[0]) + 1) / 2
 
 
 def test_shapes_do_not_overlap_in_the_drawn_pixels(scenes):
@@ -84,9 +90,35 @@ def test_the_vision_probe_labels_cover_each_shape():
     for _ in range(30):
         scene = random_scene(rng)
         labels = T.block_labels(scene, 14, 14)
-        for s in scene.shapes:
-            assert (labels[:, 0] > 0).any()
-        assert labels.shape == (49, 2)
+        assert labels.shape == (49, 4)
+        assert (labels[:, 3] == len(scene.shapes)).all()
+        for place, s in enumerate(scene.shapes, start=1):   # each shape's place from the left on its colour's tokens
+            on = labels[:, 2] == place
+            assert on.any() and (labels[on, 1] == list(COLOURS).index(s.colour) + 1).all()
+        assert ((labels[:, 2] == 0) == (labels[:, 1] == 0)).all()
+        for s in scene.shapes:      # every shape, the smallest included, names its colour somewhere
+            assert (labels[:, 1] == list(COLOURS).index(s.colour) + 1).any()
+        kinds = {T.KINDS.index(s.kind) + 1 for s in scene.shapes}
+        assert set(labels[:, 0].tolist()) <= kinds | {0, -100}
+        assert ((labels[:, 0] == -100) <= (labels[:, 1] > 0)).all()     # an unnamed kind only on a coloured token
+        assert ((labels[:, 0] == 0) == (labels[:, 1] == 0)).all()
+
+
+def test_fast_cpu_kernels_compute_what_transformers_does(tmp_path):
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    config, processor = T.write_files(tmp_path, 0)
+    tok = processor.tokenizer
+    inputs = T.batch(processor, random.Random(0), 3, tok.encode("<|im_start|>assistant\n"),
+                     tok.convert_tokens_to_ids("<|im_end|>"))
+    inputs.pop("block_labels")
+    torch.manual_seed(0)
+    model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**config)).float().eval()
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        T.use_fast_cpu_kernels(model)
+        fast = model(**inputs).logits
+    assert torch.allclose(plain, fast, atol=1e-4, rtol=1e-4)
 
 
 def test_answer_labels_mark_only_the_answers():
@@ -118,7 +150,7 @@ def weights(path):
 def test_training_writes_the_release_layout(trained):
     path = trained["a"]
     for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
-              "preprocessor_config.json", "video_preprocessor_config.json", "training.json"):
+              "preprocessor_config.json", "video_preprocessor_config.json", "training.json", "README.md"):
         assert (path / f).is_file(), f
     index, tensors = weights(path)
     assert len(set(index["weight_map"].values())) >= 2
