@@ -177,9 +177,10 @@ def use_fast_cpu_kernels(model) -> None:
 
 class VisionProbe(torch.nn.Module):
     """Linear heads on the vision tower's merged output (the visual tokens the language model
-    gets) that name, for each token, the kind, colour and place from the left of the shape under
-    it and the number of shapes in the picture (`block_labels`). Their loss trains the tower
-    directly, which the answers alone do slowly; the probe is dropped after training."""
+    gets) that name, for each token, the kind and colour of the shape under it, and with
+    `place_and_number` also that shape's place from the left and the number of shapes in the
+    picture (`block_labels`). Their loss trains the tower directly, which the answers alone do
+    slowly; the probe is dropped after training."""
 
     def __init__(self, model, weight: float, place_and_number: bool = False):
         super().__init__()
