@@ -120,6 +120,11 @@ def hf_configs(preset: str, ids: dict[str, int]) -> dict[str, dict]:
     return {"config.json": config, "generation_config.json": generation}
 
 
+# The fused expert tensors: the hub stores them [E, in, out] ([E, H, 2I], [E, I, H]); transformers
+# holds them in memory as [E, out, in].
+FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+
+
 def hub_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """{hub tensor name: hub shape}, read off a meta-device transformers model (no memory used)."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
@@ -129,7 +134,7 @@ def hub_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name, t in model.state_dict().items():
         shape = tuple(t.shape)
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        if name.endswith(FUSED_EXPERTS):
             shape = (shape[0], shape[2], shape[1])   # in-memory [E, out, in] -> hub [E, in, out]
         shapes[name] = shape
     return shapes
@@ -148,7 +153,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         return x                                 # token embeddings ~N(0,1), like merger outputs
     if name.endswith("pos_embed.weight"):
         return 0.5 * x
-    if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+    if name.endswith(FUSED_EXPERTS):
         fan_in = shape[1]                        # hub layout [E, in, out]
     else:
         fan_in = math.prod(shape[1:])            # Linear [out, in], Conv3d [out, C, T, P, P]
@@ -161,7 +166,7 @@ def write_weights(out: Path, config: dict, seed: int, layout: str, shard_bytes: 
         t = random_tensor(name, shape, seed)
         if name == "lm_head.weight":
             t[n_tokens:] = 0                     # padding ids past the tokenizer never win argmax
-        if layout == "transformers" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        if layout == "transformers" and name.endswith(FUSED_EXPERTS):
             t = t.transpose(1, 2).contiguous()   # hub [E, H, 2I]/[E, I, H] -> [E, 2I, H]/[E, H, I]
         tensors[name] = t
     write_shards(out, tensors, shard_bytes)

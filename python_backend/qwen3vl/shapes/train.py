@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli.make_checkpoint import (PRESETS, _write_json, hf_configs, write_shards,
+from ..cli.make_checkpoint import (FUSED_EXPERTS, PRESETS, _write_json, hf_configs, write_shards,
                                    write_tokenizer_and_processor, build_tokenizer)
 from .questions import CATEGORIES, ONE_PICTURE, Question, ask, compare
 from .scenes import COLOURS, KINDS, random_scene
@@ -249,7 +249,7 @@ def hub_state_dict(model) -> dict[str, torch.Tensor]:
     [E, I, H]; transformers holds them as [E, 2I, H] and [E, H, I])."""
     tensors = {}
     for name, t in model.state_dict().items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        if name.endswith(FUSED_EXPERTS):
             t = t.transpose(1, 2)
         tensors[name] = t
     return tensors
