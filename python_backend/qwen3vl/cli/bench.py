@@ -14,7 +14,9 @@ It makes the checkpoint it needs, starts one real server, and prints one table:
 - E4       p99 inter-token latency of 4 running streams while a 2,000-visual-token image prompt
            prefills: without chunked prefill / with it
 - vs_transformers  32 requests (max_tokens 8 to 64) at concurrency 8 through the server, our
-           requests/s / transformers' generate over the same requests in padded static batches of 8
+           requests/s / transformers' generate over the same requests in padded static batches of 8;
+           the JSON's details add `vs_transformers_expert_reads`, the expert weight matrices each
+           side reads for those requests (transformers' / ours), which bounds it on the CPU
 - floor    bandwidth floor of a batch-1 decode step (active weight bytes / measured copy
            bandwidth) / the measured step
 
@@ -68,6 +70,24 @@ def _cancel_all(engine: Engine) -> None:
     for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:
         seq.cancel_requested = True
     engine.step()
+
+
+def in_process_concurrent(engine: Engine, requests: list[dict], concurrency: int) -> None:
+    """Run text requests (prompt, max_tokens; greedy) through the engine on this thread,
+    `concurrency` in flight, each finished one replaced at once by the next."""
+    empty = VisualFeatures.empty(engine.config)
+    pending = list(requests)
+
+    def add_next():
+        r = pending.pop(0)
+        on_step = lambda step: step.finish_reason and pending and add_next()  # noqa: E731
+        engine.add(engine.new_sequence(r["prompt"], empty, engine.params(max_tokens=r["max_tokens"], temperature=0.0),
+                                       on_step, _raise))
+
+    for _ in range(min(concurrency, len(pending))):
+        add_next()
+    while engine.has_work():
+        engine.step()
 
 
 def timed(fn) -> float:
@@ -266,6 +286,33 @@ class Bench:
         rounds = 2 if self.quick else 3
         # (time per request, transformers) / (time per request, ours) = our requests/s / theirs
         self.ratios["vs_transformers"], _ = median_ratio(lambda: 1 / transformers_rps(), lambda: 1 / ours_rps(), rounds)
+        self.details["vs_transformers_expert_reads"] = self.expert_reads(model, transformers_rps, requests)
+
+    def expert_reads(self, model, transformers_run, requests) -> float:
+        """What bounds vs_transformers on the CPU: expert weight matrices read, transformers' /
+        ours, for the same 32 requests (ours in-process, 8 in flight, a finished one replaced at
+        once as the clients do). A step reads each expert that one of its tokens routes to, once
+        per layer, and at these sizes the step's time follows that count. Counted by hooks on
+        every MoE layer's router: distinct top-k experts of the step's tokens."""
+        k = self.config.text.num_experts_per_tok
+        count = [0]
+
+        def hook(module, args, out):  # ours: router logits [M, E]; transformers: (logits, scores, ids)
+            ids = out[2] if isinstance(out, tuple) else out.topk(k, dim=-1).indices
+            count[0] += int(ids.unique().numel())
+
+        engine = self.engine(max_num_seqs=8)
+        routers = [layer.mlp.gate for layer in engine.model.layers if hasattr(layer.mlp, "experts")]
+        routers += [layer.mlp.gate for layer in model.model.language_model.layers if hasattr(layer.mlp, "experts")]
+        handles = [r.register_forward_hook(hook) for r in routers]
+        try:
+            in_process_concurrent(engine, requests, 8)
+            ours, count[0] = count[0], 0
+            transformers_run()
+            return count[0] / ours
+        finally:
+            for h in handles:
+                h.remove()
 
     def run(self):
         # Everything in this process (our engine in-process, transformers) runs with the torch
