@@ -28,7 +28,7 @@ checkpoint: setup
 demo: setup
 	$(PY) -m qwen3vl.cli.demo $(DEMO_ARGS)
 
-# Remake checkpoints/shapes (about 25 minutes on 2 cores; the same bytes for the same seed,
+# Remake checkpoints/shapes (27 to 50 minutes on 2 cores; the same bytes for the same seed,
 # machine and thread count).
 train-demo: setup
 	$(VENV)/bin/qwen3vl-train-demo --out checkpoints/shapes

@@ -274,7 +274,7 @@ fresh pictures per category: {accuracy}. `training.json` holds the run's setting
 """)
 
 
-def train(out, steps: int = 2600, seed: int = 0, batch_size: int = 16, lr: float = 2e-3,
+def train(out, steps: int = 5200, seed: int = 0, batch_size: int = 16, lr: float = 2e-3,
           probe_weight: float = PROBE_WEIGHT, probe_place_and_number: bool = False,
           check_per_category: int = 100, log=print) -> dict:
     """Train and write the checkpoint to `out`; returns the training summary (also written to
@@ -337,7 +337,7 @@ def train(out, steps: int = 2600, seed: int = 0, batch_size: int = 16, lr: float
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qwen3vl-train-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (created if missing)")
-    ap.add_argument("--steps", type=int, default=2600)
+    ap.add_argument("--steps", type=int, default=5200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
