@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 
 from conftest import png
-from qwen3vl.encoder.admission import Admission, Limits
+from qwen3vl.encoder.admission import Admission
 from qwen3vl.encoder.images import ImageError, decode_image, image_file_bytes, read_header
 from qwen3vl.errors import InvalidInput
 from qwen3vl.model.config import ModelConfig
 from qwen3vl.model.prompt import PromptBuilder, PromptError
+from qwen3vl.settings import ServingConfig
 
 
 def picture(width: int, height: int, fmt: str = "PNG", orientation: int | None = None, frames: int = 1) -> bytes:
@@ -59,13 +60,17 @@ def processor(checkpoint):
     return AutoProcessor.from_pretrained(checkpoint)
 
 
+def limits(images: int, visual_tokens: int, pixels: int) -> ServingConfig:
+    return ServingConfig(max_images_per_request=images, max_visual_tokens_per_request=visual_tokens,
+                         max_image_pixels=pixels, max_model_len=4096)
+
+
 @pytest.fixture(scope="module")
 def admission(checkpoint, processor):
     config = ModelConfig.load(checkpoint, device="cpu")
     prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size)
     return Admission(processor.image_processor, prompts, config,
-                     Limits(max_images=4, max_visual_tokens=5000, max_image_pixels=4_000_000, max_model_len=4096,
-                            default_max_tokens=128))
+                     limits(4, 5000, 4_000_000), default_max_tokens=128)
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
@@ -102,10 +107,10 @@ def test_limits_name_the_setting(admission, processor):
     small = png(64, 64, 1)
     with pytest.raises(InvalidInput, match=r"5 images in one request; the limit is 4 \(max_images_per_request\)"):
         admission.check([small] * 5)
-    few_pixels = Admission(admission.processor, admission.prompts, admission.config, Limits(4, 5000, 10**6, 4096, 128))
+    few_pixels = Admission(admission.processor, admission.prompts, admission.config, limits(4, 5000, 10**6), 128)
     with pytest.raises(InvalidInput, match=r"images\[1\] is 2100x1500 = 3150000 pixels.*\(max_image_pixels\)"):
         few_pixels.check([small, IMAGES["large"]])
-    over = Admission(admission.processor, admission.prompts, admission.config, Limits(4, 1000, 10**8, 4096, 128))
+    over = Admission(admission.processor, admission.prompts, admission.config, limits(4, 1000, 10**8), 128)
     with pytest.raises(InvalidInput, match=r"need \d+ visual tokens.*\(max_visual_tokens_per_request\)"):
         over.check([IMAGES["large"]])
     with pytest.raises(InvalidInput, match=r"exceeds the context window of 4096 tokens \(max_model_len\)"):

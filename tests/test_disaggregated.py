@@ -366,14 +366,15 @@ def test_shared_memory_falls_back_to_grpc(checkpoint, encoder_a, monkeypatch, tm
     over gRPC from then on; a region that cannot be made (here: no such directory; a full
     /dev/shm) sends that image over gRPC. Either way bit for bit."""
     from qwen3vl.disagg import shm
-    from qwen3vl.disagg.fetch import FetchSettings
     from qwen3vl.disagg.remote import RemoteEncoder
     from qwen3vl.model.config import ModelConfig
+    from qwen3vl.settings import ServingConfig
 
     monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path if case == "encoder-cannot-see-it" else tmp_path / "absent"))
     image = png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 77)
-    remote = RemoteEncoder([encoder_a.grpc_url], ModelConfig.load(checkpoint, device="cpu"),
-                           FetchSettings(chunk_tokens=CHUNK, shared_memory=True))
+    remote = RemoteEncoder(ModelConfig.load(checkpoint, device="cpu"),
+                           ServingConfig(encoder_urls=encoder_a.grpc_url, transfer_chunk_tokens=CHUNK,
+                                         transfer_shared_memory=True))
     try:
         got, stats = remote.fetcher.fetch(image)
         assert remote.fetcher.shm_ok == ({encoder_a.grpc_url: False} if case == "encoder-cannot-see-it" else {})

@@ -11,7 +11,7 @@ from qwen3vl import errors
 from qwen3vl.disagg.protocol import ChunkRequest, plan_responses
 from qwen3vl.disagg.stream import EncoderRejected, classify
 from qwen3vl.errors import InvalidInput, NotCached, SharedMemoryUnavailable
-from qwen3vl.model.vision import VisualFeatures
+from qwen3vl.features import VisualFeatures
 
 H, L = 6, 3
 
@@ -107,3 +107,15 @@ def test_prose_that_looks_like_a_code_is_not_a_code():
     """A message that merely mentions a code (an image file name, say) is not marked."""
     assert errors.code_of("images[0] named 'NOT_FOUND.png' is not a decodable image") is None
     assert errors.code_of(errors.marked(errors.NOT_FOUND, "[qwen3vl:INVALID_ARG] x")) == errors.INVALID_ARG
+
+
+def test_wire_format_and_request_state_load_without_transformers_modeling():
+    """The E->L features live beside the contract (qwen3vl.features), not beside the vision
+    tower: the wire protocol and the engine's request state import no transformers modeling."""
+    import subprocess
+    import sys
+
+    code = ("import sys, qwen3vl.disagg.protocol, qwen3vl.engine.sequence; "
+            "print([m for m in sys.modules if m.startswith('transformers.models') or 'modeling' in m])")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded

@@ -12,8 +12,8 @@ from qwen3vl.engine.sampling import SamplingParams
 from qwen3vl.engine.scheduler import Scheduler, SchedulerConfig
 from qwen3vl.engine.sequence import Sequence, Status
 from qwen3vl.errors import InvalidInput
+from qwen3vl.features import VisualFeatures
 from qwen3vl.model.prompt import Prompt
-from qwen3vl.model.vision import VisualFeatures
 
 BS = 4
 

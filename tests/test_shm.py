@@ -13,7 +13,7 @@ import torch
 from qwen3vl.disagg import shm
 from qwen3vl.errors import UNSUPPORTED, SharedMemoryUnavailable, code_of
 from qwen3vl.disagg.fetch import Buffers
-from qwen3vl.model.vision import VisualFeatures
+from qwen3vl.features import VisualFeatures
 
 HIDDEN, LAYERS = 8, 3
 TOKEN_BYTES = shm.token_bytes(HIDDEN, LAYERS, 4)  # fp32; bf16 and fp16 regions hold twice the tokens

@@ -14,17 +14,25 @@ from PIL import Image
 from conftest import metric, png, video
 from qwen3vl.cli.client import ServerError, ask, infer
 from qwen3vl.encoder.encoder import VisionEncoder
-from qwen3vl.encoder.video import VideoError, VideoLimits, VideoPlanner, decode_frames, read_header
+from qwen3vl.encoder.video import VideoError, VideoPlanner, decode_frames, read_header
 from qwen3vl.engine.engine import Engine
 from qwen3vl.model.config import ModelConfig
+from qwen3vl.settings import ServingConfig
 
-BIG = VideoLimits(max_bytes=1 << 30, max_seconds=1e6, max_frames=10_000, max_frame_pixels=1 << 30)
+
+def video_limits(max_bytes: int = 1 << 30, max_seconds: float = 1e6, max_frames: int = 10_000,
+                 max_frame_pixels: int = 1 << 30, cap_pixels_per_frame: bool = False) -> ServingConfig:
+    return ServingConfig(max_video_bytes=max_bytes, max_video_seconds=max_seconds, max_video_frames=max_frames,
+                         max_video_frame_pixels=max_frame_pixels, video_cap_pixels_per_frame=cap_pixels_per_frame)
+
+
+BIG = video_limits()
 MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
 def planner(reference):
-    return VideoPlanner(reference[1], BIG, cap_pixels_per_frame=False)
+    return VideoPlanner(reference[1], BIG)
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +123,14 @@ def test_one_frame_clip_is_its_frame_twice(planner):
 
 # ---- limits
 @pytest.mark.parametrize("limits,message", [
-    (BIG.__class__(100, 1e6, 10_000, 1 << 30), "max_video_bytes"),
-    (BIG.__class__(1 << 30, 2.0, 10_000, 1 << 30), "max_video_seconds"),
-    (BIG.__class__(1 << 30, 1e6, 4, 1 << 30), "max_video_frames"),
-    (BIG.__class__(1 << 30, 1e6, 10_000, 64 * 47), "max_video_frame_pixels"),
+    (video_limits(max_bytes=100), "max_video_bytes"),
+    (video_limits(max_seconds=2.0), "max_video_seconds"),
+    (video_limits(max_frames=4), "max_video_frames"),
+    (video_limits(max_frame_pixels=64 * 47), "max_video_frame_pixels"),
 ])
 def test_limits_are_clear_invalid_input(reference, limits, message):
     with pytest.raises(VideoError, match=rf"videos\[0\].*{message}"):
-        VideoPlanner(reference[1], limits, False).plan(CLIP, 0, None)
+        VideoPlanner(reference[1], limits).plan(CLIP, 0, None)
 
 
 def test_undecodable_video_is_a_clear_error(planner):
@@ -138,7 +146,7 @@ def test_pixels_and_grid_equal_the_processor(checkpoint, reference, tmp_path, ca
     processor = reference[1]
     # 1280x720 frames: over the per-frame cap (768 * 32^2 pixels), so the cap changes the grid
     data = video(4, 2, width=1280, height=720, seed=6)
-    plan = VideoPlanner(processor, BIG, cap).plan(data, 0, None)
+    plan = VideoPlanner(processor, video_limits(cap_pixels_per_frame=cap)).plan(data, 0, None)
     encoder = VisionEncoder.__new__(VisionEncoder)
     encoder.video_processor, encoder.cap_pixels_per_frame = processor.video_processor, cap
     pixels, grid = encoder.preprocess_videos([plan])

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import InvalidInput
+from .model.config import resolve_device, resolve_dtype
 
 ENV_PREFIX = "QWEN3VL_"
 
@@ -161,30 +162,14 @@ class ServingConfig:
     def encoder_url_list(self) -> list[str]:
         return [u for u in self.encoder_urls.replace(",", " ").split() if u]
 
+    def context_window(self, model_max_len: int) -> int:
+        """Prompt + generated tokens at most: max_model_len, or the model's own
+        (`max_position_embeddings`) when it is 0."""
+        return self.max_model_len or model_max_len
+
     @staticmethod
     def mib(value: float) -> int:
         return int(value * 2**20)
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when available, else cpu; anything else as given."""
-    if device in ("", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """Model dtype: bf16 on GPU and fp32 on CPU unless asked otherwise. Raises InvalidInput for
-    an unknown name."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "", "auto"):
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise InvalidInput(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
 
 
 def _parse(f: dataclasses.Field, raw: str):

@@ -9,14 +9,14 @@ import torch
 
 from .. import contract
 from ..disagg import shm
-from ..disagg.fetch import FetchSettings, TransferStats
+from ..disagg.fetch import TransferStats
 from ..disagg.protocol import ChunkRequest, Response, plan_responses
-from ..encoder.admission import Admission, Limits
+from ..encoder.admission import Admission
 from ..encoder.batcher import EncodeBatcher, EncodeJob
 from ..encoder.cache import CachedImage, CachedVideo
 from ..encoder.encoder import EncodeReport
 from ..encoder.images import image_file_bytes
-from ..encoder.video import VideoLimits, VideoPlanner, video_file_bytes
+from ..encoder.video import VideoPlanner, video_file_bytes
 from ..engine.sampling import generation_defaults
 from ..errors import InvalidInput, Unavailable
 from ..model.prompt import PromptBuilder
@@ -30,16 +30,11 @@ def build_encoder(settings: ServingConfig, config, image_processor, video_proces
     if settings.encoder_mode == "local":
         from ..encoder.encoder import VisionEncoder
 
-        return VisionEncoder(config, image_processor, cache_bytes=settings.mib(settings.encoder_cache_mb),
-                             fault_sha256=settings.inject_fault_image_sha256, video_processor=video_processor,
-                             cap_pixels_per_frame=settings.video_cap_pixels_per_frame)
+        return VisionEncoder(config, image_processor, video_processor, settings)
     if settings.encoder_mode == "remote":
         from ..disagg.remote import RemoteEncoder
 
-        return RemoteEncoder(settings.encoder_url_list, config, FetchSettings(
-            chunk_tokens=settings.transfer_chunk_tokens, timeout_s=settings.encoder_timeout_s,
-            same_encoder_wait_s=settings.encoder_same_wait_s, shared_memory=settings.transfer_shared_memory),
-            shm_region_bytes=settings.mib(settings.transfer_shm_region_mib))
+        return RemoteEncoder(config, settings)
     raise InvalidInput(f"encoder_mode must be local or remote, not {settings.encoder_mode!r}")
 
 
@@ -52,16 +47,8 @@ def build_admission(settings: ServingConfig, config) -> Admission:
     prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size,
                             settings.allow_special_tokens_in_prompt)
     defaults, _ = generation_defaults(config.checkpoint)
-    limits = Limits(max_images=settings.max_images_per_request,
-                    max_visual_tokens=settings.max_visual_tokens_per_request,
-                    max_image_pixels=settings.max_image_pixels,
-                    max_model_len=settings.max_model_len or config.text.max_position_embeddings,
-                    default_max_tokens=defaults.max_tokens, max_videos=settings.max_videos_per_request)
-    admission = Admission(processor.image_processor, prompts, config, limits)
-    admission.videos = VideoPlanner(processor, VideoLimits(
-        max_bytes=settings.max_video_bytes, max_seconds=settings.max_video_seconds,
-        max_frames=settings.max_video_frames, max_frame_pixels=settings.max_video_frame_pixels),
-        cap_pixels_per_frame=settings.video_cap_pixels_per_frame)
+    admission = Admission(processor.image_processor, prompts, config, settings, defaults.max_tokens)
+    admission.videos = VideoPlanner(processor, settings)
     return admission
 
 

@@ -13,7 +13,7 @@ from ..engine.engine import Engine, EngineConfig, PrefillReport
 from ..engine.sequence import Sequence, Step
 from ..engine.worker import EngineLoop
 from ..errors import InvalidInput, NotFound
-from ..model.vision import VisualFeatures
+from ..features import VisualFeatures
 from ..settings import ServingConfig
 from .io import error_response, model_config, request_parameters, scalar, torch_input
 from .metrics import LANGUAGE_COUNTERS, LANGUAGE_GAUGES, LANGUAGE_HISTOGRAMS, Counters, Gauges, Histograms

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from ..engine.engine import Engine, EngineConfig
+from ..features import VisualFeatures
 from ..model.config import ModelConfig
-from ..model.vision import VisualFeatures
 from ..settings import ServingConfig
 from .client import ask
 from .launch import Server

@@ -3,7 +3,7 @@ after a broken connection or a dead encoder, over gRPC or through shared memory.
 
 `ImageFetcher.fetch` fetches each image from the encoder its content hash routes to, writes
 chunks in place into preallocated tensors, and after a failure asks only for the chunks it
-lacks: from the same encoder if it is back within `same_encoder_wait_s`, else from the next
+lacks: from the same encoder if it is back within `encoder_same_wait_s`, else from the next
 live one on the ring (which re-encodes on a cache miss). It names the image by digest first
 (no upload on a repeat or a resume) and sends the file only when the encoder lacks it.
 """
@@ -20,8 +20,9 @@ import torch
 
 from ..encoder.video import VideoFile
 from ..errors import NotCached, SharedMemoryUnavailable, Unavailable
+from ..features import VisualFeatures, WireFeatures
 from ..model.config import ModelConfig
-from ..model.vision import VisualFeatures
+from ..settings import ServingConfig
 from ..tensors import copy_bits, numpy_dtype, to_torch
 from . import shm
 from .routing import HashRing, next_encoder
@@ -74,7 +75,7 @@ class Buffers:
                    np.array(grids, dtype=np.int64), video_grids, timestamps)
 
     @classmethod
-    def filled(cls, features: VisualFeatures) -> "Buffers":
+    def filled(cls, features: WireFeatures) -> "Buffers":
         """A whole image that arrived in one piece, kept as it is."""
         buf = cls(features.visual_embeds, features.deepstack_embeds, np.array(features.image_grid_thw, dtype=np.int64),
                   features.video_grid_thw, features.video_timestamps)
@@ -89,7 +90,7 @@ class Buffers:
     def complete(self) -> bool:
         return self.received == self.total
 
-    def write(self, start: int, piece: VisualFeatures, url: str) -> None:
+    def write(self, start: int, piece: WireFeatures, url: str) -> None:
         """Copy a chunk in, bit for bit. Raises RuntimeError (a faulty encoder: the fetch moves
         on) when it is not the next chunk or its shapes do not fit this server's model."""
         n = piece.visual_embeds.shape[0]
@@ -126,19 +127,15 @@ class ImageTransfer:
         return self.buf is not None and self.buf.complete
 
 
-@dataclass(frozen=True)
-class FetchSettings:
-    chunk_tokens: int = 1024
-    timeout_s: float = 30.0            # give up on an image after this long
-    same_encoder_wait_s: float = 3.0   # wait this long for a failed encoder before moving on
-    chunk_timeout_s: float = 10.0      # between two chunks of one response stream
-    shared_memory: bool = False
+# Between two chunks of one response stream (the first may take as long as an encode: it
+# gets what is left of encoder_timeout_s).
+CHUNK_TIMEOUT_S = 10.0
 
 
 class ImageFetcher:
     """Fetches single images (from any number of threads) for a RemoteEncoder."""
 
-    def __init__(self, ring: HashRing, config: ModelConfig, settings: FetchSettings, clients: EncoderClients,
+    def __init__(self, ring: HashRing, config: ModelConfig, settings: ServingConfig, clients: EncoderClients,
                  regions: shm.RegionPool, wire_dtype: str):
         self.ring, self.config, self.settings = ring, config, settings
         self.clients, self.regions, self.wire_dtype = clients, regions, wire_dtype
@@ -147,7 +144,7 @@ class ImageFetcher:
 
     def fetch(self, image: "bytes | VideoFile", index: int = 0) -> tuple[VisualFeatures, TransferStats]:
         """`images[index]`'s (or a VideoFile's) features. Raises EncoderRejected (bad image) or
-        Unavailable (no encoder could serve it within timeout_s; the message lists each one's
+        Unavailable (no encoder could serve it within encoder_timeout_s; the message lists each one's
         failure). A video travels like an image: named by its file's digest (with its sampling
         rate), routed by that digest, in chunks, resumed."""
         name = f"images[{index}]"
@@ -160,7 +157,7 @@ class ImageFetcher:
         order = self.ring.order(key)
         errors: dict[str, str] = {}
         started = time.perf_counter()
-        deadline = time.monotonic() + self.settings.timeout_s
+        deadline = time.monotonic() + self.settings.encoder_timeout_s
         url = order[0]
         by_digest = True  # the file goes only when that encoder lacks it: one round trip more
         while True:
@@ -185,10 +182,10 @@ class ImageFetcher:
                 log.warning("image %s from %s failed after %d visual tokens: %s", key[:12], url, t.received, e)
                 t.stats.resumes += bool(t.received)
                 by_digest = True
-                failed, url = url, next_encoder(url, order, deadline, self.settings.same_encoder_wait_s)
+                failed, url = url, next_encoder(url, order, deadline, self.settings.encoder_same_wait_s)
                 if url is None:
                     detail = "; ".join(f"{u}: {m}" for u, m in errors.items())
-                    raise Unavailable(f"{name}: no encoder could serve it within {self.settings.timeout_s:g} s "
+                    raise Unavailable(f"{name}: no encoder could serve it within {self.settings.encoder_timeout_s:g} s "
                                       f"({t.received} visual tokens had arrived): {detail}") from None
                 if url != failed:
                     t.stats.failovers.append(url)
@@ -196,28 +193,28 @@ class ImageFetcher:
     def _chunks(self, url: str, t: ImageTransfer, deadline: float, by_digest: bool, **kw):
         return request_chunks(self.clients, url, t.digest if by_digest else t.image, by_digest=by_digest,
                               resume_from=t.received, first_timeout_s=max(1.0, deadline - time.monotonic()),
-                              chunk_timeout_s=self.settings.chunk_timeout_s, wire_dtype=self.wire_dtype,
+                              chunk_timeout_s=CHUNK_TIMEOUT_S, wire_dtype=self.wire_dtype,
                               video_fps=t.video_fps, **kw)
 
     def _through_grpc(self, url: str, t: ImageTransfer, deadline: float, by_digest: bool) -> None:
         """The rest of the image as gRPC chunks; with shared memory on, only a one-token first
         chunk (it tells the total, and uploads the file on a cache miss)."""
-        probe = self.settings.shared_memory and self.shm_ok.get(url, True)
+        probe = self.settings.transfer_shared_memory and self.shm_ok.get(url, True)
         for start, total, piece in self._chunks(url, t, deadline, by_digest,
-                                                chunk_tokens=1 if probe else self.settings.chunk_tokens,
+                                                chunk_tokens=1 if probe else self.settings.transfer_chunk_tokens,
                                                 max_chunks=1 if probe else 0):
             t.buf = t.buf or Buffers.allocate(total, piece.image_grid_thw, self.config, piece.visual_embeds.dtype,
                                               piece.video_grid_thw, piece.video_timestamps)
             t.buf.write(start, piece, url)
             t.stats.chunks += 1
-            t.stats.bytes += piece.visual_embeds.nbytes + piece.deepstack_embeds.nbytes
+            t.stats.bytes += piece.nbytes
         if t.buf is None or not (t.complete or probe):
             raise ConnectionError(f"the stream ended at visual token {t.received}")
 
     def _shm_usable(self, url: str, t: ImageTransfer) -> bool:
         """Shared memory for the rest of this image: on, not failed for this encoder, and the
         size known (a first chunk arrived) or a region at hand to ask with."""
-        if not self.settings.shared_memory or not self.shm_ok.get(url, True) or t.complete:
+        if not self.settings.transfer_shared_memory or not self.shm_ok.get(url, True) or t.complete:
             return False
         return t.buf is not None or self.regions.has_idle()
 

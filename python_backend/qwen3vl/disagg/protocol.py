@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from .. import contract
 from ..errors import InvalidInput, ServingError, SharedMemoryUnavailable
-from ..model.vision import VisualFeatures
+from ..features import VisualFeatures
 
 
 def chunks(features: VisualFeatures, chunk_tokens: int, resume_from: int = 0) -> Iterator[tuple[int, VisualFeatures]]:

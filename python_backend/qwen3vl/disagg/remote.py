@@ -8,20 +8,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import contract
 from ..errors import InvalidInput
+from ..features import VisualFeatures
 from ..model.config import ModelConfig
-from ..model.vision import VisualFeatures
+from ..settings import ServingConfig
 from . import shm
-from .fetch import FetchSettings, ImageFetcher, TransferStats
+from .fetch import ImageFetcher, TransferStats
 from .routing import HashRing
 from .stream import EncoderClients
 
 
 class RemoteEncoder:
-    """`encode(per_request)` like VisionEncoder's, served by the encoder servers at `urls`
-    (gRPC HOST:PORT): every image fetched in parallel on `workers` threads."""
+    """`encode(per_request)` like VisionEncoder's, served by the encoder servers of
+    `settings.encoder_urls` (gRPC HOST:PORT): every image fetched in parallel on `workers` threads."""
 
-    def __init__(self, urls: list[str], config: ModelConfig, settings: FetchSettings = FetchSettings(),
-                 workers: int = 8, shm_region_bytes: int = 64 << 20):
+    def __init__(self, config: ModelConfig, settings: ServingConfig, workers: int = 8):
+        urls = settings.encoder_url_list
         if not urls:
             raise InvalidInput("remote encoder mode needs at least one encoder URL (qwen3vl-serve --encoder-url)")
         self.config = config
@@ -29,7 +30,7 @@ class RemoteEncoder:
         self.clients = EncoderClients()
         # Same-host encoders write the bulk straight into a shared-memory region of ours (shm.py).
         self.regions = shm.RegionPool(config.visual_hidden_size, config.deepstack_layers, config.dtype,
-                                      max_bytes=shm_region_bytes, keep=workers)
+                                      max_bytes=settings.mib(settings.transfer_shm_region_mib), keep=workers)
         wire_dtype = contract.TRITON_DTYPE[str(config.dtype).removeprefix("torch.")].removeprefix("TYPE_")
         self.fetcher = ImageFetcher(HashRing(urls), config, settings, self.clients, self.regions, wire_dtype)
         self.last = TransferStats()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import SharedMemoryUnavailable
-from ..model.vision import VisualFeatures
+from ..features import VisualFeatures, WireFeatures
 from ..tensors import numpy_dtype
 
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory objects (shm_open names)
@@ -67,13 +67,13 @@ class Region:
         finally:
             os.close(fd)
 
-    def read(self, n: int, grids) -> tuple[VisualFeatures, np.ndarray]:
+    def read(self, n: int, grids) -> tuple[WireFeatures, np.ndarray]:
         """numpy views (no copy) of the n tokens the last response wrote, [n, H] and [L, n, H],
         and the array they are views of (alive as long as any of them)."""
         flat = np.frombuffer(self.map, numpy_dtype(self.dtype), n * (1 + self.layers) * self.hidden)
         rows = n * self.hidden
-        return VisualFeatures(flat[:rows].reshape(n, self.hidden),
-                              flat[rows:].reshape(self.layers, n, self.hidden), grids), flat
+        return WireFeatures(flat[:rows].reshape(n, self.hidden),
+                            flat[rows:].reshape(self.layers, n, self.hidden), grids), flat
 
     def close(self) -> None:
         """Unlink the name (an encoder's mapping keeps the memory until it lets go) and unmap."""
@@ -131,7 +131,7 @@ class RegionPool:
                 self.idle.remove(region := min(self.idle, key=lambda r: r.tokens))
         region.close()
 
-    def lend(self, region: Region, n: int, grids) -> VisualFeatures:
+    def lend(self, region: Region, n: int, grids) -> WireFeatures:
         """The region's n tokens as an image's tensors; the region comes back when they are freed."""
         features, flat = region.read(n, grids)
         weakref.finalize(flat, self.give_back, region)

@@ -17,8 +17,8 @@ from tritonclient.utils import np_to_triton_dtype
 
 from .. import contract, errors
 from ..errors import InvalidInput, NotCached, SharedMemoryUnavailable
+from ..features import WireFeatures
 from ..grpc_stream import StreamError, stream_infer
-from ..model.vision import VisualFeatures
 
 ENCODER_MODEL = "qwen3_encoder"
 
@@ -114,7 +114,7 @@ def _or_empty(result, name: str, shape, dtype) -> np.ndarray:
 def request_chunks(clients: EncoderClients, url: str, image: bytes, *, by_digest: bool, resume_from: int,
                    chunk_tokens: int, max_chunks: int = 0, shm_region: str | None = None,
                    first_timeout_s: float, chunk_timeout_s: float,
-                   wire_dtype: str, video_fps: float | None = None) -> Iterator[tuple[int, int, VisualFeatures]]:
+                   wire_dtype: str, video_fps: float | None = None) -> Iterator[tuple[int, int, WireFeatures]]:
     """(chunk start, total tokens, chunk as numpy arrays) as the encoder at `url` sends them for
     `image` (the file, or its SHA-256 digest with `by_digest`; a video with `video_fps`); with `shm_region`, the arrays
     arrive empty and the chunk is in that region. The first chunk may take as long as an encode
@@ -132,10 +132,10 @@ def request_chunks(clients: EncoderClients, url: str, image: bytes, *, by_digest
                 raise EncoderRejected(f"encoder {url} sends {wire} tensors but this server runs "
                                       f"{wire_dtype}: start both with the same --dtype")
             yield (int(result.as_numpy(contract.CHUNK_START)[0]), int(result.as_numpy(contract.TOTAL_TOKENS)[0]),
-                   VisualFeatures(result.as_numpy(contract.VISUAL_EMBEDS), result.as_numpy(contract.DEEPSTACK_EMBEDS),
-                                  result.as_numpy(contract.IMAGE_GRID_THW), _or_empty(result, contract.VIDEO_GRID_THW, (0, 3),
-                                                                                        np.int64),
-                                  _or_empty(result, contract.VIDEO_TIMESTAMPS, (0,), np.float64)))
+                   WireFeatures(result.as_numpy(contract.VISUAL_EMBEDS), result.as_numpy(contract.DEEPSTACK_EMBEDS),
+                                result.as_numpy(contract.IMAGE_GRID_THW),
+                                _or_empty(result, contract.VIDEO_GRID_THW, (0, 3), np.int64),
+                                _or_empty(result, contract.VIDEO_TIMESTAMPS, (0,), np.float64)))
     except StreamError as e:
         raise classify(e.error) from None
     finally:

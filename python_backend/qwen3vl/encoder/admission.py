@@ -19,21 +19,11 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from .. import contract
 from ..errors import InvalidInput
 from ..model.config import ModelConfig
-from ..model.prompt import PromptBuilder, VideoLayout
+from ..model.prompt import PromptBuilder, VideoLayout, check_context_window
+from ..settings import ServingConfig
 from .cache import CachedImage
 from .images import ImageError, ImageHeader, read_header
 from .video import VideoFile
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The per-request limits (from settings.ServingConfig)."""
-    max_images: int            # max_images_per_request
-    max_visual_tokens: int     # max_visual_tokens_per_request
-    max_image_pixels: int      # max_image_pixels
-    max_model_len: int         # prompt + generated tokens
-    default_max_tokens: int    # the checkpoint's, for a request that gives none
-    max_videos: int = 4        # max_videos_per_request
 
 
 @dataclass(frozen=True)
@@ -50,8 +40,15 @@ class Estimate:
 
 
 class Admission:
-    def __init__(self, image_processor, prompts: PromptBuilder | None, config: ModelConfig, limits: Limits):
-        self.processor, self.prompts, self.config, self.limits = image_processor, prompts, config, limits
+    """The per-request limits of `settings` (max_images_per_request, max_videos_per_request,
+    max_image_pixels, max_visual_tokens_per_request, max_model_len), checked from the files'
+    headers and the text. `default_max_tokens`: the checkpoint's, for a request that gives none."""
+
+    def __init__(self, image_processor, prompts: PromptBuilder | None, config: ModelConfig, settings: ServingConfig,
+                 default_max_tokens: int):
+        self.processor, self.prompts, self.config, self.settings = image_processor, prompts, config, settings
+        self.max_model_len = settings.context_window(config.text.max_position_embeddings)
+        self.default_max_tokens = default_max_tokens
         size = image_processor.size
         self.min_pixels, self.max_pixels = size["shortest_edge"], size["longest_edge"]
         self.patch, self.merge = image_processor.patch_size, image_processor.merge_size
@@ -75,12 +72,12 @@ class Admission:
         bytes (a CachedImage, named by digest, is counted by its number only); `videos`: the
         request's videos as VideoPlanner planned them (from their headers: frames, grid,
         timestamps)."""
-        lim = self.limits
-        if len(files) > lim.max_images:
-            raise InvalidInput(f"{len(files)} images in one request; the limit is {lim.max_images} "
+        s = self.settings
+        if len(files) > s.max_images_per_request:
+            raise InvalidInput(f"{len(files)} images in one request; the limit is {s.max_images_per_request} "
                                "(max_images_per_request)")
-        if len(videos) > lim.max_videos:
-            raise InvalidInput(f"{len(videos)} videos in one request; the limit is {lim.max_videos} "
+        if len(videos) > s.max_videos_per_request:
+            raise InvalidInput(f"{len(videos)} videos in one request; the limit is {s.max_videos_per_request} "
                                "(max_videos_per_request)")
         grids = []
         for i, data in enumerate(files):
@@ -88,27 +85,24 @@ class Admission:
                 continue
             header = read_header(data, i)
             pixels = header.width * header.height
-            if pixels > lim.max_image_pixels:
+            if pixels > s.max_image_pixels:
                 raise ImageError(f"{contract.IMAGES}[{i}] is {header.width}x{header.height} = {pixels} pixels; "
-                                 f"the limit is {lim.max_image_pixels} (max_image_pixels)")
+                                 f"the limit is {s.max_image_pixels} (max_image_pixels)")
             grids.append(self.grid(header, i))
         tokens = [t * h * w // self.merge**2 for t, h, w in grids]
         layouts = [VideoLayout(v.grid[1] * v.grid[2] // self.merge**2, v.timestamps) for v in videos]
         all_tokens = tokens + [len(v.timestamps) * v.group_tokens for v in layouts]
-        if sum(all_tokens) > lim.max_visual_tokens:
+        if sum(all_tokens) > s.max_visual_tokens_per_request:
             raise InvalidInput(f"the images and videos need {sum(all_tokens)} visual tokens "
-                               f"({', '.join(map(str, all_tokens))}); the limit is {lim.max_visual_tokens} "
+                               f"({', '.join(map(str, all_tokens))}); the limit is {s.max_visual_tokens_per_request} "
                                "(max_visual_tokens_per_request)")
         prompt_tokens = None
         if text is not None and self.prompts is not None:
-            self.prompts.check_size(text, lim.max_model_len)
+            self.prompts.check_size(text, self.max_model_len)
         # The exact prompt where there is vision work to spare; a text-only request's prompt is
         # built once, by the language model, which checks the context window the same way.
         if text is not None and self.prompts is not None and len(grids) == len(files) and (files or videos):
             prompt_tokens = len(self.prompts.expanded_ids(text, tokens, layouts))
-            generated = max_tokens if max_tokens is not None else lim.default_max_tokens
-            if prompt_tokens + generated > lim.max_model_len:
-                raise InvalidInput(f"prompt ({prompt_tokens} tokens, {sum(all_tokens)} of them visual) + max_tokens "
-                                   f"({generated}) = {prompt_tokens + generated} exceeds the context window of "
-                                   f"{lim.max_model_len} tokens (max_model_len)")
+            generated = max_tokens if max_tokens is not None else self.default_max_tokens
+            check_context_window(prompt_tokens, generated, self.max_model_len, visual_tokens=sum(all_tokens))
         return Estimate(grids, all_tokens, prompt_tokens, sum(all_tokens) * self.bytes_per_token)

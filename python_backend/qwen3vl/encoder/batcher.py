@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from ..features import VisualFeatures
 from ..jobs import JobThread
-from ..model.vision import VisualFeatures
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from ..model.vision import VisualFeatures
+from ..features import VisualFeatures
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidInput, NotCached
+from ..features import VisualFeatures
 from ..model.config import ModelConfig
-from ..model.vision import VisionTower, VisualFeatures
+from ..model.vision import VisionTower
+from ..settings import ServingConfig
 from .cache import CachedImage, CachedVideo, FeatureCache
 from .images import ImageError, decode_image
 from .video import VideoFile, decode_frames, metadata
@@ -29,18 +31,19 @@ class EncodeReport:
 
 
 class VisionEncoder:
-    """The checkpoint's image processor, the vision tower and a feature cache of `cache_bytes`."""
+    """The checkpoint's image processor, the vision tower and a feature cache of `encoder_cache_mb`."""
 
-    def __init__(self, config: ModelConfig, image_processor, cache_bytes: int = 1 << 30, fault_sha256: str = "",
-                 video_processor=None, cap_pixels_per_frame: bool = False):
+    def __init__(self, config: ModelConfig, image_processor, video_processor=None,
+                 settings: ServingConfig = ServingConfig()):
         self.config = config
-        self.fault_sha256 = fault_sha256  # fault tests: a forward holding this file raises
+        # fault tests: a forward holding this file raises
+        self.fault_sha256 = settings.inject_fault_image_sha256
         self.image_processor = image_processor
-        self.video_processor, self.cap_pixels_per_frame = video_processor, cap_pixels_per_frame
-        settings = image_processor.to_json_string()
+        self.video_processor, self.cap_pixels_per_frame = video_processor, settings.video_cap_pixels_per_frame
+        processing = image_processor.to_json_string()
         if video_processor is not None:
-            settings += video_processor.to_json_string() + f"cap_pixels_per_frame={cap_pixels_per_frame}"
-        self.cache = FeatureCache(cache_bytes, settings)
+            processing += video_processor.to_json_string() + f"cap_pixels_per_frame={self.cap_pixels_per_frame}"
+        self.cache = FeatureCache(settings.mib(settings.encoder_cache_mb), processing)
         self.last = EncodeReport()
         self.tower = VisionTower(config)
 

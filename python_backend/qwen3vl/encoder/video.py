@@ -30,20 +30,13 @@ import numpy as np
 
 from .. import contract
 from ..errors import InvalidInput
+from ..settings import ServingConfig
 from .images import data_url_payload
 
 
 
 class VideoError(InvalidInput):
     """An input that is not a usable video; the message names which one."""
-
-
-@dataclass(frozen=True)
-class VideoLimits:
-    max_bytes: int          # max_video_bytes
-    max_seconds: float      # max_video_seconds
-    max_frames: int         # max_video_frames: sampled frames
-    max_frame_pixels: int   # max_video_frame_pixels
 
 
 @dataclass(frozen=True)
@@ -148,37 +141,39 @@ def metadata(video: VideoFile):
 
 class VideoPlanner:
     """From a video file's header: its sampled indices, timestamps and grid, or VideoError
-    naming the limit it is over. `processor` is the checkpoint's Qwen3VLProcessor."""
+    naming the limit it is over. `processor` is the checkpoint's Qwen3VLProcessor; the limits
+    are the settings' max_video_bytes, max_video_seconds, max_video_frames and
+    max_video_frame_pixels."""
 
-    def __init__(self, processor, limits: VideoLimits, cap_pixels_per_frame: bool):
+    def __init__(self, processor, settings: ServingConfig):
         self.processor = processor
         self.video_processor = processor.video_processor
-        self.limits, self.cap_pixels_per_frame = limits, cap_pixels_per_frame
+        self.settings, self.cap_pixels_per_frame = settings, settings.video_cap_pixels_per_frame
 
     def plan(self, data: bytes, index: int, fps: float | None) -> VideoFile:
         from transformers.video_utils import VideoMetadata
 
-        lim, vp = self.limits, self.video_processor
+        s, vp = self.settings, self.video_processor
         name = f"{contract.VIDEOS}[{index}]"
-        if len(data) > lim.max_bytes:
-            raise VideoError(f"{name} is {len(data)} bytes; the limit is {lim.max_bytes} (max_video_bytes)")
+        if len(data) > s.max_video_bytes:
+            raise VideoError(f"{name} is {len(data)} bytes; the limit is {s.max_video_bytes} (max_video_bytes)")
         if fps is not None and not (math.isfinite(fps) and fps > 0):
             raise VideoError(f"{contract.VIDEO_FPS} must be a positive number, got {fps}")
         total, src_fps, width, height = read_header(data, index)
         if total < 1 or width < 1 or height < 1:
             raise VideoError(f"{name} ({len(data)} bytes) holds no video frames")
-        if width * height > lim.max_frame_pixels:
+        if width * height > s.max_video_frame_pixels:
             raise VideoError(f"{name} frames are {width}x{height} = {width * height} pixels; the limit is "
-                             f"{lim.max_frame_pixels} (max_video_frame_pixels)")
+                             f"{s.max_video_frame_pixels} (max_video_frame_pixels)")
         seconds = total / (src_fps or 24)
-        if seconds > lim.max_seconds:
-            raise VideoError(f"{name} is {seconds:.1f} s long ({total} frames); the limit is {lim.max_seconds:g} s "
+        if seconds > s.max_video_seconds:
+            raise VideoError(f"{name} is {seconds:.1f} s long ({total} frames); the limit is {s.max_video_seconds:g} s "
                              "(max_video_seconds)")
         # transformers' own sampling (a copy of the metadata: sample_frames fills in a missing fps)
         meta = VideoMetadata(total_num_frames=total, fps=src_fps)
         indices = [int(i) for i in vp.sample_frames(meta, fps=fps)]
-        if len(indices) > lim.max_frames:
-            raise VideoError(f"{name} samples to {len(indices)} frames; the limit is {lim.max_frames} "
+        if len(indices) > s.max_video_frames:
+            raise VideoError(f"{name} samples to {len(indices)} frames; the limit is {s.max_video_frames} "
                              "(max_video_frames: send a lower video_fps or a shorter clip)")
         if len(indices) == 1:  # the documented choice: a 1-frame clip is its frame twice
             indices = [indices[0], indices[0]]

@@ -19,10 +19,10 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import InvalidInput
+from ..features import VisualFeatures
 from ..model.config import ModelConfig
 from ..model.prompt import Prompt, PromptBuilder
 from ..model.text import LanguageModel
-from ..model.vision import VisualFeatures
 from ..tensors import raw_bytes
 from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer

@@ -11,8 +11,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..features import VisualFeatures
 from ..model.prompt import Prompt
-from ..model.vision import VisualFeatures
 from .detokenize import IncrementalDetokenizer
 from .sampling import SamplingParams
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..settings import resolve_device, resolve_dtype
+from ..errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,6 @@ class ModelConfig:
     text: TextConfig
     vision: dict  # the raw vision_config; transformers' Qwen3VLMoeVisionConfig is built from it
     image_token_id: int
-    video_token_id: int
-    vision_start_token_id: int
-    vision_end_token_id: int
     spatial_merge_size: int
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
@@ -122,11 +119,29 @@ class ModelConfig:
             text=TextConfig.from_dict(raw["text_config"]),
             vision=dict(raw["vision_config"]),
             image_token_id=raw.get("image_token_id", 151655),
-            video_token_id=raw.get("video_token_id", 151656),
-            vision_start_token_id=raw.get("vision_start_token_id", 151652),
-            vision_end_token_id=raw.get("vision_end_token_id", 151653),
             spatial_merge_size=raw["vision_config"].get("spatial_merge_size", 2),
             device=device,
             dtype=resolve_dtype(dtype, device),
             raw=raw,
         )
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; anything else as given."""
+    if device in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Model dtype: bf16 on GPU and fp32 on CPU unless asked otherwise. Raises InvalidInput for
+    an unknown name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise InvalidInput(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]

@@ -123,6 +123,18 @@ class VideoLayout:
     timestamps: tuple[float, ...]  # float64 seconds, one per frame group
 
 
+def check_context_window(prompt_tokens: int, max_tokens: int, max_model_len: int,
+                         visual_tokens: int | None = None) -> None:
+    """Raises PromptError (InvalidInput) when the prompt plus the tokens it may generate exceed
+    the context window; `visual_tokens`, when known, is named in the message. The one check
+    both the encoder's admission (before vision work) and the engine (at admission) run."""
+    total = prompt_tokens + max_tokens
+    if total > max_model_len:
+        of_them = f", {visual_tokens} of them visual" if visual_tokens is not None else ""
+        raise PromptError(f"prompt ({prompt_tokens} tokens{of_them}) + max_tokens ({max_tokens}) = {total} "
+                          f"exceeds the context window of {max_model_len} tokens (max_model_len)")
+
+
 class PromptBuilder:
     def __init__(self, processor, image_token_id: int, spatial_merge_size: int, allow_special_tokens: bool = False):
         self.processor = processor

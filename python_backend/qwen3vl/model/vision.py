@@ -8,65 +8,13 @@ checkpoint's image processor, caching and batching live in `qwen3vl.encoder`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-
 import torch
 from transformers.models.qwen3_vl_moe import Qwen3VLMoeVisionConfig
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
+from ..features import VisualFeatures
 from .checkpoint import load_tensors
 from .config import ModelConfig
-
-
-def _no_videos() -> torch.Tensor:
-    return torch.empty(0, 3, dtype=torch.int64)
-
-
-def _no_timestamps() -> torch.Tensor:
-    return torch.empty(0, dtype=torch.float64)
-
-
-@dataclass
-class VisualFeatures:
-    """The E->L tensors of one request (or one image or video, or one chunk of either). Rows:
-    every image's tokens in prompt order, then every video's (each video's frame groups in
-    order); the language side places them where the prompt's placeholders are."""
-    visual_embeds: torch.Tensor     # [N, H] model dtype
-    deepstack_embeds: torch.Tensor  # [L, N, H] model dtype
-    image_grid_thw: torch.Tensor    # [k, 3] int64
-    video_grid_thw: torch.Tensor = field(default_factory=_no_videos)          # [v, 3] int64
-    video_timestamps: torch.Tensor = field(default_factory=_no_timestamps)    # [sum of t] float64 seconds
-
-    @classmethod
-    def empty(cls, config: ModelConfig) -> "VisualFeatures":
-        h = config.visual_hidden_size
-        return cls(torch.empty(0, h, dtype=config.dtype), torch.empty(config.deepstack_layers, 0, h, dtype=config.dtype),
-                   torch.empty(0, 3, dtype=torch.int64))
-
-    def rows(self, visual_embeds: torch.Tensor, deepstack_embeds: torch.Tensor) -> "VisualFeatures":
-        """The same grids and timestamps with other rows (a chunk, a reordering)."""
-        return replace(self, visual_embeds=visual_embeds, deepstack_embeds=deepstack_embeds)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of visual_embeds and deepstack_embeds (what the E->L transfer moves)."""
-        return sum(t.numel() * t.element_size() for t in (self.visual_embeds, self.deepstack_embeds))
-
-    @classmethod
-    def concat(cls, parts: list["VisualFeatures"], config: ModelConfig) -> "VisualFeatures":
-        """Several images' and videos' features as one request's (no copy for a single part):
-        the parts holding images first, then those holding videos, each kind in order."""
-        if not parts:
-            return cls.empty(config)
-        if len(parts) == 1:
-            return parts[0]
-        parts = ([p for p in parts if p.video_grid_thw.shape[0] == 0]
-                 + [p for p in parts if p.video_grid_thw.shape[0] > 0])
-        return cls(torch.cat([p.visual_embeds for p in parts]),
-                   torch.cat([p.deepstack_embeds for p in parts], dim=1),
-                   torch.cat([p.image_grid_thw for p in parts]),
-                   torch.cat([p.video_grid_thw for p in parts]),
-                   torch.cat([p.video_timestamps for p in parts]))
 
 
 class VisionTower:
@@ -100,11 +48,11 @@ class VisionTower:
         batch's output)."""
         out = self.model(pixel_values.to(self.config.device, self.config.dtype), grid_thw=grids.to(self.config.device))
         tokens = (grids.prod(-1) // self.config.spatial_merge_size**2).tolist()
-        embeds = out.pooler_output                        # [N_all, H]
-        deepstack = torch.stack(out.deepstack_features)   # [L, N_all, H]
+        visual_embeds = out.pooler_output                           # [N_all, H]
+        deepstack_embeds = torch.stack(out.deepstack_features)      # [L, N_all, H]
         features, start = [], 0
         for i, n in enumerate(tokens):
-            features.append(VisualFeatures(embeds[start:start + n].clone(), deepstack[:, start:start + n].clone(),
-                                           grids[i:i + 1].clone()))
+            features.append(VisualFeatures(visual_embeds[start:start + n].clone(),
+                                           deepstack_embeds[:, start:start + n].clone(), grids[i:i + 1].clone()))
             start += n
         return features
