@@ -240,7 +240,7 @@ def test_remote_encoder_observes_each_images_transfer_off_its_thread():
     svc.observer = m.MetricsThread()
     stats = TransferStats(requests=1, images=2)
     for seconds in (0.25, 0.5):
-        stats.add(TransferStats(transfer_seconds=seconds, image_transfer_seconds=[seconds], chunks=2))
+        stats.add(TransferStats(transfer_seconds=seconds, media_transfer_seconds=[seconds], chunks=2))
     svc._count_batch(stats, 0.6)
     svc.observer.stop()
     h = svc.histograms.metrics

@@ -181,7 +181,7 @@ class EncoderService:
     def _count_batch(self, report: EncodeReport | TransferStats | None, seconds: float) -> None:
         add = self.metrics.add
         add("seconds", seconds)
-        per_image = list(report.image_transfer_seconds) if isinstance(report, TransferStats) else []
+        per_image = list(report.media_transfer_seconds) if isinstance(report, TransferStats) else []
 
         def observe():
             self.histograms.observe("encode_seconds", seconds)

@@ -1,10 +1,11 @@
-"""One image's E->L transfer on the language server: assembled in place from chunks, resumed
-after a broken connection or a dead encoder, over gRPC or through shared memory.
+"""One media file's (an image's or a video's) E->L transfer on the language server: assembled
+in place from chunks, resumed after a broken connection or a dead encoder, over gRPC or
+through shared memory.
 
-`ImageFetcher.fetch` fetches each image from the encoder its content hash routes to, writes
-chunks in place into preallocated tensors, and after a failure asks only for the chunks it
-lacks: from the same encoder if it is back within `encoder_same_wait_s`, else from the next
-live one on the ring (which re-encodes on a cache miss). It names the image by digest first
+`MediaFetcher.fetch` fetches each image or video from the encoder its content hash routes to,
+writes chunks in place into preallocated tensors, and after a failure asks only for the chunks
+it lacks: from the same encoder if it is back within `encoder_same_wait_s`, else from the next
+live one on the ring (which re-encodes on a cache miss). It names the file by digest first
 (no upload on a repeat or a resume) and sends the file only when the encoder lacks it.
 """
 
@@ -42,12 +43,12 @@ class TransferStats:
     shm_bytes: int = 0
     seconds: float = 0.0           # the whole encode() call
     transfer_seconds: float = 0.0  # per image, from the first request to the assembled tensors, summed
-    image_transfer_seconds: list[float] = field(default_factory=list)  # the same, each image's
+    media_transfer_seconds: list[float] = field(default_factory=list)  # the same, each file's
     failovers: list[str] = field(default_factory=list)
 
     def add(self, other: "TransferStats") -> None:
         self.transfer_seconds += other.transfer_seconds
-        self.image_transfer_seconds += other.image_transfer_seconds
+        self.media_transfer_seconds += other.media_transfer_seconds
         self.chunks += other.chunks
         self.bytes += other.bytes
         self.shm_bytes += other.shm_bytes
@@ -110,9 +111,9 @@ class Buffers:
 
 
 @dataclass
-class ImageTransfer:
-    """One image (or video) being fetched; what has arrived survives a failed attempt."""
-    image: bytes
+class MediaTransfer:
+    """One media file (an image or a video) being fetched; what has arrived survives a failed attempt."""
+    data: bytes
     digest: bytes
     stats: TransferStats = field(default_factory=TransferStats)
     video_fps: float | None = None  # a video: the rate it is sampled at (part of the encoder's cache key)
@@ -132,8 +133,8 @@ class ImageTransfer:
 CHUNK_TIMEOUT_S = 10.0
 
 
-class ImageFetcher:
-    """Fetches single images (from any number of threads) for a RemoteEncoder."""
+class MediaFetcher:
+    """Fetches single media files, images and videos (from any number of threads), for a RemoteEncoder."""
 
     def __init__(self, ring: HashRing, config: ModelConfig, settings: ServingConfig, clients: EncoderClients,
                  regions: shm.RegionPool, wire_dtype: str):
@@ -142,17 +143,17 @@ class ImageFetcher:
         # Per encoder: False once it could not write into our regions (another host): gRPC from then on.
         self.shm_ok: dict[str, bool] = {}
 
-    def fetch(self, image: "bytes | VideoFile", index: int = 0) -> tuple[VisualFeatures, TransferStats]:
+    def fetch(self, media: "bytes | VideoFile", index: int = 0) -> tuple[VisualFeatures, TransferStats]:
         """`images[index]`'s (or a VideoFile's) features. Raises EncoderRejected (bad image) or
         Unavailable (no encoder could serve it within encoder_timeout_s; the message lists each one's
         failure). A video travels like an image: named by its file's digest (with its sampling
         rate), routed by that digest, in chunks, resumed."""
         name = f"images[{index}]"
-        if isinstance(image, VideoFile):
-            t = ImageTransfer(image.data, hashlib.sha256(image.data).digest(), video_fps=image.fps)
-            name = f"videos[{image.index}]"
+        if isinstance(media, VideoFile):
+            t = MediaTransfer(media.data, hashlib.sha256(media.data).digest(), video_fps=media.fps)
+            name = f"videos[{media.index}]"
         else:
-            t = ImageTransfer(image, hashlib.sha256(image).digest())  # hashed once: a large file is not free
+            t = MediaTransfer(media, hashlib.sha256(media).digest())  # hashed once: a large file is not free
         key = t.digest.hex()
         order = self.ring.order(key)
         errors: dict[str, str] = {}
@@ -169,7 +170,7 @@ class ImageFetcher:
                     by_digest = True  # that encoder has it now
                 if t.complete:
                     t.stats.transfer_seconds = time.perf_counter() - started
-                    t.stats.image_transfer_seconds = [t.stats.transfer_seconds]
+                    t.stats.media_transfer_seconds = [t.stats.transfer_seconds]
                     return t.buf.features(self.config.dtype), t.stats
             except NotCached:
                 if not by_digest:  # it says so of the file itself: a broken encoder
@@ -190,13 +191,13 @@ class ImageFetcher:
                 if url != failed:
                     t.stats.failovers.append(url)
 
-    def _chunks(self, url: str, t: ImageTransfer, deadline: float, by_digest: bool, **kw):
-        return request_chunks(self.clients, url, t.digest if by_digest else t.image, by_digest=by_digest,
+    def _chunks(self, url: str, t: MediaTransfer, deadline: float, by_digest: bool, **kw):
+        return request_chunks(self.clients, url, t.digest if by_digest else t.data, by_digest=by_digest,
                               resume_from=t.received, first_timeout_s=max(1.0, deadline - time.monotonic()),
                               chunk_timeout_s=CHUNK_TIMEOUT_S, wire_dtype=self.wire_dtype,
                               video_fps=t.video_fps, **kw)
 
-    def _through_grpc(self, url: str, t: ImageTransfer, deadline: float, by_digest: bool) -> None:
+    def _through_grpc(self, url: str, t: MediaTransfer, deadline: float, by_digest: bool) -> None:
         """The rest of the image as gRPC chunks; with shared memory on, only a one-token first
         chunk (it tells the total, and uploads the file on a cache miss)."""
         probe = self.settings.transfer_shared_memory and self.shm_ok.get(url, True)
@@ -211,14 +212,14 @@ class ImageFetcher:
         if t.buf is None or not (t.complete or probe):
             raise ConnectionError(f"the stream ended at visual token {t.received}")
 
-    def _shm_usable(self, url: str, t: ImageTransfer) -> bool:
+    def _shm_usable(self, url: str, t: MediaTransfer) -> bool:
         """Shared memory for the rest of this image: on, not failed for this encoder, and the
         size known (a first chunk arrived) or a region at hand to ask with."""
         if not self.settings.transfer_shared_memory or not self.shm_ok.get(url, True) or t.complete:
             return False
         return t.buf is not None or self.regions.has_idle()
 
-    def _through_shm(self, url: str, t: ImageTransfer, deadline: float) -> None:
+    def _through_shm(self, url: str, t: MediaTransfer, deadline: float) -> None:
         """The rest of the image, one response per region-full, written by the encoder model
         straight into a region of ours. A whole image in one response is not copied: the region
         becomes its tensors. Returns early, leaving the rest to gRPC, when the encoder cannot

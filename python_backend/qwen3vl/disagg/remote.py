@@ -12,7 +12,7 @@ from ..features import VisualFeatures
 from ..model.config import ModelConfig
 from ..settings import ServingConfig
 from . import shm
-from .fetch import ImageFetcher, TransferStats
+from .fetch import MediaFetcher, TransferStats
 from .routing import HashRing
 from .stream import EncoderClients
 
@@ -32,7 +32,7 @@ class RemoteEncoder:
         self.regions = shm.RegionPool(config.visual_hidden_size, config.deepstack_layers, config.dtype,
                                       max_bytes=settings.mib(settings.transfer_shm_region_mib), keep=workers)
         wire_dtype = contract.TRITON_DTYPE[str(config.dtype).removeprefix("torch.")].removeprefix("TYPE_")
-        self.fetcher = ImageFetcher(HashRing(urls), config, settings, self.clients, self.regions, wire_dtype)
+        self.fetcher = MediaFetcher(HashRing(urls), config, settings, self.clients, self.regions, wire_dtype)
         self.last = TransferStats()
 
     def encode(self, per_request: list[list[bytes]]) -> list[VisualFeatures | Exception]:
