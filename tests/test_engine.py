@@ -28,14 +28,32 @@ def parts(checkpoint, reference):
 
 
 def new_engine(config, **kw) -> Engine:
+    """An engine whose steps' prefill reports collect in `engine.reports` (generate's too)."""
     engine = Engine.from_checkpoint(config, EngineConfig(**{"kv_cache_bytes": 64 << 20, **kw}))
     engine.reports = []
-    engine.on_prefill = engine.reports.append
+    step = engine.step
+
+    def reported():
+        out = step()
+        engine.reports.extend(out.prefills)
+        return out
+
+    engine.step = reported
     return engine
 
 
 def alone(engine: Engine, text: str, features, **params) -> list[int]:
     return [t for s in engine.generate(text, features, engine.params(**params)) for t in s.token_ids]
+
+
+def step_into(engine: Engine, seqs: list, outs: list[list]) -> None:
+    """One step; each sequence's step or failure appended to its list in `outs`."""
+    out = engine.step()
+    for seq, got in zip(seqs, outs):
+        if seq.request_id in out.steps:
+            got.append(out.steps[seq.request_id])
+        if seq.request_id in out.failures:
+            got.append(out.failures[seq.request_id])
 
 
 def run_together(engine: Engine, requests: list[tuple[str, object, dict]]) -> list[list[int]]:
@@ -51,13 +69,13 @@ def run_together(engine: Engine, requests: list[tuple[str, object, dict]]) -> li
 
     engine.scheduler.schedule = recorded
     seqs = []
-    for out, (text, features, params) in zip(outs, requests):
-        seq = engine.new_sequence(text, features, engine.params(**params), out.append, out.append)
+    for text, features, params in requests:
+        seq = engine.new_sequence(text, features, engine.params(**params))
         engine.add(seq)
         seqs.append(seq)
     steps = 0
     while engine.has_work():
-        engine.step()
+        step_into(engine, seqs, outs)
         steps += 1
         assert steps < 10_000
     assert max(len(shape) for shape in shapes) >= 3  # several requests per step
@@ -162,11 +180,11 @@ def test_a_failing_step_fails_its_own_requests_and_the_engine_goes_on(parts):
     engine.runner.execute = faulty
     empty = encoder.encode([[]])[0]
     outs = [[], []]
-    bad = engine.new_sequence("doomed", empty, engine.params(max_tokens=4), outs[0].append, outs[0].append)
+    bad = engine.new_sequence("doomed", empty, engine.params(max_tokens=4))
     poisoned.append(bad)
     engine.add(bad)
     while engine.has_work():
-        engine.step()
+        step_into(engine, [bad], outs)
     assert len(outs[0]) == 1 and isinstance(outs[0][0], RuntimeError)
     assert "the engine step running this request failed: RuntimeError: injected fault" in str(outs[0][0])
     assert engine.blocks.num_used == 0
@@ -178,18 +196,17 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_a_waiting_one_takes_its
     engine = new_engine(config, max_num_seqs=1)
     empty = encoder.encode([[]])[0]
     outs = [[], []]
-    seqs = [engine.new_sequence("first", empty, engine.params(max_tokens=50, temperature=0.0), o.append, o.append)
-            for o in outs]
+    seqs = [engine.new_sequence("first", empty, engine.params(max_tokens=50, temperature=0.0)) for _ in outs]
     for seq in seqs:
         engine.add(seq)
-    engine.step()
-    engine.step()
+    step_into(engine, seqs, outs)
+    step_into(engine, seqs, outs)
     assert engine.scheduler.running == [seqs[0]] and list(engine.scheduler.waiting) == [seqs[1]]
     seqs[0].cancel_requested = True
-    engine.step()
+    step_into(engine, seqs, outs)
     assert outs[0][-1].finish_reason == "cancelled" and engine.scheduler.running == [seqs[1]]
     while engine.has_work():
-        engine.step()
+        step_into(engine, seqs, outs)
     assert outs[1][-1].finish_reason == "length" and engine.blocks.num_used == 0
 
 
