@@ -16,6 +16,7 @@ from qwen3vl.encoder.encoder import VisionEncoder
 from qwen3vl.engine.engine import Engine, EngineConfig
 from qwen3vl.errors import InvalidInput
 from qwen3vl.model.config import ModelConfig
+from qwen3vl.model.reference import prefill_logits
 
 QUESTION = "What is in the picture? Answer in one sentence."
 OTHER_QUESTION = "Name the three most common colours in this image, in order."
@@ -120,7 +121,7 @@ def test_paged_and_chunked_prefill_logits_equal_the_unbatched_reference(parts):
     config, encoder = parts
     features = encoder.encode([IMAGE_CASES["two-images"]])[0]
     text = "Compare <image> with <image>."
-    reference = new_engine(config).prefill_logits(text, features)[-1]
+    reference = prefill_logits(new_engine(config), text, features)[-1]
     for budget in (4096, 7):
         engine = new_engine(config, enable_prefix_caching=False, max_num_batched_tokens=budget)
         captured = []

@@ -310,16 +310,3 @@ class Engine:
                 return
             if is_cancelled():
                 seq.cancel_requested = True
-
-    @torch.inference_mode()
-    def prefill_logits(self, text: str, features: VisualFeatures) -> torch.Tensor:
-        """All prompt positions' logits [T, V] in one unbatched prefill over a static cache
-        (parity checks against transformers)."""
-        prompt = self.prepare(text, features)
-        features = self.in_prompt_order(prompt, features)
-        dev = self.config.device
-        cache = self.model.new_cache(1, len(prompt.input_ids))
-        visual_index = torch.nonzero(prompt.visual_mask).flatten().to(dev)
-        x = self.model.embed_rows(prompt.input_ids[None].to(dev), visual_index, features.visual_embeds.to(dev))
-        return self.model(x, prompt.positions[:, None].to(dev), cache, visual_index=visual_index,
-                          deepstack_rows=features.deepstack_embeds.to(dev), last_only=False)[0]
