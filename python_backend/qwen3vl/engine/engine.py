@@ -84,9 +84,10 @@ class PrefillReport:
 @dataclass
 class EngineOutputs:
     """What the engine did since its outputs were last taken: one `step()`, or a `fail_waiting`
-    or `abort_all`. Keyed by request id (Sequence.request_id). Each request ends exactly once,
-    with a Step whose finish_reason is set or with a failure; when a request has both a step
-    and a failure here, the step came first."""
+    or `abort_all`. Keyed by request id (Sequence.request_id). Over all its outputs, each
+    request ends exactly once: with a Step whose finish_reason is set (stop, length, or
+    cancelled when the engine dropped it) or with a failure. When a request has both a step
+    and a failure in one EngineOutputs, the step came first."""
     steps: dict[int, Step] = field(default_factory=dict)          # its new tokens and text
     failures: dict[int, Exception] = field(default_factory=dict)  # why it failed (its end)
     prefills: list[PrefillReport] = field(default_factory=list)   # prompts whose prefill completed
