@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 from qwen3vl.model.config import ModelConfig, TextConfig  # noqa: E402
 from qwen3vl.engine.engine import Engine  # noqa: E402
 from qwen3vl.cli.make_checkpoint import make_checkpoint  # noqa: E402
+from qwen3vl.model.reference import StaticKVCache, prefill_logits  # noqa: E402
 from qwen3vl.model.text import LanguageModel  # noqa: E402
 from qwen3vl.encoder.encoder import VisionEncoder  # noqa: E402
 
@@ -98,7 +99,7 @@ def parity(preset, dtype, device, workdir):
         vis = ref.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         ref_logits = ref(**inputs).logits[0].float()
         ref_tokens = ref.generate(**inputs, max_new_tokens=32, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
-    logits = engine.prefill_logits(prompt, features)
+    logits = prefill_logits(engine, prompt, features)
     tokens = [t for s in engine.generate(prompt, features, engine.params(max_tokens=32, temperature=0.0))
               for t in s.token_ids]
     oracle = {}
@@ -173,15 +174,15 @@ def hf_copy(ours: LanguageModel, cfg: TextConfig, device, dtype):
 @torch.inference_mode()
 def ours_generate(model: LanguageModel, ids: torch.Tensor, new_tokens: int):
     """The engine's model path (prefill, then batch-1 greedy decode), without detokenization."""
-    cache = model.new_cache(1, ids.shape[1] + new_tokens)
+    cache = StaticKVCache.for_model(model, 1, ids.shape[1] + new_tokens)
     pos = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, 1, -1)
-    logits = model(model.embed(ids), pos, cache)
+    logits = model(model.embed_rows(ids), pos, cache)
     out = []
     for _ in range(new_tokens):
         tok = logits[0, -1].argmax()
         out.append(tok)
         p = torch.full((3, 1, 1), cache.length, device=ids.device)
-        logits = model(model.embed(tok.view(1, 1)), p, cache)
+        logits = model(model.embed_rows(tok.view(1, 1)), p, cache)
     return torch.stack(out)
 
 

@@ -16,6 +16,7 @@ from qwen3vl.encoder.encoder import VisionEncoder
 from qwen3vl.engine.engine import Engine, EngineConfig
 from qwen3vl.errors import InvalidInput
 from qwen3vl.model.config import ModelConfig
+from qwen3vl.model.reference import prefill_logits
 
 QUESTION = "What is in the picture? Answer in one sentence."
 OTHER_QUESTION = "Name the three most common colours in this image, in order."
@@ -28,14 +29,32 @@ def parts(checkpoint, reference):
 
 
 def new_engine(config, **kw) -> Engine:
+    """An engine whose steps' prefill reports collect in `engine.reports` (generate's too)."""
     engine = Engine.from_checkpoint(config, EngineConfig(**{"kv_cache_bytes": 64 << 20, **kw}))
     engine.reports = []
-    engine.on_prefill = engine.reports.append
+    step = engine.step
+
+    def reported():
+        out = step()
+        engine.reports.extend(out.prefills)
+        return out
+
+    engine.step = reported
     return engine
 
 
 def alone(engine: Engine, text: str, features, **params) -> list[int]:
     return [t for s in engine.generate(text, features, engine.params(**params)) for t in s.token_ids]
+
+
+def step_into(engine: Engine, seqs: list, outs: list[list]) -> None:
+    """One step; each sequence's step or failure appended to its list in `outs`."""
+    out = engine.step()
+    for seq, got in zip(seqs, outs):
+        if seq.request_id in out.steps:
+            got.append(out.steps[seq.request_id])
+        if seq.request_id in out.failures:
+            got.append(out.failures[seq.request_id])
 
 
 def run_together(engine: Engine, requests: list[tuple[str, object, dict]]) -> list[list[int]]:
@@ -51,13 +70,13 @@ def run_together(engine: Engine, requests: list[tuple[str, object, dict]]) -> li
 
     engine.scheduler.schedule = recorded
     seqs = []
-    for out, (text, features, params) in zip(outs, requests):
-        seq = engine.new_sequence(text, features, engine.params(**params), out.append, out.append)
+    for text, features, params in requests:
+        seq = engine.new_sequence(text, features, engine.params(**params))
         engine.add(seq)
         seqs.append(seq)
     steps = 0
     while engine.has_work():
-        engine.step()
+        step_into(engine, seqs, outs)
         steps += 1
         assert steps < 10_000
     assert max(len(shape) for shape in shapes) >= 3  # several requests per step
@@ -102,7 +121,7 @@ def test_paged_and_chunked_prefill_logits_equal_the_unbatched_reference(parts):
     config, encoder = parts
     features = encoder.encode([IMAGE_CASES["two-images"]])[0]
     text = "Compare <image> with <image>."
-    reference = new_engine(config).prefill_logits(text, features)[-1]
+    reference = prefill_logits(new_engine(config), text, features)[-1]
     for budget in (4096, 7):
         engine = new_engine(config, enable_prefix_caching=False, max_num_batched_tokens=budget)
         captured = []
@@ -162,11 +181,11 @@ def test_a_failing_step_fails_its_own_requests_and_the_engine_goes_on(parts):
     engine.runner.execute = faulty
     empty = encoder.encode([[]])[0]
     outs = [[], []]
-    bad = engine.new_sequence("doomed", empty, engine.params(max_tokens=4), outs[0].append, outs[0].append)
+    bad = engine.new_sequence("doomed", empty, engine.params(max_tokens=4))
     poisoned.append(bad)
     engine.add(bad)
     while engine.has_work():
-        engine.step()
+        step_into(engine, [bad], outs)
     assert len(outs[0]) == 1 and isinstance(outs[0][0], RuntimeError)
     assert "the engine step running this request failed: RuntimeError: injected fault" in str(outs[0][0])
     assert engine.blocks.num_used == 0
@@ -178,18 +197,17 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_a_waiting_one_takes_its
     engine = new_engine(config, max_num_seqs=1)
     empty = encoder.encode([[]])[0]
     outs = [[], []]
-    seqs = [engine.new_sequence("first", empty, engine.params(max_tokens=50, temperature=0.0), o.append, o.append)
-            for o in outs]
+    seqs = [engine.new_sequence("first", empty, engine.params(max_tokens=50, temperature=0.0)) for _ in outs]
     for seq in seqs:
         engine.add(seq)
-    engine.step()
-    engine.step()
+    step_into(engine, seqs, outs)
+    step_into(engine, seqs, outs)
     assert engine.scheduler.running == [seqs[0]] and list(engine.scheduler.waiting) == [seqs[1]]
     seqs[0].cancel_requested = True
-    engine.step()
+    step_into(engine, seqs, outs)
     assert outs[0][-1].finish_reason == "cancelled" and engine.scheduler.running == [seqs[1]]
     while engine.has_work():
-        engine.step()
+        step_into(engine, seqs, outs)
     assert outs[1][-1].finish_reason == "length" and engine.blocks.num_used == 0
 
 

@@ -22,8 +22,7 @@ def seq(prompt_len: int, max_tokens: int = 4) -> Sequence:
     ids = torch.arange(prompt_len) + 10
     prompt = Prompt(ids, torch.arange(prompt_len).expand(3, -1), 0, torch.zeros(prompt_len, dtype=torch.bool), 0)
     features = VisualFeatures(torch.empty(0, 8), torch.empty(3, 0, 8), torch.empty(0, 3, dtype=torch.int64))
-    return Sequence(prompt, features, SamplingParams(max_tokens=max_tokens), IncrementalDetokenizer(None),
-                    emit=lambda step: None, fail=lambda e: None)
+    return Sequence(prompt, features, SamplingParams(max_tokens=max_tokens), IncrementalDetokenizer(None))
 
 
 def plan(batch):

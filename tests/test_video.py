@@ -17,6 +17,7 @@ from qwen3vl.encoder.encoder import VisionEncoder
 from qwen3vl.encoder.video import VideoError, VideoPlanner, decode_frames, read_header
 from qwen3vl.engine.engine import Engine
 from qwen3vl.model.config import ModelConfig
+from qwen3vl.model.reference import prefill_logits
 from qwen3vl.settings import ServingConfig
 
 
@@ -232,7 +233,7 @@ def test_prefill_logits_equal_transformers(served, planner, reference, tmp_path,
     ref = reference_video_inputs(processor, tmp_path, content, images, videos)
     with torch.no_grad():
         ref_logits = model(**ref).logits[0]
-    got = engine.prefill_logits(text, _features(encoder, planner, images, videos))
+    got = prefill_logits(engine, text, _features(encoder, planner, images, videos))
     torch.testing.assert_close(got, ref_logits, rtol=0, atol=1e-4)
 
 

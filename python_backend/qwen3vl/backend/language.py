@@ -1,5 +1,13 @@
-"""`qwen3_language`'s service: a request's inputs -> a sequence for the batching engine; its
-steps -> responses (sent from the engine's response thread)."""
+"""`qwen3_language`'s service, on three threads (engine/worker.py runs the last two):
+
+- Triton's `execute()` thread: `LanguageService.submit` turns a request's inputs into a
+  validated sequence (engine.py) and submits it to the engine loop with its ResponseStream and
+  its sender's `is_cancelled`; a cancel request flags the sequence it names.
+- the engine thread steps the engine and hands each step's outputs to
+- the response thread: a request's ResponseStream turns its steps into responses (or its
+  failure into an error response), and LanguageMetrics turns the engine's prefill reports and
+  gauges into metrics.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +39,8 @@ def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens
 
 
 class ResponseStream:
-    """Sends one request's steps: each as it comes when streaming, else one response at the end."""
+    """Sends one request's steps: each as it comes when streaming, else one response at the end
+    (engine/worker.py's OutputStream; called on the response thread)."""
 
     def __init__(self, pb, sender, stream: bool, metrics: Counters, histograms: Histograms | None = None):
         self.pb, self.sender, self.stream, self.metrics, self.histograms = pb, sender, stream, metrics, histograms
@@ -94,6 +103,22 @@ class ResponseStream:
         self.sender.send(error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
+class LanguageMetrics:
+    """The engine's reports -> the model's counters and gauges (engine/worker.py's
+    EngineMetrics; called on the response thread, since each update is an IPC)."""
+
+    def __init__(self, counters: Counters, gauges: Gauges):
+        self.counters, self.gauges = counters, gauges
+
+    def prefill(self, report: PrefillReport) -> None:
+        self.counters.add("prefill_tokens", report.computed_tokens)
+        self.counters.add("prefix_cached_tokens", report.cached_tokens)
+        self.counters.add("prefix_cache_hits", int(report.cached_tokens > 0))
+
+    def stats(self, stats: dict[str, int]) -> None:
+        self.gauges.set(stats)
+
+
 def engine_config(settings: ServingConfig) -> EngineConfig:
     return EngineConfig(max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
                         max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -121,17 +146,9 @@ class LanguageService:
         self.gauges = Gauges(pb, LANGUAGE_GAUGES, labels)
         self.histograms = Histograms(pb, LANGUAGE_HISTOGRAMS, labels)
         self.gauges.set(self.engine.stats())
-        self.loop = EngineLoop(self.engine, max_queued=settings.max_queued_requests,
-                               max_queue_time_s=settings.max_queue_time_s)
-        self.loop.on_stats = self.gauges.set
+        self.loop = EngineLoop(self.engine, LanguageMetrics(self.metrics, self.gauges),
+                               max_queued=settings.max_queued_requests, max_queue_time_s=settings.max_queue_time_s)
         self.cancellable: dict[str, Sequence] = {}  # cancel_token -> its sequence, until it finishes
-        # Each metric update is an IPC: off the engine thread, onto the response thread.
-        self.engine.on_prefill = lambda report: self.loop.responses.call(lambda: self._count_prefill(report))
-
-    def _count_prefill(self, report: PrefillReport) -> None:
-        self.metrics.add("prefill_tokens", report.computed_tokens)
-        self.metrics.add("prefix_cached_tokens", report.cached_tokens)
-        self.metrics.add("prefix_cache_hits", int(report.cached_tokens > 0))
 
     def submit(self, request) -> None:
         """Validate and enqueue one request (tokenized here, so bad input fails at once, alone)."""
@@ -144,12 +161,12 @@ class LanguageService:
         stream = ResponseStream(pb, sender, False, self.metrics, self.histograms)
         try:
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
-            seq = self._sequence(request, stream, sender)
+            seq = self._sequence(request, stream)
             token = params.get(contract.CANCEL_TOKEN)
             if token:
                 self.cancellable[str(token)] = seq
                 stream.on_done = lambda: self.cancellable.pop(str(token), None)
-            self.loop.submit(seq)
+            self.loop.submit(seq, stream, sender.is_cancelled)
         except Exception as e:  # noqa: BLE001 - bad input: this request fails, the model carries on
             stream.fail(e)
 
@@ -166,7 +183,7 @@ class LanguageService:
         seq.cancel_requested = True
         sender.send(response(pb, "", [], "cancelled", 0), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _sequence(self, request, stream: ResponseStream, sender) -> Sequence:
+    def _sequence(self, request, stream: ResponseStream) -> Sequence:
         pb = self.pb
         text = scalar(pb, request, contract.TEXT_INPUT, str)
         if text is None:
@@ -182,8 +199,7 @@ class LanguageService:
             seed=scalar(pb, request, contract.SEED, int),
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
         )
-        seq = self.engine.new_sequence(text, self._features(request), params, stream.emit, stream.fail,
-                                       sender.is_cancelled)
+        seq = self.engine.new_sequence(text, self._features(request), params)
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         return seq
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.engine import Engine, EngineConfig
+from ..engine.engine import Engine, EngineConfig, EngineOutputs
 from ..features import VisualFeatures
 from ..model.config import ModelConfig
 from ..settings import ServingConfig
@@ -61,8 +61,12 @@ def median_ratio(a, b, rounds: int) -> tuple[float, list[float]]:
     return statistics.median(ratios), ratios
 
 
-def _raise(error: Exception):
-    raise error
+def step_or_raise(engine: Engine) -> EngineOutputs:
+    """One engine step; raises the first failure in it (the benchmark's requests never fail)."""
+    out = engine.step()
+    for error in out.failures.values():
+        raise error
+    return out
 
 
 def _cancel_all(engine: Engine) -> None:
@@ -80,14 +84,14 @@ def in_process_concurrent(engine: Engine, requests: list[dict], concurrency: int
 
     def add_next():
         r = pending.pop(0)
-        on_step = lambda step: step.finish_reason and pending and add_next()  # noqa: E731
-        engine.add(engine.new_sequence(r["prompt"], empty, engine.params(max_tokens=r["max_tokens"], temperature=0.0),
-                                       on_step, _raise))
+        engine.add(engine.new_sequence(r["prompt"], empty, engine.params(max_tokens=r["max_tokens"], temperature=0.0)))
 
     for _ in range(min(concurrency, len(pending))):
         add_next()
     while engine.has_work():
-        engine.step()
+        for step in step_or_raise(engine).steps.values():
+            if step.finish_reason and pending:
+                add_next()
 
 
 def timed(fn) -> float:
@@ -115,11 +119,11 @@ class Bench:
         empty = VisualFeatures.empty(self.config)
         for i in range(batch):  # max_tokens: KV blocks are reserved for all of them
             engine.add(engine.new_sequence(f"Decode stream {i}.", empty,
-                                           engine.params(max_tokens=steps + 64, temperature=0.0), lambda s: None, _raise))
+                                           engine.params(max_tokens=steps + 64, temperature=0.0)))
         while any(s.prefilling for s in engine.scheduler.running) or engine.scheduler.waiting:
-            if not engine.step():
+            if not step_or_raise(engine).num_seqs:
                 raise RuntimeError("the benchmark's sequences do not fit in the KV cache")
-        times = [timed(engine.step) for _ in range(steps)]
+        times = [timed(lambda: step_or_raise(engine)) for _ in range(steps)]
         _cancel_all(engine)
         return statistics.median(times)
 
@@ -131,18 +135,27 @@ class Bench:
         """R6: the per-expert loop of the reference (transformers' `Qwen3VLMoeTextSparseMoeBlock`,
         experts implementation "eager": for each hit expert, find its tokens, gather, two
         projections, index_add) / our grouped MoE, same weights, same router. Our own per-expert
-        matmul loop over the sorted slots (`grouped = False`) goes to the details: on the CPU both
+        matmul loop over the sorted slots (SortedLoopMoe) goes to the details: on the CPU both
         it and the grouped path read the same expert weights, which bounds their ratio near 1."""
         from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
         from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
 
-        from ..model.text import SparseMoe
+        from ..model.text import SparseMoe, grouped_mm
+
+        class SortedLoopMoe(SparseMoe):
+            """Our MoE with one matmul per hit expert over its sorted rows (grouped_mm's loop,
+            never torch's grouped GEMM)."""
+
+            @staticmethod
+            def expert_mm(x, w, offsets):
+                return grouped_mm(x, w, offsets, fast=False)
 
         cfg = self.config.text
         raw = json.loads((Path(self.ckpt) / "config.json").read_text())["text_config"]
         ref_cfg = Qwen3VLMoeTextConfig(**raw)
         ref_cfg._experts_implementation = "eager"
-        layer, reference = SparseMoe(cfg), Qwen3VLMoeTextSparseMoeBlock(ref_cfg)
+        layer, reference, loop = SparseMoe(cfg), Qwen3VLMoeTextSparseMoeBlock(ref_cfg), SortedLoopMoe(cfg)
+        loop.gate, loop.experts = layer.gate, layer.experts  # the same weights
         torch.manual_seed(0)
         with torch.no_grad():
             layer.gate.weight.normal_(0, 0.02)
@@ -155,16 +168,14 @@ class Bench:
         for t in (1, 16, 64, 512):
             x = torch.randn(1, t, cfg.hidden_size)
             with torch.inference_mode():
-                layer.grouped = True
                 grouped = layer(x)
                 torch.testing.assert_close(reference(x), grouped, rtol=1e-4, atol=1e-5)
-                layer.grouped = False
-                torch.testing.assert_close(layer(x), grouped, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(loop(x), grouped, rtol=1e-4, atol=1e-5)
                 reps = max(1, 64 // t)
 
                 def ours(flag):
-                    layer.grouped = flag
-                    return timed(lambda: [layer(x) for _ in range(reps)])
+                    moe = layer if flag else loop
+                    return timed(lambda: [moe(x) for _ in range(reps)])
 
                 reference_s = lambda: timed(lambda: [reference(x) for _ in range(reps)])  # noqa: E731
                 self.ratios[f"R6_T{t}"], _ = median_ratio(reference_s, lambda: ours(True), self.rounds + 2)
@@ -195,21 +206,28 @@ class Bench:
 
         def p99_itl(chunked: bool) -> float:
             engine = self.engine(max_num_seqs=8, max_num_batched_tokens=256, enable_chunked_prefill=chunked)
-            arrivals: list[list[float]] = [[] for _ in range(4)]
+            arrivals: dict[int, list[float]] = {}  # request id -> when each of its steps came out
             empty = VisualFeatures.empty(cfg)
             for i in range(4):
-                engine.add(engine.new_sequence(f"Stream {i}.", empty, engine.params(max_tokens=1000, temperature=0.0),
-                                               lambda s, a=arrivals[i]: a.append(time.perf_counter()), _raise))
+                seq = engine.new_sequence(f"Stream {i}.", empty, engine.params(max_tokens=1000, temperature=0.0))
+                engine.add(seq)
+                arrivals[seq.request_id] = []
+
+            def step():
+                out = step_or_raise(engine)
+                now = time.perf_counter()
+                for request_id in out.steps.keys() & arrivals.keys():
+                    arrivals[request_id].append(now)
+
             for _ in range(6):
-                engine.step()
-            engine.add(engine.new_sequence("Describe <image>.", big, engine.params(max_tokens=1, temperature=0.0),
-                                           lambda s: None, _raise))
+                step()
+            engine.add(engine.new_sequence("Describe <image>.", big, engine.params(max_tokens=1, temperature=0.0)))
             while engine.scheduler.waiting or any(s.prefilling for s in engine.scheduler.running):
-                engine.step()
+                step()
             for _ in range(6):
-                engine.step()
+                step()
             _cancel_all(engine)
-            itl = [b - a for times in arrivals for a, b in zip(times[2:], times[3:])]
+            itl = [b - a for times in arrivals.values() for a, b in zip(times[2:], times[3:])]
             return sorted(itl)[max(0, int(round(0.99 * len(itl))) - 1)]
 
         self.ratios["E4"], _ = median_ratio(lambda: p99_itl(False), lambda: p99_itl(True), self.rounds)

@@ -3,17 +3,21 @@ chunked prefill (after nano-vllm's LLMEngine and vLLM V1's engine core).
 
 `step()` runs one scheduler step: the scheduler picks the step's decodes and prefill chunks,
 the model runner runs them as one batched forward, each sequence that reached a token samples
-it with its own parameters and generator, and its new text goes out through `emit`. Requests
-join at the next step and leave when they finish; a failing step fails its own requests only.
-`generate()` drives one request alone (tests, benchmarks); the served model runs `step()` on
-its engine thread (worker.py).
+it with its own parameters and generator, and `step()` returns what happened (EngineOutputs):
+each request's new tokens and text (the last with why it ended: stop, length, cancelled), the
+requests that failed, and the prompts whose prefill completed. Requests join at the next step
+and leave when they finish; a failing step fails its own requests only.
+
+The engine sends nothing and starts no thread: whoever calls `step()` delivers its outputs.
+The served model calls it on its engine thread and hands the outputs to its response thread
+(worker.py); `generate()` drives one request alone on the caller's thread (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -77,6 +81,19 @@ class PrefillReport:
     computed_tokens: int = 0
 
 
+@dataclass
+class EngineOutputs:
+    """What the engine did since its outputs were last taken: one `step()`, or a `fail_waiting`
+    or `abort_all`. Keyed by request id (Sequence.request_id). Over all its outputs, each
+    request ends exactly once: with a Step whose finish_reason is set (stop, length, or
+    cancelled when the engine dropped it) or with a failure. When a request has both a step
+    and a failure in one EngineOutputs, the step came first."""
+    steps: dict[int, Step] = field(default_factory=dict)          # its new tokens and text
+    failures: dict[int, Exception] = field(default_factory=dict)  # why it failed (its end)
+    prefills: list[PrefillReport] = field(default_factory=list)   # prompts whose prefill completed
+    num_seqs: int = 0  # sequences that ran in the step
+
+
 class Engine:
     def __init__(self, config: ModelConfig, model: LanguageModel, prompts: PromptBuilder, tokenizer,
                  defaults: SamplingParams, stop_ids: list[int], engine_config: EngineConfig = EngineConfig()):
@@ -91,10 +108,9 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
                                                    engine_config.enable_chunked_prefill), self.blocks)
         self.runner = ModelRunner(model, self.kv, config.deepstack_layers)
-        self.on_prefill: Callable[[PrefillReport], None] = lambda report: None
-        # Where a sequence's outputs go: straight to its callbacks, or (served) onto the
-        # response thread, so that sends (IPC) never hold up the next step.
-        self.deliver: Callable[[Sequence, Step | Exception], None] = _deliver_now
+        # Collected as they happen and handed out whole by the next step(), fail_waiting() or
+        # abort_all(): outputs of a step that raised part-way go out with abort_all's failures.
+        self._outputs = EngineOutputs()
         self.steps = 0
         self.last_batch_size = 0  # sequences in the last step (a gauge)
 
@@ -153,9 +169,7 @@ class Engine:
             return features
         return features.rows(features.visual_embeds[prompt.row_order], features.deepstack_embeds[:, prompt.row_order])
 
-    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams,
-                     emit: Callable[[Step], None], fail: Callable[[Exception], None],
-                     is_cancelled: Callable[[], bool] = lambda: False) -> Sequence:
+    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams) -> Sequence:
         """A validated sequence, ready for `add`. Raises InvalidInput (bad text, tensors, or a
         request longer than max_model_len)."""
         prompt = self.prepare(text, features)
@@ -170,8 +184,7 @@ class Engine:
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             generator.manual_seed(seed)
         keys = self._block_keys(prompt, features) if self.engine_config.enable_prefix_caching else []
-        return Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), emit, fail, is_cancelled,
-                        generator, keys)
+        return Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), generator, keys)
 
     def _block_keys(self, prompt: Prompt, features: VisualFeatures) -> list[bytes]:
         """features: in prompt order. Each run of visual tokens (an image, a video's frame
@@ -195,13 +208,17 @@ class Engine:
         return self.scheduler.has_work()
 
     @torch.inference_mode()
-    def step(self) -> int:
-        """One scheduler step; returns how many sequences ran in it."""
+    def step(self) -> EngineOutputs:
+        """One scheduler step: drop the sequences whose cancel was requested (each ends with a
+        `cancelled` step), run the rest that fit, sample. Returns what happened, including the
+        requests this step failed (its forward or sampling raised). Raises only on a bug
+        outside the forward; then `abort_all` hands out what the step had done so far."""
         self._drop_cancelled()
         batch = self.scheduler.schedule()
         self.last_batch_size = len(batch)
+        self._outputs.num_seqs = len(batch)
         if not batch:
-            return 0
+            return self._take_outputs()
         self.steps += 1
         try:
             logits = self.runner.execute(batch)
@@ -211,7 +228,7 @@ class Engine:
             for s in batch:
                 self._fail(s.seq, RuntimeError(f"the engine step running this request failed: "
                                                f"{type(e).__name__}: {e}"))
-            return len(batch)
+            return self._take_outputs()
         tokens = iter(sampled)
         for s in batch:
             seq = s.seq
@@ -220,9 +237,13 @@ class Engine:
                 self._register_prompt_blocks(seq, s.start)
             if s.samples:
                 if s.start < seq.prompt_len:  # the prompt's last chunk: its prefill is done
-                    self.on_prefill(PrefillReport(seq.num_cached, seq.prompt_len - seq.num_cached))
+                    self._outputs.prefills.append(PrefillReport(seq.num_cached, seq.prompt_len - seq.num_cached))
                 self._append(seq, next(tokens))
-        return len(batch)
+        return self._take_outputs()
+
+    def _take_outputs(self) -> EngineOutputs:
+        out, self._outputs = self._outputs, EngineOutputs()
+        return out
 
     def _register_prompt_blocks(self, seq: Sequence, start: int) -> None:
         """Full prompt blocks whose KV this step completed become reusable."""
@@ -239,28 +260,32 @@ class Engine:
         if reason:
             text += seq.detokenizer.flush()
             self.scheduler.finish(seq, reason)
-        self.deliver(seq, Step([token], text, reason))
+        self._outputs.steps[seq.request_id] = Step([token], text, reason)
 
     def _drop_cancelled(self) -> None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             if seq.cancel_requested:
                 text = seq.detokenizer.flush()
                 self.scheduler.finish(seq, "cancelled")
-                self.deliver(seq, Step([], text, "cancelled"))
+                self._outputs.steps[seq.request_id] = Step([], text, "cancelled")
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         if not seq.finished:
             self.scheduler.finish(seq, "error")
-            self.deliver(seq, error)
+            self._outputs.failures[seq.request_id] = error
 
-    def fail_waiting(self, seq: Sequence, error: Exception) -> None:
-        """Fail a sequence that has not started (e.g. past its queue deadline)."""
+    def fail_waiting(self, seq: Sequence, error: Exception) -> EngineOutputs:
+        """Fail a sequence that has not started (e.g. past its queue deadline); returns its
+        failure (with anything else not yet handed out)."""
         self._fail(seq, error)
+        return self._take_outputs()
 
-    def abort_all(self, error: Exception) -> None:
-        """Fail every request in flight (shutdown)."""
+    def abort_all(self, error: Exception) -> EngineOutputs:
+        """Fail every request in flight (shutdown, a bug in the loop); returns their failures,
+        after whatever a step that raised had already produced."""
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._fail(seq, error)
+        return self._take_outputs()
 
     def stats(self) -> dict[str, int]:
         """Running and waiting requests, KV blocks used and in all, the last step's batch (gauges)."""
@@ -274,38 +299,15 @@ class Engine:
                  is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
         """Run one request to its end on this thread (no other request may be in flight),
         yielding its steps. Raises what it fails with."""
-        out: list[Step | Exception] = []
-        seq = self.new_sequence(text, features, params, out.append, out.append, is_cancelled)
+        seq = self.new_sequence(text, features, params)
         self.add(seq)
         while True:
-            self.step()
-            for item in out:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-            done = seq.finished
-            out.clear()
-            if done:
+            out = self.step()
+            if seq.request_id in out.failures:
+                raise out.failures[seq.request_id]
+            if seq.request_id in out.steps:
+                yield out.steps[seq.request_id]
+            if seq.finished:
                 return
             if is_cancelled():
                 seq.cancel_requested = True
-
-    @torch.inference_mode()
-    def prefill_logits(self, text: str, features: VisualFeatures) -> torch.Tensor:
-        """All prompt positions' logits [T, V] in one unbatched prefill over a static cache
-        (parity checks against transformers)."""
-        prompt = self.prepare(text, features)
-        features = self.in_prompt_order(prompt, features)
-        dev = self.config.device
-        cache = self.model.new_cache(1, len(prompt.input_ids))
-        visual_index = torch.nonzero(prompt.visual_mask).flatten().to(dev)
-        x = self.model.embed_rows(prompt.input_ids[None].to(dev), visual_index, features.visual_embeds.to(dev))
-        return self.model(x, prompt.positions[:, None].to(dev), cache, visual_index=visual_index,
-                          deepstack_rows=features.deepstack_embeds.to(dev), last_only=False)[0]
-
-
-def _deliver_now(seq: Sequence, item: Step | Exception) -> None:
-    if isinstance(item, Exception):
-        seq.fail(item)
-    else:
-        seq.emit(item)

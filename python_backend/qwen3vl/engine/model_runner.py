@@ -79,9 +79,6 @@ class PagedAttention:
         hq, d = out.shape[1], out.shape[3]
         return out.transpose(1, 2).reshape(b * tq, hq * d).index_select(0, m.out_index)[None]  # [1, T, Hq * D]
 
-    def finish_step(self, num_tokens: int) -> None:
-        pass  # the scheduler tracks each sequence's progress
-
 
 @dataclass
 class StepInputs:

@@ -6,7 +6,6 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,14 +37,14 @@ _ids = itertools.count()
 class Sequence:
     """prompt.input_ids [T] and positions [3, T]; features [N, H] / [L, N, H] for the prompt's
     N visual tokens, in prompt order. The prompt's KV and the generated tokens' go into
-    `block_table`; tokens [0, num_computed) have KV in the cache."""
+    `block_table`; tokens [0, num_computed) have KV in the cache.
+
+    State only: where its outputs go and how to ask whether its client has gone belong to
+    whoever drives the engine (engine/worker.py for the served model)."""
     prompt: Prompt
     features: VisualFeatures
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
-    emit: Callable[[Step], None]                 # called from the engine thread, in order
-    fail: Callable[[Exception], None]
-    is_cancelled: Callable[[], bool] = lambda: False
     generator: torch.Generator | None = None     # own RNG: sampled text does not depend on neighbours
     block_keys: list[bytes] = field(default_factory=list)
     request_id: int = field(default_factory=lambda: next(_ids))
@@ -57,8 +56,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     num_cached: int = 0          # prompt tokens restored from the prefix cache
-    cancel_requested: bool = False
-    last_cancel_check: float = 0.0  # monotonic time the client was last asked (worker.py)
+    cancel_requested: bool = False  # set from any thread; the engine drops it at its next step
     finish_reason: str = ""
 
     def __post_init__(self):

@@ -66,39 +66,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-class KVCache:
-    """Static per-layer cache: k, v [B, kv_heads, max_len, D]; `length` tokens are filled. The
-    unbatched reference (parity checks, the GPU benchmark); the engine's cache is paged
-    (engine/model_runner.py). Both give attention through `attend` and `finish_step`."""
-
-    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.max_len = max_len
-        self.length = 0
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [B, Hq, T, D], k and v [B, Hkv, T, D] of the new tokens -> attention output
-        [B, T, Hq * D]: the new tokens go after the `length` cached ones, causal among
-        themselves with a full view of the past."""
-        b, _, t, _ = q.shape
-        start, end = self.length, self.length + t
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # [B, Hkv, S, D]
-        mask = None
-        if t > 1:
-            mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return out.transpose(1, 2).reshape(b, t, -1)
-
-    def finish_step(self, num_tokens: int) -> None:
-        self.length += num_tokens
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -123,13 +90,11 @@ class Attention(nn.Module):
 
 class SparseMoe(nn.Module):
     """Top-k routed experts; weights fused per layer in hub layout (see checkpoint.py). All the
-    step's tokens go through at once, grouped by expert; `grouped = False` runs one matmul per
-    expert instead (the benchmark's baseline)."""
+    step's tokens go through at once, grouped by expert (`expert_mm`)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.grouped = True
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate = nn.Linear(h, e, bias=False)  # router
         self.experts = nn.Module()
@@ -155,13 +120,19 @@ class SparseMoe(nn.Module):
         counts = torch.histc(sorted_ids.float(), bins=self.cfg.num_experts, min=0, max=self.cfg.num_experts - 1)
         offsets = torch.cumsum(counts, 0).to(torch.int32)             # [E], end row of each expert
         xs = x[order // k]                                            # [M*K, H]
-        gate, up = grouped_mm(xs, self.experts.gate_up_proj, offsets, self.grouped).chunk(2, dim=-1)  # [M*K, I]
-        y = grouped_mm(F.silu(gate) * up, self.experts.down_proj, offsets, self.grouped)            # [M*K, H]
+        gate, up = self.expert_mm(xs, self.experts.gate_up_proj, offsets).chunk(2, dim=-1)  # [M*K, I]
+        y = self.expert_mm(F.silu(gate) * up, self.experts.down_proj, offsets)              # [M*K, H]
         y = y * weights.flatten()[order, None]
         out = torch.empty_like(y)
         out[order] = y                                                # back to (token, k) order
         # One sum over k per token (fp32 accumulation, one rounding), not k in-place adds.
         return out.view(m, k, -1).sum(dim=1).view(shape)
+
+    @staticmethod
+    def expert_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Each expert's rows through its weights: x [S, in], w [E, in, out] -> [S, out]
+        (grouped_mm; qwen3vl-bench measures a subclass that forces its per-expert loop)."""
+        return grouped_mm(x, w, offsets)
 
 
 _FAST_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -251,9 +222,6 @@ class LanguageModel(nn.Module):
             x = x.index_copy(1, visual_index, visual_embeds.to(x.dtype)[None])
         return x
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache,
                 visual_index: torch.Tensor | None = None,
@@ -261,23 +229,20 @@ class LanguageModel(nn.Module):
                 logits_rows: torch.Tensor | None = None,
                 last_only: bool = True) -> torch.Tensor:
         """x [B, T, H] embeddings of the new tokens, positions [3, B, T] (t/h/w streams); `cache`
-        gives attention (KVCache, or the engine's PagedAttention). deepstack_rows [L, N, H] is
-        added after layer i < L at token rows visual_index [N] (B = 1), by index, densely:
-        no boolean indexing (a host sync on GPU). Returns fp32 logits [B, R, V] of the rows
-        `logits_rows` [R], else of the last row (last_only, [B, 1, V]) or of every row."""
+        gives each layer's attention through `cache.attend(layer, q, k, v)` and keeps the new
+        tokens' K/V (the engine's PagedAttention; model/reference.py's StaticKVCache for parity
+        checks). deepstack_rows [L, N, H] is added after layer i < L at token rows visual_index
+        [N] (B = 1), by index, densely: no boolean indexing (a host sync on GPU). Returns fp32
+        logits [B, R, V] of the rows `logits_rows` [R], else of the last row (last_only,
+        [B, 1, V]) or of every row."""
         cos, sin = self.rotary(positions, x.dtype)
         deep = deepstack_rows is not None and visual_index is not None and deepstack_rows.shape[1] > 0
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache)
             if deep and i < deepstack_rows.shape[0]:
                 x = x.index_add(1, visual_index, deepstack_rows[i].to(x.dtype)[None])
-        cache.finish_step(x.shape[1])
         if logits_rows is not None:
             x = x[:, logits_rows]
         elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        w = self.embed_tokens.weight
-        return KVCache(self.cfg, batch, max_len, w.dtype, w.device)
