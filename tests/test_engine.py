@@ -13,10 +13,11 @@ import torch
 
 from conftest import IMAGE_CASES, png
 from qwen3vl.encoder.encoder import VisionEncoder
-from qwen3vl.engine.engine import Engine, EngineConfig
+from qwen3vl.engine.engine import Engine
 from qwen3vl.errors import InvalidInput
 from qwen3vl.model.config import ModelConfig
 from qwen3vl.model.reference import prefill_logits
+from qwen3vl.settings import ServingConfig
 
 QUESTION = "What is in the picture? Answer in one sentence."
 OTHER_QUESTION = "Name the three most common colours in this image, in order."
@@ -30,7 +31,7 @@ def parts(checkpoint, reference):
 
 def new_engine(config, **kw) -> Engine:
     """An engine whose steps' prefill reports collect in `engine.reports` (generate's too)."""
-    engine = Engine.from_checkpoint(config, EngineConfig(**{"kv_cache_bytes": 64 << 20, **kw}))
+    engine = Engine.from_checkpoint(config, ServingConfig(**{"kv_cache_mb": 64, **kw}))
     engine.reports = []
     step = engine.step
 
@@ -233,7 +234,7 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(parts):
 
 def test_a_request_that_could_never_fit_is_refused(parts):
     config, encoder = parts
-    engine = new_engine(config, kv_cache_bytes=1 << 16)  # a handful of blocks
+    engine = new_engine(config, kv_cache_mb=(1 << 16) / 2**20)  # a handful of blocks
     empty = encoder.encode([[]])[0]
     with pytest.raises(InvalidInput, match="KV blocks"):
         alone(engine, "Tell me a story.", empty, max_tokens=500)

@@ -9,11 +9,12 @@ import torch
 from qwen3vl.engine.block_manager import BlockManager
 from qwen3vl.engine.detokenize import IncrementalDetokenizer
 from qwen3vl.engine.sampling import SamplingParams
-from qwen3vl.engine.scheduler import Scheduler, SchedulerConfig
+from qwen3vl.engine.scheduler import Scheduler
 from qwen3vl.engine.sequence import Sequence, Status
 from qwen3vl.errors import InvalidInput
 from qwen3vl.features import VisualFeatures
 from qwen3vl.model.prompt import Prompt
+from qwen3vl.settings import ServingConfig
 
 BS = 4
 
@@ -38,7 +39,7 @@ def run(scheduler, batch):
 
 
 def test_prompts_are_chunked_by_the_budget_and_decodes_go_first():
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), BlockManager(64, BS))
+    sched = Scheduler(ServingConfig(max_num_seqs=8, max_num_batched_tokens=10), BlockManager(64, BS))
     a, b = seq(6), seq(12)
     sched.add(a)
     sched.add(b)
@@ -53,7 +54,7 @@ def test_prompts_are_chunked_by_the_budget_and_decodes_go_first():
 
 
 def test_without_chunking_a_prompt_runs_whole():
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=4, enable_chunked_prefill=False), BlockManager(64, BS))
+    sched = Scheduler(ServingConfig(max_num_batched_tokens=4, enable_chunked_prefill=False), BlockManager(64, BS))
     a = seq(30)
     sched.add(a)
     assert plan(sched.schedule()) == [(a, 0, 30)]
@@ -61,7 +62,7 @@ def test_without_chunking_a_prompt_runs_whole():
 
 def test_max_num_seqs_and_kv_room_hold_requests_in_arrival_order():
     blocks = BlockManager(6, BS)  # 24 tokens
-    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), blocks)
+    sched = Scheduler(ServingConfig(max_num_seqs=2, max_num_batched_tokens=100), blocks)
     a, b, c, d = seq(8, 4), seq(4, 4), seq(2, 2), seq(2, 2)  # a: 3 blocks, b: 2, c and d: 1
     for s in (a, b, c, d):
         sched.add(s)
@@ -76,7 +77,7 @@ def test_max_num_seqs_and_kv_room_hold_requests_in_arrival_order():
 
 def test_the_head_of_the_queue_waits_for_room_and_later_ones_wait_behind_it():
     blocks = BlockManager(4, BS)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), blocks)
+    sched = Scheduler(ServingConfig(max_num_seqs=8, max_num_batched_tokens=100), blocks)
     a, big, small = seq(8, 4), seq(8, 4), seq(1, 1)
     for s in (a, big, small):
         sched.add(s)
@@ -85,7 +86,7 @@ def test_the_head_of_the_queue_waits_for_room_and_later_ones_wait_behind_it():
 
 
 def test_a_request_that_can_never_fit_is_refused_at_once():
-    sched = Scheduler(SchedulerConfig(), BlockManager(4, BS))
+    sched = Scheduler(ServingConfig(), BlockManager(4, BS))
     with pytest.raises(InvalidInput, match="needs 5 KV blocks of 4 tokens; the KV cache has 4"):
         sched.add(seq(16, 4))
     assert not sched.has_work()
@@ -93,7 +94,7 @@ def test_a_request_that_can_never_fit_is_refused_at_once():
 
 def test_finishing_a_waiting_or_running_sequence_frees_everything():
     blocks = BlockManager(8, BS)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=1), blocks)
+    sched = Scheduler(ServingConfig(max_num_seqs=1), blocks)
     a, b = seq(5), seq(5)
     sched.add(a)
     sched.add(b)

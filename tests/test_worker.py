@@ -12,12 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from qwen3vl.engine.engine import Engine, EngineConfig
+from qwen3vl.engine.engine import Engine
 from qwen3vl.engine.model_runner import PagedKVCache
 from qwen3vl.engine.sequence import Step
 from qwen3vl.engine.worker import EngineLoop, _coalesce
 from qwen3vl.features import VisualFeatures
 from qwen3vl.model.config import ModelConfig
+from qwen3vl.settings import ServingConfig
 
 KV_BLOCKS = 128  # of 16 tokens: a request of 2,000 tokens fits, one of 3,000 never does
 
@@ -75,7 +76,7 @@ def config(checkpoint):
 
 def new_loop(config, metrics=None, **kw) -> EngineLoop:
     block_bytes = PagedKVCache.bytes_per_block(config.text, 16, config.dtype)
-    engine = Engine.from_checkpoint(config, EngineConfig(kv_cache_bytes=KV_BLOCKS * block_bytes, **kw))
+    engine = Engine.from_checkpoint(config, ServingConfig(kv_cache_mb=KV_BLOCKS * block_bytes / 2**20, **kw))
     return EngineLoop(engine, metrics)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import contract
-from ..engine.engine import Engine, EngineConfig, PrefillReport
+from ..engine.engine import Engine, PrefillReport
 from ..engine.sequence import Sequence, Step
 from ..engine.worker import EngineLoop
 from ..errors import InvalidInput, NotFound
@@ -119,23 +119,13 @@ class LanguageMetrics:
         self.gauges.set(stats)
 
 
-def engine_config(settings: ServingConfig) -> EngineConfig:
-    return EngineConfig(max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
-                        max_num_batched_tokens=settings.max_num_batched_tokens,
-                        enable_chunked_prefill=settings.enable_chunked_prefill,
-                        enable_prefix_caching=settings.enable_prefix_caching, block_size=settings.block_size,
-                        kv_cache_bytes=settings.mib(settings.kv_cache_mb),
-                        gpu_memory_utilization=settings.gpu_memory_utilization,
-                        allow_special_tokens=settings.allow_special_tokens_in_prompt)
-
-
 class LanguageService:
     """The engine, its thread and its response thread, built from the served model's settings."""
 
     def __init__(self, pb, settings: ServingConfig):
         self.pb, self.settings = pb, settings
         self.config = model_config(settings)
-        self.engine = Engine.from_checkpoint(self.config, engine_config(settings))
+        self.engine = Engine.from_checkpoint(self.config, settings)
         blocks = self.engine.blocks
         print(f"qwen3_language: {blocks.num_blocks} KV blocks of {blocks.block_size} tokens "
               f"({blocks.num_blocks * blocks.block_size} tokens), max_num_seqs {settings.max_num_seqs}, "
@@ -146,8 +136,7 @@ class LanguageService:
         self.gauges = Gauges(pb, LANGUAGE_GAUGES, labels)
         self.histograms = Histograms(pb, LANGUAGE_HISTOGRAMS, labels)
         self.gauges.set(self.engine.stats())
-        self.loop = EngineLoop(self.engine, LanguageMetrics(self.metrics, self.gauges),
-                               max_queued=settings.max_queued_requests, max_queue_time_s=settings.max_queue_time_s)
+        self.loop = EngineLoop(self.engine, LanguageMetrics(self.metrics, self.gauges))
         self.cancellable: dict[str, Sequence] = {}  # cancel_token -> its sequence, until it finishes
 
     def submit(self, request) -> None:

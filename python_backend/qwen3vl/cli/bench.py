@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.engine import Engine, EngineConfig, EngineOutputs
+from ..engine.engine import Engine, EngineOutputs
 from ..features import VisualFeatures
 from ..model.config import ModelConfig
 from ..settings import ServingConfig
@@ -110,8 +110,8 @@ class Bench:
         self.details: dict[str, object] = {}
 
     def engine(self, **kw) -> Engine:
-        return Engine.from_checkpoint(self.config, EngineConfig(**{"kv_cache_bytes": 512 << 20,
-                                                                   "enable_prefix_caching": False, **kw}))
+        return Engine.from_checkpoint(self.config, ServingConfig(**{"kv_cache_mb": 512,
+                                                                    "enable_prefix_caching": False, **kw}))
 
     # ---- in-process pieces
     def decode_step_s(self, engine: Engine, batch: int, steps: int) -> float:

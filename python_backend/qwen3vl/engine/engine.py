@@ -25,31 +25,18 @@ import torch
 from ..errors import InvalidInput
 from ..features import VisualFeatures
 from ..model.config import ModelConfig
-from ..model.prompt import Prompt, PromptBuilder
+from ..model.prompt import Prompt, PromptBuilder, check_context_window
 from ..model.text import LanguageModel
+from ..settings import ServingConfig
 from ..tensors import raw_bytes
 from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer
 from .model_runner import ModelRunner, PagedKVCache
 from .sampling import SamplingParams, generation_defaults, sample_batch
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler
 from .sequence import Sequence, Step
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's limits (the served values come from settings.ServingConfig)."""
-    max_model_len: int = 0               # prompt + generated tokens (0: the model's)
-    max_num_seqs: int = 64               # sequences in flight
-    max_num_batched_tokens: int = 2048   # tokens per step
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    block_size: int = 16                 # tokens per KV block
-    kv_cache_bytes: int = 0              # the KV pool, prefix-cached blocks included (0: kv_cache_budget)
-    gpu_memory_utilization: float = 0.9  # with kv_cache_bytes 0, on a GPU
-    allow_special_tokens: bool = False   # special-token text inside messages is the token (prompt.py)
 
 
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -58,15 +45,15 @@ CPU_KV_CACHE_BYTES = 1 << 30
 ACTIVATION_RESERVE_BYTES = 2 << 30
 
 
-def kv_cache_budget(config: ModelConfig, engine_config: EngineConfig) -> int:
-    """Bytes for the KV pool: as configured, else (after the weights are loaded) on a GPU
-    `gpu_memory_utilization` of its memory less what is in use and the activation reserve,
+def kv_cache_budget(config: ModelConfig, settings: ServingConfig) -> int:
+    """Bytes for the KV pool: `kv_cache_mb` when set, else (after the weights are loaded) on a
+    GPU `gpu_memory_utilization` of its memory less what is in use and the activation reserve,
     on the CPU 1 GiB (pages are only touched as blocks are used)."""
-    if engine_config.kv_cache_bytes:
-        return engine_config.kv_cache_bytes
+    if settings.kv_cache_mb:
+        return settings.mib(settings.kv_cache_mb)
     if str(config.device).startswith("cuda"):
         free, total = torch.cuda.mem_get_info(torch.device(config.device))
-        budget = int(engine_config.gpu_memory_utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES
+        budget = int(settings.gpu_memory_utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES
         if budget <= 0:
             raise InvalidInput(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
                                f"{total / 2**30:.1f}; raise --gpu-memory-utilization or set --kv-cache-mb")
@@ -95,18 +82,21 @@ class EngineOutputs:
 
 
 class Engine:
+    """The engine of one language model. `settings` (the one serving config) gives its limits:
+    max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
+    enable_prefix_caching, block_size, kv_cache_mb, gpu_memory_utilization."""
+
     def __init__(self, config: ModelConfig, model: LanguageModel, prompts: PromptBuilder, tokenizer,
-                 defaults: SamplingParams, stop_ids: list[int], engine_config: EngineConfig = EngineConfig()):
+                 defaults: SamplingParams, stop_ids: list[int], settings: ServingConfig = ServingConfig()):
         self.config, self.model, self.prompts, self.tokenizer = config, model, prompts, tokenizer
         self.defaults, self.stop_ids = defaults, set(stop_ids)
-        self.engine_config = engine_config
-        self.max_model_len = engine_config.max_model_len or config.text.max_position_embeddings
-        block_bytes = PagedKVCache.bytes_per_block(config.text, engine_config.block_size, config.dtype)
-        num_blocks = max(1, kv_cache_budget(config, engine_config) // block_bytes)
-        self.kv = PagedKVCache(config.text, num_blocks, engine_config.block_size, config.dtype, config.device)
-        self.blocks = BlockManager(num_blocks, engine_config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
-                                                   engine_config.enable_chunked_prefill), self.blocks)
+        self.settings = settings
+        self.max_model_len = settings.context_window(config.text.max_position_embeddings)
+        block_bytes = PagedKVCache.bytes_per_block(config.text, settings.block_size, config.dtype)
+        num_blocks = max(1, kv_cache_budget(config, settings) // block_bytes)
+        self.kv = PagedKVCache(config.text, num_blocks, settings.block_size, config.dtype, config.device)
+        self.blocks = BlockManager(num_blocks, settings.block_size)
+        self.scheduler = Scheduler(settings, self.blocks)
         self.runner = ModelRunner(model, self.kv, config.deepstack_layers)
         # Collected as they happen and handed out whole by the next step(), fail_waiting() or
         # abort_all(): outputs of a step that raised part-way go out with abort_all's failures.
@@ -115,7 +105,7 @@ class Engine:
         self.last_batch_size = 0  # sequences in the last step (a gauge)
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, engine_config: EngineConfig = EngineConfig()) -> "Engine":
+    def from_checkpoint(cls, config: ModelConfig, settings: ServingConfig = ServingConfig()) -> "Engine":
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(config.checkpoint)
@@ -124,8 +114,8 @@ class Engine:
         if not stop_ids and processor.tokenizer.eos_token_id is not None:
             stop_ids = [processor.tokenizer.eos_token_id]
         prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size,
-                                engine_config.allow_special_tokens)
-        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, engine_config)
+                                settings.allow_special_tokens_in_prompt)
+        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, settings)
 
     # ---- requests in
     def params(self, **given) -> SamplingParams:
@@ -174,16 +164,13 @@ class Engine:
         request longer than max_model_len)."""
         prompt = self.prepare(text, features)
         features = self.in_prompt_order(prompt, features)
-        total = len(prompt.input_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidInput(f"prompt ({len(prompt.input_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                               f"= {total} exceeds the context window of {self.max_model_len} tokens (max_model_len)")
+        check_context_window(len(prompt.input_ids), params.max_tokens, self.max_model_len)
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.config.device)
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             generator.manual_seed(seed)
-        keys = self._block_keys(prompt, features) if self.engine_config.enable_prefix_caching else []
+        keys = self._block_keys(prompt, features) if self.settings.enable_prefix_caching else []
         return Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), generator, keys)
 
     def _block_keys(self, prompt: Prompt, features: VisualFeatures) -> list[bytes]:
@@ -233,7 +220,7 @@ class Engine:
         for s in batch:
             seq = s.seq
             seq.num_computed = s.end
-            if self.engine_config.enable_prefix_caching and s.start < seq.prompt_len:
+            if self.settings.enable_prefix_caching and s.start < seq.prompt_len:
                 self._register_prompt_blocks(seq, s.start)
             if s.samples:
                 if s.start < seq.prompt_len:  # the prompt's last chunk: its prefill is done

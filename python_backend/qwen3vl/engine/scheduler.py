@@ -16,15 +16,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import InvalidInput
+from ..settings import ServingConfig
 from .block_manager import BlockManager, NoRoom
 from .sequence import Sequence, Status
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
 
 
 @dataclass
@@ -44,8 +38,8 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
-        self.config, self.blocks = config, blocks
+    def __init__(self, settings: ServingConfig, blocks: BlockManager):
+        self.settings, self.blocks = settings, blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -62,7 +56,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.config.max_num_batched_tokens
+        budget = self.settings.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         for seq in self.running:  # decodes first: a long prompt never stalls running streams
             if not seq.prefilling:
@@ -73,7 +67,7 @@ class Scheduler:
                 n = self._chunk(seq, budget)
                 out.append(ScheduledSeq(seq, seq.num_computed, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
             seq = self.waiting[0]
             try:
                 seq.block_table, seq.num_cached = self.blocks.allocate(
@@ -91,7 +85,7 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         remaining = seq.prompt_len - seq.num_computed
-        return remaining if not self.config.enable_chunked_prefill else min(remaining, budget)
+        return remaining if not self.settings.enable_chunked_prefill else min(remaining, budget)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take a sequence out (done, cancelled or failed) and give its blocks back."""

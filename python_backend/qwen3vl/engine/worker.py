@@ -151,14 +151,15 @@ class EngineLoop:
     """The engine thread: takes new requests from `submit`, runs steps while there is work, and
     hands their outputs to the response thread.
 
-    Overload: at most `max_queued` requests wait for a slot (submitted, not yet running); one
-    more is refused at once with Unavailable, so a burst costs a bounded queue, never unbounded
-    memory. With `max_queue_time_s`, a request still waiting after that long fails (Unavailable)."""
+    Overload (the engine's settings): at most `max_queued_requests` wait for a slot (submitted,
+    not yet running); one more is refused at once with Unavailable, so a burst costs a bounded
+    queue, never unbounded memory. With `max_queue_time_s`, a request still waiting after that
+    long fails (Unavailable)."""
 
-    def __init__(self, engine: Engine, metrics: EngineMetrics | None = None, max_queued: int = 0,
-                 max_queue_time_s: float = 0.0):
+    def __init__(self, engine: Engine, metrics: EngineMetrics | None = None):
         self.engine, self.metrics = engine, metrics
-        self.max_queued, self.max_queue_time_s = max_queued, max_queue_time_s
+        self.max_queued = engine.settings.max_queued_requests
+        self.max_queue_time_s = engine.settings.max_queue_time_s
         self.last_stats = 0.0
         self.responses = ResponseThread()
         self.inbox: queue.Queue[ServedRequest | None] = queue.Queue()
