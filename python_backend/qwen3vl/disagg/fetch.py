@@ -58,12 +58,12 @@ class TransferStats:
 
 class Buffers:
     """One image's (or video's) E->L tensors being assembled in place from chunks (numpy, wire
-    dtype): embeds [N, H], deepstack [L, N, H], grids [1, 3] (a video: [0, 3], with
+    dtype): visual_embeds [N, H], deepstack_embeds [L, N, H], grids [1, 3] (a video: [0, 3], with
     video_grids [1, 3] and its frame groups' timestamps, float64)."""
 
-    def __init__(self, embeds: np.ndarray, deepstack: np.ndarray, grids: np.ndarray, video_grids=None,
-                 timestamps=None):
-        self.embeds, self.deepstack, self.grids = embeds, deepstack, grids
+    def __init__(self, visual_embeds: np.ndarray, deepstack_embeds: np.ndarray, grids: np.ndarray,
+                 video_grids=None, timestamps=None):
+        self.visual_embeds, self.deepstack_embeds, self.grids = visual_embeds, deepstack_embeds, grids
         self.video_grids = np.empty((0, 3), np.int64) if video_grids is None else np.array(video_grids, dtype=np.int64)
         self.timestamps = np.empty(0, np.float64) if timestamps is None else np.array(timestamps, dtype=np.float64)
         self.received = 0
@@ -85,7 +85,7 @@ class Buffers:
 
     @property
     def total(self) -> int:
-        return self.embeds.shape[0]
+        return self.visual_embeds.shape[0]
 
     @property
     def complete(self) -> bool:
@@ -97,16 +97,18 @@ class Buffers:
         n = piece.visual_embeds.shape[0]
         if start != self.received or start + n > self.total:
             raise RuntimeError(f"encoder {url} sent visual tokens [{start}, {start + n}), expected from {self.received}")
-        if piece.visual_embeds.shape[1:] != self.embeds.shape[1:] or piece.deepstack_embeds.shape[0] != self.deepstack.shape[0]:
+        h, layers = self.visual_embeds.shape[1], self.deepstack_embeds.shape[0]
+        if piece.visual_embeds.shape[1:] != (h,) or piece.deepstack_embeds.shape[0] != layers:
             raise RuntimeError(f"encoder {url} sent tensors of shape {piece.visual_embeds.shape} and "
-                               f"{piece.deepstack_embeds.shape}; this server's model expects [N, {self.embeds.shape[1]}] "
-                               f"and [{self.deepstack.shape[0]}, N, {self.embeds.shape[1]}]")
-        copy_bits(self.embeds[start:start + n], piece.visual_embeds)
-        copy_bits(self.deepstack[:, start:start + n], piece.deepstack_embeds)
+                               f"{piece.deepstack_embeds.shape}; this server's model expects [N, {h}] "
+                               f"and [{layers}, N, {h}]")
+        copy_bits(self.visual_embeds[start:start + n], piece.visual_embeds)
+        copy_bits(self.deepstack_embeds[:, start:start + n], piece.deepstack_embeds)
         self.received += n
 
     def features(self, dtype: torch.dtype) -> VisualFeatures:
-        return VisualFeatures(to_torch(self.embeds, dtype), to_torch(self.deepstack, dtype), torch.from_numpy(self.grids),
+        return VisualFeatures(to_torch(self.visual_embeds, dtype), to_torch(self.deepstack_embeds, dtype),
+                              torch.from_numpy(self.grids),
                               torch.from_numpy(self.video_grids), torch.from_numpy(self.timestamps))
 
 

@@ -87,7 +87,7 @@ class StepInputs:
     positions: torch.Tensor       # [3, 1, T] int64 (t/h/w)
     visual_index: torch.Tensor    # [Nv] int64: token rows that are visual
     visual_embeds: torch.Tensor   # [Nv, H]
-    deepstack: torch.Tensor       # [L, Nv, H]
+    deepstack_embeds: torch.Tensor  # [L, Nv, H]
     logits_rows: torch.Tensor     # [Bs] int64: the rows whose logits are sampled
     attention: AttentionMetadata
 
@@ -95,7 +95,7 @@ class StepInputs:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         meta = AttentionMetadata(*(move(getattr(self.attention, f)) for f in AttentionMetadata.__dataclass_fields__))
         return StepInputs(move(self.input_ids), move(self.positions), move(self.visual_index), move(self.visual_embeds),
-                          move(self.deepstack), move(self.logits_rows), meta)
+                          move(self.deepstack_embeds), move(self.logits_rows), meta)
 
 
 class ModelRunner:
@@ -106,7 +106,7 @@ class ModelRunner:
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         bs = self.kv.block_size
-        ids, positions, slots, visual_index, visual, deepstack, logits_rows = [], [], [], [], [], [], []
+        ids, positions, slots, visual_index, visual_embeds, deepstack_embeds, logits_rows = [], [], [], [], [], [], []
         q_rows, kv_slots, q_lens, ctx_lens = [], [], [], []
         row = 0
         for s in batch:
@@ -118,8 +118,8 @@ class ModelRunner:
                 if v1 > v0:  # the chunk may cut through an image: its rows sliced to match
                     mask = seq.prompt.visual_mask[start:end].numpy()
                     visual_index.append(row + np.flatnonzero(mask))
-                    visual.append(seq.features.visual_embeds[v0:v1])
-                    deepstack.append(seq.features.deepstack_embeds[:, v0:v1])
+                    visual_embeds.append(seq.features.visual_embeds[v0:v1])
+                    deepstack_embeds.append(seq.features.deepstack_embeds[:, v0:v1])
             else:  # a decode: the last generated token, at its own position on all three streams
                 ids.append(np.array(seq.output_ids[-1:], dtype=np.int64))
                 positions.append(np.full((3, 1), start + seq.prompt.rope_delta, dtype=np.int64))
@@ -152,8 +152,9 @@ class ModelRunner:
             input_ids=torch.from_numpy(np.concatenate(ids))[None],
             positions=torch.from_numpy(np.concatenate(positions, axis=1))[:, None],
             visual_index=torch.from_numpy(np.concatenate(visual_index) if visual_index else np.zeros(0, np.int64)),
-            visual_embeds=torch.cat(visual) if visual else torch.empty(0, h, dtype=self.dtype),
-            deepstack=torch.cat(deepstack, dim=1) if deepstack else torch.empty(layers, 0, h, dtype=self.dtype),
+            visual_embeds=torch.cat(visual_embeds) if visual_embeds else torch.empty(0, h, dtype=self.dtype),
+            deepstack_embeds=(torch.cat(deepstack_embeds, dim=1) if deepstack_embeds
+                              else torch.empty(layers, 0, h, dtype=self.dtype)),
             logits_rows=torch.tensor(logits_rows, dtype=torch.int64),
             attention=AttentionMetadata(torch.from_numpy(np.concatenate(slots)), torch.from_numpy(q_index),
                                         torch.from_numpy(kv_index), torch.from_numpy(mask), torch.from_numpy(out_index)),
@@ -165,5 +166,5 @@ class ModelRunner:
         step = self.prepare(batch).to(self.device)
         x = self.model.embed_rows(step.input_ids, step.visual_index, step.visual_embeds)
         return self.model(x, step.positions, PagedAttention(self.kv, step.attention),
-                          visual_index=step.visual_index, deepstack_rows=step.deepstack,
+                          visual_index=step.visual_index, deepstack_embeds=step.deepstack_embeds,
                           logits_rows=step.logits_rows)[0]

@@ -71,4 +71,4 @@ def prefill_logits(engine: Engine, text: str, features: VisualFeatures) -> torch
     visual_index = torch.nonzero(prompt.visual_mask).flatten().to(dev)
     x = model.embed_rows(prompt.input_ids[None].to(dev), visual_index, features.visual_embeds.to(dev))
     return model(x, prompt.positions[:, None].to(dev), cache, visual_index=visual_index,
-                 deepstack_rows=features.deepstack_embeds.to(dev), last_only=False)[0]
+                 deepstack_embeds=features.deepstack_embeds.to(dev), last_only=False)[0]

@@ -225,22 +225,22 @@ class LanguageModel(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache,
                 visual_index: torch.Tensor | None = None,
-                deepstack_rows: torch.Tensor | None = None,
+                deepstack_embeds: torch.Tensor | None = None,
                 logits_rows: torch.Tensor | None = None,
                 last_only: bool = True) -> torch.Tensor:
         """x [B, T, H] embeddings of the new tokens, positions [3, B, T] (t/h/w streams); `cache`
         gives each layer's attention through `cache.attend(layer, q, k, v)` and keeps the new
         tokens' K/V (the engine's PagedAttention; model/reference.py's StaticKVCache for parity
-        checks). deepstack_rows [L, N, H] is added after layer i < L at token rows visual_index
+        checks). deepstack_embeds [L, N, H] is added after layer i < L at token rows visual_index
         [N] (B = 1), by index, densely: no boolean indexing (a host sync on GPU). Returns fp32
         logits [B, R, V] of the rows `logits_rows` [R], else of the last row (last_only,
         [B, 1, V]) or of every row."""
         cos, sin = self.rotary(positions, x.dtype)
-        deep = deepstack_rows is not None and visual_index is not None and deepstack_rows.shape[1] > 0
+        deep = deepstack_embeds is not None and visual_index is not None and deepstack_embeds.shape[1] > 0
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache)
-            if deep and i < deepstack_rows.shape[0]:
-                x = x.index_add(1, visual_index, deepstack_rows[i].to(x.dtype)[None])
+            if deep and i < deepstack_embeds.shape[0]:
+                x = x.index_add(1, visual_index, deepstack_embeds[i].to(x.dtype)[None])
         if logits_rows is not None:
             x = x[:, logits_rows]
         elif last_only:
