@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import IMAGE_CASES, LOG_DIR, metric, png, video
-from qwen3vl.cli.client import ServerError, encode, infer, stream_results
+from qwen3vl.client import ServerError, encode, infer, stream_results
 from qwen3vl.cli.launch import Server
 from qwen3vl.disagg.routing import HashRing
 from tcp_proxy import CuttingProxy
@@ -85,7 +85,7 @@ def test_concurrent_mixed_requests_through_the_language_server_equal_the_aggrega
 def test_repeated_image_runs_no_vision_forward(encoder_a, language):
     """The second request with an image runs no vision forward, even when it comes another way
     (raw bytes over gRPC first, a base64 data URL over HTTP second)."""
-    from qwen3vl.cli.client import stream_grpc
+    from qwen3vl.client import stream_grpc
 
     image = png(150, 120, 42)
     list(stream_grpc(language.grpc_url, prompt="Describe.", images=[image], max_tokens=2, temperature=0.0))

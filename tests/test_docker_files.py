@@ -23,7 +23,7 @@ import yaml
 
 from conftest import LOG_DIR, png
 from qwen3vl.cli import serve
-from qwen3vl.cli.client import ask
+from qwen3vl.client import ask
 from qwen3vl.cli.launch import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]

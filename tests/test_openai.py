@@ -28,7 +28,7 @@ import torch
 from conftest import LOG_DIR, metric, png
 from PIL import Image
 from qwen3vl.cli import openai_server, serve
-from qwen3vl.cli.client import infer, stream_grpc
+from qwen3vl.client import infer, stream_grpc
 from qwen3vl.cli.launch import free_ports
 from qwen3vl.openai.app import ServiceConfig, create_app
 from qwen3vl.openai.errors import APIError

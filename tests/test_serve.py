@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import LOG_DIR, metric, png
-from qwen3vl.cli.client import ServerError, infer
+from qwen3vl.client import ServerError, infer
 from qwen3vl.cli.launch import Server
 
 

@@ -39,7 +39,7 @@ from ..engine.engine import Engine, EngineConfig
 from ..model.config import ModelConfig
 from ..model.vision import VisualFeatures
 from ..settings import ServingConfig
-from .client import ask
+from ..client import ask
 from .launch import Server
 from .make_checkpoint import make_checkpoint
 

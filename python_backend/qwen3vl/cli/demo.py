@@ -22,7 +22,7 @@ from pathlib import Path
 from ..shapes.accuracy import CHECKPOINT, MAX_TOKENS
 from ..shapes.questions import ONE_PICTURE, Question, ask as question_about
 from ..shapes.scenes import random_scene
-from .client import ask
+from ..client import ask
 from .launch import Server
 from .make_checkpoint import make_checkpoint
 

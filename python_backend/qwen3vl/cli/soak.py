@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import ServerError, infer, stream_grpc
+from ..client import ServerError, infer, stream_grpc
 
 
 def noise_png(width: int, height: int, seed: int) -> bytes:

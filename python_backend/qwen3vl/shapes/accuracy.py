@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import contract
-from ..cli.client import encode, infer, raw_results, stream_grpc
+from ..client import encode, infer, raw_results, stream_grpc
 from .questions import CATEGORIES, CHANCE, Question, random_question
 from .scenes import Scene
 
