@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from conftest import LOG_DIR, png, reference_generate
 from qwen3vl.client import ask, infer
-from qwen3vl.cli.launch import Server
+from qwen3vl.launch.server import Server
 
 IMAGES = {"none": [], "one": [png(200, 130, 1)], "two": [png(96, 300, 2), png(260, 180, 3)], "wide": [png(320, 96, 4)]}
 

@@ -20,7 +20,7 @@ import torch
 
 from conftest import LOG_DIR, reference_generate
 from qwen3vl.client import infer
-from qwen3vl.cli.launch import Server
+from qwen3vl.launch.server import Server
 from qwen3vl.shapes import accuracy as acc
 from qwen3vl.shapes.questions import CHANCE, ONE_PICTURE
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import IMAGE_CASES, LOG_DIR, metric, png, video
 from qwen3vl.client import ServerError, encode, infer, stream_results
-from qwen3vl.cli.launch import Server
+from qwen3vl.launch.server import Server
 from qwen3vl.disagg.routing import HashRing
 from tcp_proxy import CuttingProxy
 
@@ -259,7 +259,7 @@ def test_routing_is_sticky_and_survives_a_dead_encoder(checkpoint, encoder_a):
 
 
 def test_no_reachable_encoder_is_a_clear_error_and_text_still_works(checkpoint):
-    from qwen3vl.cli.launch import free_ports
+    from qwen3vl.launch.server import free_ports
 
     dead = f"127.0.0.1:{free_ports(1)[0]}"
     with start_language(checkpoint, "language-orphan", [dead], encoder_timeout_s=3, encoder_same_wait_s=0.5) as lang:

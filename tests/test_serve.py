@@ -11,7 +11,7 @@ import pytest
 
 from conftest import LOG_DIR, metric, png
 from qwen3vl.client import ServerError, infer
-from qwen3vl.cli.launch import Server
+from qwen3vl.launch.server import Server
 
 
 def test_sigterm_shuts_the_server_down_cleanly(checkpoint):

@@ -40,7 +40,7 @@ from ..model.config import ModelConfig
 from ..model.vision import VisualFeatures
 from ..settings import ServingConfig
 from ..client import ask
-from .launch import Server
+from ..launch.server import Server
 from .make_checkpoint import make_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

@@ -23,7 +23,7 @@ from ..shapes.accuracy import CHECKPOINT, MAX_TOKENS
 from ..shapes.questions import ONE_PICTURE, Question, ask as question_about
 from ..shapes.scenes import random_scene
 from ..client import ask
-from .launch import Server
+from ..launch.server import Server
 from .make_checkpoint import make_checkpoint
 
 DEMO_STREAM = "demo"   # the pictures' random stream: training draws from "<seed>/train"

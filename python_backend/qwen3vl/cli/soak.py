@@ -145,7 +145,7 @@ def stub_rss_mib(server_pid: int) -> float:
 
 
 def main(argv=None) -> int:
-    from .launch import Server
+    from ..launch.server import Server
     from .make_checkpoint import make_checkpoint
 
     p = argparse.ArgumentParser(prog="qwen3vl-soak", description=__doc__.splitlines()[0])

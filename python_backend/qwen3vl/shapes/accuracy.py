@@ -137,7 +137,7 @@ def infer_greedy(url: str, question: Question, protocol: str = "http") -> str:
 
 def start_servers(checkpoint: Path, deployment: str, log_dir: Path):
     """Context managers of the servers a deployment needs, the one clients talk to last."""
-    from ..cli.launch import Server
+    from ..launch.server import Server
 
     if deployment == "aggregated":
         return [Server(checkpoint, log_dir / "demo-aggregated.log",
