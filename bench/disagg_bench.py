@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 
 from qwen3vl.client import ask, encode  # noqa: E402
 from qwen3vl.launch.server import Server  # noqa: E402
-from qwen3vl.cli.make_checkpoint import make_checkpoint  # noqa: E402
+from qwen3vl.tools.make_checkpoint import make_checkpoint  # noqa: E402
 
 
 def photo(size: int, seed: int) -> bytes:

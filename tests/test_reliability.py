@@ -23,7 +23,7 @@ from conftest import LOG_DIR, metric, png
 from qwen3vl import contract
 from qwen3vl.client import ServerError, encode, infer, raw_results, stream_grpc
 from qwen3vl.launch.server import Server
-from qwen3vl.cli.soak import soak, stub_rss_mib
+from qwen3vl.tools.soak import soak, stub_rss_mib
 
 FAULT_IMAGE = png(120, 100, 666)  # the limited server's vision forward raises on this file
 
