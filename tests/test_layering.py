@@ -123,8 +123,9 @@ def test_cli_holds_entry_points_and_every_script_names_a_main():
 
 
 def test_the_client_library_does_not_import_torch():
-    """A client machine needs tritonclient and numpy, not torch (nor transformers)."""
-    code = ("import sys, qwen3vl.client, qwen3vl.client.cancel, qwen3vl.cli.client; "
+    """A client machine needs tritonclient and numpy, not torch (nor transformers); the OpenAI
+    service decodes data URLs with qwen3vl.data_url."""
+    code = ("import sys, qwen3vl.client, qwen3vl.client.cancel, qwen3vl.cli.client, qwen3vl.data_url; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

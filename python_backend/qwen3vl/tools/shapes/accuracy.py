@@ -35,6 +35,7 @@ import numpy as np
 
 from ... import contract
 from ...client import encode, infer, raw_results, stream_grpc
+from ...launch.server import Server
 from ...paths import REPO_ROOT
 from .questions import CATEGORIES, CHANCE, Question, random_question
 from .scenes import Scene
@@ -137,8 +138,6 @@ def infer_greedy(url: str, question: Question, protocol: str = "http") -> str:
 
 def start_servers(checkpoint: Path, deployment: str, log_dir: Path):
     """Context managers of the servers a deployment needs, the one clients talk to last."""
-    from ...launch.server import Server
-
     if deployment == "aggregated":
         return [Server(checkpoint, log_dir / "demo-aggregated.log",
                        models=("ensemble", "qwen3_encoder", "qwen3_language"))]
