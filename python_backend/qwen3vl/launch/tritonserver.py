@@ -68,6 +68,8 @@ def python_backend_dir(server_dir: Path) -> Path:
 
 
 def server_command(args, backend_dir: Path | None, binary: str) -> list[str]:
+    """tritonserver's command line: the repository, ports and addresses, explicit model control
+    loading the role's models (and its config variant), then `args.extra` as given."""
     cmd = [
         binary,
         f"--model-repository={args.model_repository}",
