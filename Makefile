@@ -26,7 +26,7 @@ checkpoint: setup
 
 # The bundled demo checkpoint (checkpoints/shapes) answers questions about a new picture.
 demo: setup
-	$(PY) -m qwen3vl.cli.demo $(DEMO_ARGS)
+	$(PY) -m qwen3vl.tools.demo $(DEMO_ARGS)
 
 # Remake checkpoints/shapes (27 to 50 minutes on 2 cores; the same bytes for the same seed,
 # machine and thread count).
@@ -43,7 +43,7 @@ serve: checkpoint
 
 # perf_analyzer over gRPC streaming against a running server (make serve in another shell).
 perf: setup
-	$(PY) -m qwen3vl.cli.perf --url 127.0.0.1:$(GRPC_PORT) $(PERF_ARGS)
+	$(PY) -m qwen3vl.tools.perf --url 127.0.0.1:$(GRPC_PORT) $(PERF_ARGS)
 
 # The language engine's ratios, side by side in one run (BENCH_ARGS=--quick: under 5 minutes).
 bench: setup

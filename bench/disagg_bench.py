@@ -25,9 +25,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 
-from qwen3vl.cli.client import ask, encode  # noqa: E402
-from qwen3vl.cli.launch import Server  # noqa: E402
-from qwen3vl.cli.make_checkpoint import make_checkpoint  # noqa: E402
+from qwen3vl.client import ask, encode  # noqa: E402
+from qwen3vl.launch.server import Server  # noqa: E402
+from qwen3vl.tools.make_checkpoint import make_checkpoint  # noqa: E402
 
 
 def photo(size: int, seed: int) -> bytes:

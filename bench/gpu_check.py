@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 
 from qwen3vl.model.config import ModelConfig, TextConfig  # noqa: E402
 from qwen3vl.engine.engine import Engine  # noqa: E402
-from qwen3vl.cli.make_checkpoint import make_checkpoint  # noqa: E402
+from qwen3vl.tools.make_checkpoint import make_checkpoint  # noqa: E402
 from qwen3vl.model.reference import StaticKVCache, prefill_logits  # noqa: E402
 from qwen3vl.model.text import LanguageModel  # noqa: E402
 from qwen3vl.encoder.encoder import VisionEncoder  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen3vl.cli.launch import Server
-from qwen3vl.cli.make_checkpoint import make_checkpoint
+from qwen3vl.launch.server import Server
+from qwen3vl.tools.make_checkpoint import make_checkpoint
 
 LOG_DIR = Path(os.environ.get("QWEN3VL_TEST_LOGS", Path(__file__).resolve().parents[1] / ".work" / "test-logs"))
 

@@ -8,7 +8,7 @@ import socket
 import threading
 from typing import Callable
 
-from qwen3vl.cli.launch import free_ports
+from qwen3vl.launch.server import free_ports
 
 
 class CuttingProxy:

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 from conftest import LOG_DIR, png, reference_generate
-from qwen3vl.cli.client import ask, infer
-from qwen3vl.cli.launch import Server
+from qwen3vl.client import ask, infer
+from qwen3vl.launch.server import Server
 
 IMAGES = {"none": [], "one": [png(200, 130, 1)], "two": [png(96, 300, 2), png(260, 180, 3)], "wide": [png(320, 96, 4)]}
 
@@ -73,7 +73,7 @@ def test_a_cancelled_stream_frees_its_slot_for_a_waiting_request(checkpoint):
 
     import tritonclient.grpc as grpcclient
 
-    from qwen3vl.cli.client import build_inputs
+    from qwen3vl.client import build_inputs
 
     with Server(checkpoint, LOG_DIR / "max-num-seqs.log", models=("ensemble",),
                 extra=["--device", "cpu", "--max-num-seqs", "2"]) as s:

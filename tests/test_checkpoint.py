@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwen3vl.cli.make_checkpoint import SPECIAL_TOKENS, VOCAB_SIZE, main, make_checkpoint
+from qwen3vl.tools.make_checkpoint import SPECIAL_TOKENS, VOCAB_SIZE, main, make_checkpoint
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")

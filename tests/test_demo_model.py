@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from conftest import LOG_DIR, reference_generate
-from qwen3vl.cli.client import infer
-from qwen3vl.cli.launch import Server
-from qwen3vl.shapes import accuracy as acc
-from qwen3vl.shapes.questions import CHANCE, ONE_PICTURE
+from qwen3vl.client import infer
+from qwen3vl.launch.server import Server
+from qwen3vl.tools.shapes import accuracy as acc
+from qwen3vl.tools.shapes.questions import CHANCE, ONE_PICTURE
 
 QUESTIONS = 24                      # per category
 SEED = 2024                         # not the benchmark's pictures, nor training's
@@ -111,7 +111,7 @@ def test_greedy_tokens_equal_transformers(shapes_server, questions):
 
 def test_make_demo_grades_its_answers(tmp_path):
     """The demo draws its picture, serves the checkpoint, streams each answer and grades it."""
-    out = subprocess.run([sys.executable, "-m", "qwen3vl.cli.demo", "--out-dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.tools.demo", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "picture-7.png").is_file()

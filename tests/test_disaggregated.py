@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import IMAGE_CASES, LOG_DIR, metric, png, video
-from qwen3vl.cli.client import ServerError, encode, infer, stream_results
-from qwen3vl.cli.launch import Server
+from qwen3vl.client import ServerError, encode, infer, stream_results
+from qwen3vl.launch.server import Server
 from qwen3vl.disagg.routing import HashRing
 from tcp_proxy import CuttingProxy
 
@@ -85,7 +85,7 @@ def test_concurrent_mixed_requests_through_the_language_server_equal_the_aggrega
 def test_repeated_image_runs_no_vision_forward(encoder_a, language):
     """The second request with an image runs no vision forward, even when it comes another way
     (raw bytes over gRPC first, a base64 data URL over HTTP second)."""
-    from qwen3vl.cli.client import stream_grpc
+    from qwen3vl.client import stream_grpc
 
     image = png(150, 120, 42)
     list(stream_grpc(language.grpc_url, prompt="Describe.", images=[image], max_tokens=2, temperature=0.0))
@@ -259,7 +259,7 @@ def test_routing_is_sticky_and_survives_a_dead_encoder(checkpoint, encoder_a):
 
 
 def test_no_reachable_encoder_is_a_clear_error_and_text_still_works(checkpoint):
-    from qwen3vl.cli.launch import free_ports
+    from qwen3vl.launch.server import free_ports
 
     dead = f"127.0.0.1:{free_ports(1)[0]}"
     with start_language(checkpoint, "language-orphan", [dead], encoder_timeout_s=3, encoder_same_wait_s=0.5) as lang:

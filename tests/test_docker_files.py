@@ -23,8 +23,9 @@ import yaml
 
 from conftest import LOG_DIR, png
 from qwen3vl.cli import serve
-from qwen3vl.cli.client import ask
-from qwen3vl.cli.launch import free_ports
+from qwen3vl.client import ask
+from qwen3vl.launch import tritonserver
+from qwen3vl.launch.server import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -190,8 +191,8 @@ def test_compose_reserves_gpus_and_checks_health():
 def emulated_image_tritonserver(tmp: Path) -> Path:
     """A `tritonserver` on PATH that behaves like the image's: the nvidia-pytriton binary with its
     backends and libraries where it expects them (the image has them in /opt/tritonserver)."""
-    server_dir, libs = serve.pytriton_dirs()
-    backends = serve.python_backend_dir(server_dir)
+    server_dir, libs = tritonserver.pytriton_dirs()
+    backends = tritonserver.python_backend_dir(server_dir)
     bindir = tmp / "image-bin"
     bindir.mkdir()
     wrapper = bindir / "tritonserver"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import jpeg, metric, png, reference_inputs
-from qwen3vl.cli import client
+from qwen3vl import client
 
 IMAGE_SETS = {
     "landscape": [png(200, 130, 1)],

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import IMAGE_CASES, metric, png, reference_generate, reference_inputs
-from qwen3vl.cli.client import ServerError, ask, infer, stream_grpc
+from qwen3vl.client import ServerError, ask, infer, stream_grpc
 
 MAX_NEW = 12
 CASES = IMAGE_CASES
@@ -162,7 +162,7 @@ def test_cancelling_a_stream_stops_generation(server):
 
     import tritonclient.grpc as grpcclient
 
-    from qwen3vl.cli.client import build_inputs
+    from qwen3vl.client import build_inputs
 
     def generated():
         return metric(server, "qwen3vl_language_generated_tokens_total")

@@ -10,7 +10,7 @@ from conftest import IMAGE_CASES, reference_inputs
 from qwen3vl.model.config import ModelConfig
 from qwen3vl.model.reference import prefill_logits
 from qwen3vl.engine.engine import Engine
-from qwen3vl.cli.make_checkpoint import make_checkpoint
+from qwen3vl.tools.make_checkpoint import make_checkpoint
 from qwen3vl.encoder.encoder import VisionEncoder
 
 CASES = IMAGE_CASES

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from qwen3vl.cli.make_checkpoint import make_checkpoint
-from qwen3vl.model.checkpoint import _tensor_bytes, _weight_map, load_tensors
+from qwen3vl.model.checkpoint import _tensor_bytes, load_tensors, weight_map
+from qwen3vl.tools.make_checkpoint import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_small_preset_loading_prints_progress_and_one_summary(capsys):
     tensors = load_tensors(ckpt, prefixes, torch.bfloat16, name="language model")
     lines = capsys.readouterr().out.splitlines()
     wanted = {}
-    for name, shard in _weight_map(ckpt).items():
+    for name, shard in weight_map(ckpt).items():
         if name.startswith(prefixes):
             wanted.setdefault(shard, []).append(name)
     assert len(wanted) > 1, "the small preset is sharded"

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LOG_DIR, png
 from qwen3vl.backend import metrics as m
-from qwen3vl.cli.client import ask
-from qwen3vl.cli.launch import Server
+from qwen3vl.client import ask
+from qwen3vl.launch.server import Server
 
 
 def scrape(server) -> dict[str, dict]:

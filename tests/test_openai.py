@@ -28,8 +28,9 @@ import torch
 from conftest import LOG_DIR, metric, png
 from PIL import Image
 from qwen3vl.cli import openai_server, serve
-from qwen3vl.cli.client import infer, stream_grpc
-from qwen3vl.cli.launch import free_ports
+from qwen3vl.client import infer, stream_grpc
+from qwen3vl.launch import tritonserver
+from qwen3vl.launch.server import free_ports
 from qwen3vl.openai.app import ServiceConfig, create_app
 from qwen3vl.openai.errors import APIError
 from qwen3vl.openai.images import ImagePolicy, decode_data_url, domain_allowed
@@ -662,7 +663,7 @@ def test_serve_builds_the_api_command():
     args = serve.parse_args(["--checkpoint", "/models/Qwen3-VL-30B-A3B-Instruct", "--grpc-port", "9001",
                              "--openai-port", "9000", "--openai-host", "0.0.0.0",
                              "--openai-arg=--allow-image-url-domains=example.com"])
-    cmd = serve.openai_command(args)
+    cmd = tritonserver.openai_command(args)
     assert cmd[:3] == [sys.executable, "-m", "qwen3vl.cli.openai_server"]
     config = openai_server.config_from_args(openai_server.parse_args(cmd[3:]))
     assert config.triton_url == "127.0.0.1:9001" and config.model_name == "Qwen3-VL-30B-A3B-Instruct"

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import png, video
-from qwen3vl.cli import perf
+from qwen3vl.tools import perf
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from PIL import Image, ImageOps
 
 from conftest import LOG_DIR, metric, png
 from qwen3vl import contract
-from qwen3vl.cli.client import ServerError, encode, infer, raw_results, stream_grpc
-from qwen3vl.cli.launch import Server
-from qwen3vl.cli.soak import soak, stub_rss_mib
+from qwen3vl.client import ServerError, encode, infer, raw_results, stream_grpc
+from qwen3vl.launch.server import Server
+from qwen3vl.tools.soak import soak, stub_rss_mib
 
 FAULT_IMAGE = png(120, 100, 666)  # the limited server's vision forward raises on this file
 
@@ -337,7 +337,7 @@ def test_overload_is_refused_at_once_and_the_queue_has_a_deadline(limited):
     max_queue_time_s; then the server serves normally."""
     import tritonclient.grpc as grpcclient
 
-    from qwen3vl.cli.client import build_inputs
+    from qwen3vl.client import build_inputs
 
     url = limited.grpc_url
     streams = []

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import LOG_DIR, metric, png
-from qwen3vl.cli.client import ServerError, infer
-from qwen3vl.cli.launch import Server
+from qwen3vl.client import ServerError, infer
+from qwen3vl.launch.server import Server
 
 
 def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
@@ -42,7 +42,7 @@ def test_metrics_count_requests_and_tokens(server):
 
 
 def test_demo_prints_a_streamed_answer(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qwen3vl.cli.demo", "--preset", "tiny", "--checkpoint",
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.tools.demo", "--preset", "tiny", "--checkpoint",
                           str(tmp_path / "ckpt"), "--max-tokens", "8"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr

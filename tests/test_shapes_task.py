@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwen3vl.shapes import train as T
-from qwen3vl.shapes.questions import CATEGORIES, ONE_PICTURE, ask, compare, random_question
-from qwen3vl.shapes.scenes import COLOURS, MAX_SIDE, MIN_SIDE, centre_gap, min_centre_gap, random_scene
+from qwen3vl.tools.shapes import train as T
+from qwen3vl.tools.shapes.questions import CATEGORIES, ONE_PICTURE, ask, compare, random_question
+from qwen3vl.tools.shapes.scenes import COLOURS, MAX_SIDE, MIN_SIDE, centre_gap, min_centre_gap, random_scene
 
 
 @pytest.fixture(scope="module")

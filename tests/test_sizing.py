@@ -10,10 +10,10 @@ import torch
 from transformers import AutoProcessor
 
 from conftest import png
-from qwen3vl.cli import sizing as sz
 from qwen3vl.engine.model_runner import PagedKVCache
 from qwen3vl.model.checkpoint import load_tensors
 from qwen3vl.model.config import ModelConfig
+from qwen3vl.tools import sizing as sz
 
 
 def test_sizing_equals_what_the_servers_allocate(checkpoint, capsys):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import metric, png, video
-from qwen3vl.cli.client import ServerError, ask, infer
+from qwen3vl.client import ServerError, ask, infer
 from qwen3vl.encoder.encoder import VisionEncoder
 from qwen3vl.encoder.video import VideoError, VideoPlanner, decode_frames, read_header
 from qwen3vl.engine.engine import Engine

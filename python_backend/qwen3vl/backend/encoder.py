@@ -152,7 +152,7 @@ class EncoderService:
         self.metrics.add("requests", 1)
         merge = self.config.spatial_merge_size ** 2
         tokens = (result.image_grid_thw.prod(-1) // merge).tolist()
-        self.observer.call(lambda: [self.histograms.observe("visual_tokens", n) for n in tokens])
+        self.observer.submit(lambda: [self.histograms.observe("visual_tokens", n) for n in tokens])
 
     def _send(self, sender, response: Response, passthrough: list) -> None:
         pb, f = self.pb, response.features
@@ -188,7 +188,7 @@ class EncoderService:
             for s in per_image:
                 self.histograms.observe("transfer_seconds", s)
 
-        self.observer.call(observe)
+        self.observer.submit(observe)
         if isinstance(report, TransferStats):
             add("chunks_received", report.chunks)
             add("bytes_received", report.bytes)

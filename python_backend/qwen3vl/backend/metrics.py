@@ -12,9 +12,9 @@ these the same way.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from typing import Callable
+
+from ..jobs import JobThread
 
 log = logging.getLogger(__name__)
 
@@ -202,16 +202,14 @@ class Histograms(Counters):
         self.metrics[key].observe(float(value))
 
 
-class MetricsThread:
-    """Runs metric updates (each an IPC) in order on a thread of its own, off the work's path."""
+class MetricsThread(JobThread[Callable[[], None]]):
+    """Runs metric updates (each an IPC) in order on a thread of its own, off the work's path:
+    `submit(update)`."""
+
+    stop_timeout_s = 10.0  # an update is one IPC: at shutdown, one that hangs is not waited on long
 
     def __init__(self, name: str = "qwen3vl-metrics"):
-        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def call(self, fn: Callable[[], None]) -> None:
-        self.jobs.put(fn)
+        super().__init__(name)
 
     def _run(self) -> None:
         while (fn := self.jobs.get()) is not None:
@@ -219,7 +217,3 @@ class MetricsThread:
                 fn()
             except Exception:  # noqa: BLE001 - metrics must never stop the model
                 log.exception("metric update failed")
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=10)

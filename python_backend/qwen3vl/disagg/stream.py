@@ -13,9 +13,9 @@ import threading
 from typing import Iterator
 
 import numpy as np
-from tritonclient.utils import np_to_triton_dtype
 
 from .. import contract, errors
+from ..client.inputs import transfer_inputs
 from ..errors import InvalidInput, NotCached, SharedMemoryUnavailable
 from ..features import WireFeatures
 from ..grpc_stream import StreamError, stream_infer
@@ -84,28 +84,6 @@ def _close(client) -> None:
         pass
 
 
-def _inputs(image: bytes, by_digest: bool, chunk_tokens: int, resume_from: int, max_chunks: int,
-            shm_region: str | None, video_fps: float | None = None) -> list:
-    import tritonclient.grpc as grpcclient
-
-    if video_fps is None:
-        media = [(contract.IMAGE_DIGESTS if by_digest else contract.IMAGES, np.array([image], dtype=object))]
-    else:  # a video: the file (or its digest) and the rate it is sampled at
-        media = [(contract.VIDEO_DIGESTS if by_digest else contract.VIDEOS, np.array([image], dtype=object)),
-                 (contract.VIDEO_FPS, np.array([video_fps], dtype=np.float32))]
-    inputs = []
-    for name, value in (
-            *media,
-            (contract.CHUNK_TOKENS, np.array([chunk_tokens], dtype=np.int32)),
-            (contract.RESUME_FROM, np.array([resume_from], dtype=np.int64)),
-            (contract.MAX_CHUNKS, np.array([max_chunks], dtype=np.int32)),
-            *([(contract.SHM_REGION, np.array([shm_region.encode()], dtype=object))] if shm_region else [])):
-        t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        t.set_data_from_numpy(value)
-        inputs.append(t)
-    return inputs
-
-
 def _or_empty(result, name: str, shape, dtype) -> np.ndarray:
     array = result.as_numpy(name)
     return np.empty(shape, dtype) if array is None else array
@@ -122,7 +100,10 @@ def request_chunks(clients: EncoderClients, url: str, image: bytes, *, by_digest
 
     Raises EncoderRejected (also when the encoder's tensors are not `wire_dtype`, e.g. "BF16"),
     NotCached, SharedMemoryUnavailable, or ConnectionError/TimeoutError (transient)."""
-    inputs = _inputs(image, by_digest, chunk_tokens, resume_from, max_chunks, shm_region, video_fps)
+    import tritonclient.grpc as grpcclient
+
+    inputs = transfer_inputs(grpcclient, image, by_digest=by_digest, chunk_tokens=chunk_tokens, resume_from=resume_from,
+                             max_chunks=max_chunks, shm_region=shm_region, video_fps=video_fps)
     results = stream_infer(clients.get(url), ENCODER_MODEL, inputs, first_timeout_s, chunk_timeout_s,
                            on_unfinished=lambda: clients.drop(url))
     try:

@@ -8,21 +8,18 @@ and routing still key on the file's own bytes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import contract
+from ..data_url import DataURLError, file_bytes
 from ..errors import InvalidInput
 
 # EXIF Orientation values that swap width and height (transposed, rotated 90 or 270 degrees).
 _SWAPS_SIDES = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
-# Whitespace that RFC 2045 lets base64 carry (encoders wrap lines at 76 columns).
-_BASE64_WHITESPACE = b" \t\r\n\f\v"
 
 
 class ImageError(InvalidInput):
@@ -40,17 +37,13 @@ def image_file_bytes(data: bytes, index: int) -> bytes:
 
 
 def data_url_payload(data: bytes, name: str, media: str, error: type[InvalidInput]) -> bytes:
-    """`data` as given, or the payload of a base64 `data:` URL (whitespace inside the base64
-    allowed). Raises `error` naming the input `name` for a data URL that is not base64."""
-    if data[:5] != b"data:":
-        return data
-    header, _, payload = data.partition(b",")
-    if not header.endswith(b";base64"):
-        raise error(f"{name}: a data URL must be base64 (data:{media}/...;base64,...)")
+    """`data` as given, or the file inside it when it is a data URL (qwen3vl.data_url's rules).
+    A data URL that breaks a rule raises `error` (the input kind's own InvalidInput), whose
+    message names the input `name` and the rule."""
     try:
-        return base64.b64decode(payload.translate(None, _BASE64_WHITESPACE), validate=True)
-    except binascii.Error as e:
-        raise error(f"{name}: bad base64 in data URL: {e}") from None
+        return file_bytes(data, name, media)
+    except DataURLError as e:
+        raise error(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-def _weight_map(checkpoint: Path) -> dict[str, str]:
+def weight_map(checkpoint: Path) -> dict[str, str]:
+    """{tensor name: its shard's file name}, from the index or the single shard's header."""
     index = checkpoint / "model.safetensors.index.json"
     if index.is_file():
         return json.loads(index.read_text())["weight_map"]
@@ -56,7 +57,7 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     checkpoint = Path(checkpoint)
     name = name or ", ".join(prefixes)
     wanted: dict[str, list[str]] = {}
-    for tensor, shard in _weight_map(checkpoint).items():
+    for tensor, shard in weight_map(checkpoint).items():
         if tensor.startswith(prefixes):
             wanted.setdefault(shard, []).append(tensor)
     if not wanted:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ..client.responses import Chunk
 from .errors import APIError, unavailable
 from .images import ImageLoader
 from .messages import to_chat
@@ -27,7 +28,7 @@ from .schemas import (
     Usage,
 )
 from .stop import StopStrings
-from .triton import Ensemble, EnsembleRequest, Generation, Piece
+from .triton import Ensemble, EnsembleRequest, Generation
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Answer:
         self.finish_reason: str | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.reported = False  # the streamed response recorded its status
-        self._first: Piece | None = None
+        self._first: Chunk | None = None
 
     async def start(self) -> None:
         """Wait for the model's first response: until then, a failure is the request's status."""

@@ -20,7 +20,7 @@ It makes the checkpoint it needs, starts one real server, and prints one table:
 - floor    bandwidth floor of a batch-1 decode step (active weight bytes / measured copy
            bandwidth) / the measured step
 
-`qwen3vl-bench demo-accuracy` measures the demo checkpoint's answers instead (qwen3vl.shapes.accuracy).
+`qwen3vl-bench demo-accuracy` measures the demo checkpoint's answers instead (qwen3vl.tools.shapes.accuracy).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from pathlib import Path
 
 import torch
 
+from ..client import ask
 from ..engine.engine import Engine, EngineOutputs
 from ..features import VisualFeatures
+from ..launch.server import Server
 from ..model.config import ModelConfig
+from ..paths import REPO_ROOT
 from ..settings import ServingConfig
-from .client import ask
-from .launch import Server
 from .make_checkpoint import make_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 TARGETS = {"R1": "<= 1.15", "R5": ">= 3", "R6_T1": ">= 1", "R6_T16": ">= 2", "R6_T64": "", "R6_T512": "",
            "R7": "<= 1.10", "E1_B2": "", "E1_B4": "", "E1_B8": ">= 3", "E4": ">= 2", "vs_transformers": ">= 1.5",
            "floor": ""}
@@ -350,8 +350,8 @@ def main(argv=None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo-accuracy"]:      # the demo checkpoint's accuracy (qwen3vl.shapes.accuracy)
-        from ..shapes.accuracy import main as demo_accuracy
+    if argv[:1] == ["demo-accuracy"]:      # the demo checkpoint's accuracy (qwen3vl.tools.shapes.accuracy)
+        from .shapes.accuracy import main as demo_accuracy
         return demo_accuracy(argv[1:])
     p = argparse.ArgumentParser(prog="qwen3vl-bench", description=__doc__.splitlines()[0],
                                 epilog="qwen3vl-bench demo-accuracy --help: the demo checkpoint's accuracy")

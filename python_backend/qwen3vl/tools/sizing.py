@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import _weight_map
+from ..model.checkpoint import weight_map
 from ..model.config import ModelConfig
 
 LANGUAGE_PREFIXES = ("model.language_model.", "lm_head.")
@@ -39,7 +39,7 @@ class Sizing:
 
 def _params(checkpoint: Path, prefixes: tuple[str, ...]) -> int:
     shards: dict[str, list[str]] = {}
-    for name, shard in _weight_map(checkpoint).items():
+    for name, shard in weight_map(checkpoint).items():
         if name.startswith(prefixes):
             shards.setdefault(shard, []).append(name)
     total = 0

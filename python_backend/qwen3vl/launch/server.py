@@ -1,5 +1,6 @@
 """Start `qwen3vl-serve` as a child process and wait until its models are ready (demo, tests,
-benchmarks); stop it with SIGTERM like an operator would."""
+benchmarks); stop it with SIGTERM like an operator would. It runs the command as an operator
+does (`python -m qwen3vl.cli.serve`), so that what is tested is what is deployed."""
 
 from __future__ import annotations
 

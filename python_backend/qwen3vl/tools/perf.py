@@ -1,7 +1,7 @@
 """perf_analyzer against the served `ensemble`: fetch a binary that runs here, write its input
 data for our contract, run it over gRPC streaming.
 
-    python -m qwen3vl.cli.perf --url 127.0.0.1:8001 --image cat.png --max-tokens 32 --concurrency 1:4
+    python -m qwen3vl.tools.perf --url 127.0.0.1:8001 --image cat.png --max-tokens 32 --concurrency 1:4
 
 PyPI's `perf-analyzer` needs glibc 2.38; the `tritonclient==2.41.0` manylinux1 wheel carries a
 `perf_analyzer` that runs on older glibc against tritonserver 2.51 once `libb64.so.0d` and
@@ -36,8 +36,8 @@ import numpy as np
 from tritonclient.utils import serialize_byte_tensor
 
 from .. import contract
+from ..paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CACHE = REPO_ROOT / ".work" / "perf_analyzer"
 TRITONCLIENT_VERSION = "2.41.0"
 WHEEL_PLATFORM = "manylinux1_x86_64"
@@ -188,7 +188,7 @@ def read_csv(path: str | Path) -> list[dict[str, float]]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m qwen3vl.cli.perf",
+    p = argparse.ArgumentParser(prog="python -m qwen3vl.tools.perf",
                                 description="Run perf_analyzer against the ensemble over gRPC streaming.",
                                 epilog="Arguments after -- go to perf_analyzer as they are.")
     p.add_argument("--url", default="127.0.0.1:8001", help="HOST:GRPC_PORT")
@@ -216,14 +216,14 @@ def main(argv=None) -> int:
         images = [Path(i).read_bytes() for i in args.image]
         videos = [Path(i).read_bytes() for i in args.video]
     except OSError as e:
-        sys.exit(f"qwen3vl.cli.perf: cannot read input file: {e}")
+        sys.exit(f"qwen3vl.tools.perf: cannot read input file: {e}")
     cache = Path(args.cache_dir or os.environ.get("QWEN3VL_PERF_CACHE") or DEFAULT_CACHE)
     input_path = write_input_data(args.input_data or cache / "input.json", prompts, images, args.max_tokens,
                                   videos=videos, video_fps=args.fps)
     try:
         binary, env = (Path("perf_analyzer"), dict(os.environ)) if args.dry_run else ensure_perf_analyzer(cache)
     except PerfAnalyzerError as e:
-        sys.exit(f"qwen3vl.cli.perf: {e}")
+        sys.exit(f"qwen3vl.tools.perf: {e}")
     cmd = perf_command(binary, args.url, input_path, args.model, args.concurrency, args.measurement_interval,
                        args.stability_percentage, args.csv, args.extra)
     print("$ " + " ".join(cmd), flush=True)

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli.make_checkpoint import (FUSED_EXPERTS, PRESETS, _write_json, hf_configs, write_shards,
-                                   write_tokenizer_and_processor, build_tokenizer)
+from ..make_checkpoint import (FUSED_EXPERTS, PRESETS, build_tokenizer, hf_configs, write_json, write_shards,
+                               write_tokenizer_and_processor)
 from .questions import CATEGORIES, ONE_PICTURE, Question, ask, compare
 from .scenes import COLOURS, KINDS, random_scene
 
@@ -239,7 +239,7 @@ def write_files(out: Path, seed: int):
     for name in ("temperature", "top_p", "top_k"):
         configs["generation_config.json"].pop(name)
     for fname, obj in configs.items():
-        _write_json(out / fname, obj)
+        write_json(out / fname, obj)
     write_tokenizer_and_processor(out, tok, ids, preset["image_pixels"])
     return configs["config.json"], AutoProcessor.from_pretrained(out)
 
@@ -329,7 +329,7 @@ def train(out, steps: int = 5200, seed: int = 0, batch_size: int = 16, lr: float
                "threads": torch.get_num_threads(), "train_s": round(time.monotonic() - start, 1),
                "final_loss": history[-1]["loss"], "in_process_accuracy": accuracy,
                "history": history}
-    _write_json(out / "training.json", summary)
+    write_json(out / "training.json", summary)
     write_readme(out, summary)
     return summary
 

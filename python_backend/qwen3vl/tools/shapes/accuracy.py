@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import contract
-from ..cli.client import encode, infer, raw_results, stream_grpc
+from ... import contract
+from ...client import encode, infer, raw_results, stream_grpc
+from ...launch.server import Server
+from ...paths import REPO_ROOT
 from .questions import CATEGORIES, CHANCE, Question, random_question
 from .scenes import Scene
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 CHECKPOINT = REPO_ROOT / "checkpoints" / "shapes"
 MAX_TOKENS = 24                  # the longest answer is 17 tokens
 TARGETS = {"colour": 0.95, "shape": 0.95, "count": 0.95, "exists": 0.95, "describe": 0.85}
@@ -137,8 +138,6 @@ def infer_greedy(url: str, question: Question, protocol: str = "http") -> str:
 
 def start_servers(checkpoint: Path, deployment: str, log_dir: Path):
     """Context managers of the servers a deployment needs, the one clients talk to last."""
-    from ..cli.launch import Server
-
     if deployment == "aggregated":
         return [Server(checkpoint, log_dir / "demo-aggregated.log",
                        models=("ensemble", "qwen3_encoder", "qwen3_language"))]

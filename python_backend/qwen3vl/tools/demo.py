@@ -6,7 +6,7 @@ served model about it over gRPC streaming through the ensemble, and says whether
 right. It exits 1 if no answer comes back (a wrong answer is the model's, not a failure of the
 serving: the README gives its accuracy).
 
-    python -m qwen3vl.cli.demo [--seed N] [--question TEXT] [--out-dir .work/demo]
+    python -m qwen3vl.tools.demo [--seed N] [--question TEXT] [--out-dir .work/demo]
 
 `--preset tiny|small --checkpoint DIR` runs the old demo instead: a random checkpoint (the words
 are nonsense), for a look at the serving path alone.
@@ -19,12 +19,12 @@ import random
 import sys
 from pathlib import Path
 
-from ..shapes.accuracy import CHECKPOINT, MAX_TOKENS
-from ..shapes.questions import ONE_PICTURE, Question, ask as question_about
-from ..shapes.scenes import random_scene
-from .client import ask
-from .launch import Server
+from ..client import ask
+from ..launch.server import Server
 from .make_checkpoint import make_checkpoint
+from .shapes.accuracy import CHECKPOINT, MAX_TOKENS
+from .shapes.questions import ONE_PICTURE, Question, ask as question_about
+from .shapes.scenes import random_scene
 
 DEMO_STREAM = "demo"   # the pictures' random stream: training draws from "<seed>/train"
 

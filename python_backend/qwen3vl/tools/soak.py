@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import ServerError, infer, stream_grpc
+from ..client import ServerError, infer, stream_grpc
+from ..paths import REPO_ROOT
 
 
 def noise_png(width: int, height: int, seed: int) -> bytes:
@@ -145,7 +146,7 @@ def stub_rss_mib(server_pid: int) -> float:
 
 
 def main(argv=None) -> int:
-    from .launch import Server
+    from ..launch.server import Server
     from .make_checkpoint import make_checkpoint
 
     p = argparse.ArgumentParser(prog="qwen3vl-soak", description=__doc__.splitlines()[0])
@@ -155,10 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    root = Path(__file__).resolve().parents[3]
-    ckpt = make_checkpoint(root / ".work" / "checkpoints" / args.preset, args.preset)
+    ckpt = make_checkpoint(REPO_ROOT / ".work" / "checkpoints" / args.preset, args.preset)
     images = [noise_png(w, h, i) for i, (w, h) in enumerate([(96, 96), (200, 130), (64, 300), (320, 240)])]
-    with Server(ckpt, root / ".work" / "logs" / "soak.log",
+    with Server(ckpt, REPO_ROOT / ".work" / "logs" / "soak.log",
                 extra=["--device", "cpu", "--max-num-seqs", str(args.max_num_seqs)]) as server:
         warm = soak(server.grpc_url, 2 * args.concurrency, args.concurrency, images, seed=args.seed + 1)
         before = stub_rss_mib(server.proc.pid)

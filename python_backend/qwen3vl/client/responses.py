@@ -1,0 +1,49 @@
+"""The ensemble's responses as the clients see them: `Chunk` (one response: new text, its token
+ids, the finish reason on the last), parsed from a tritonclient InferResult or from the JSON of
+Triton's HTTP generate endpoint; `ServerError`, an error answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import contract
+
+
+@dataclass
+class Chunk:
+    """One response of a generation: new text, its token ids, the finish reason on the last."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    num_input_tokens: int = 0  # the prompt's tokens (visual tokens included)
+
+
+class ServerError(RuntimeError):
+    """The server answered the request with an error; `code` is the Triton status code where
+    the server marked it (INVALID_ARG, NOT_FOUND, UNAVAILABLE, ...), else None."""
+
+    def __init__(self, message: str, code: str | None = None, http_status: int | None = None):
+        super().__init__(message)
+        self.code, self.http_status = code, http_status
+
+
+def chunk_of(result) -> Chunk:
+    """A tritonclient InferResult of the ensemble (or `qwen3_language`) as a Chunk; an output
+    that is missing or empty reads as nothing (no text, no ids, no finish reason yet)."""
+    def first(name):
+        array = result.as_numpy(name)
+        return None if array is None or array.size == 0 else array.reshape(-1)[0]
+
+    ids = result.as_numpy(contract.OUTPUT_IDS)
+    text, reason, prompt = first(contract.TEXT_OUTPUT), first(contract.FINISH_REASON), first(contract.NUM_INPUT_TOKENS)
+    return Chunk(text.decode("utf-8") if text is not None else "",
+                 ids.reshape(-1).tolist() if ids is not None else [],
+                 reason.decode() if reason is not None else "",
+                 int(prompt) if prompt is not None else 0)
+
+
+def chunk_of_json(out: dict) -> Chunk:
+    """The JSON answer of Triton's generate endpoint as a Chunk (one id comes as a number)."""
+    ids = out.get(contract.OUTPUT_IDS, [])
+    return Chunk(out.get(contract.TEXT_OUTPUT, ""), [ids] if isinstance(ids, int) else list(ids),
+                 out.get(contract.FINISH_REASON, ""), int(out.get(contract.NUM_INPUT_TOKENS, 0)))

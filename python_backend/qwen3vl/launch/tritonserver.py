@@ -1,0 +1,188 @@
+"""tritonserver on this repository's models for one checkpoint, as `qwen3vl-serve` runs it: the
+binary and its Python backend directory, its command line per role, its environment, and
+running it with the OpenAI-compatible API beside it.
+
+tritonserver, the Python backend and its stubs come from the `nvidia-pytriton` wheel (no
+Docker needed); inside the `tritonserver` Docker image the image's own binary is used instead.
+The checkpoint and device reach the models through environment variables (ServingConfig.env),
+so changing checkpoints needs no edit to the repository's files.
+
+The functions that build command lines take `args`, the options as `qwen3vl-serve` parses
+them (qwen3vl.cli.serve.build_parser).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from ..paths import PACKAGE_ROOT, REPO_ROOT
+from ..settings import ServingConfig
+
+DEFAULT_MODEL_REPOSITORY = os.environ.get("QWEN3VL_MODEL_REPOSITORY") or str(REPO_ROOT / "model_repository")
+
+# Which models each role loads from the one repository (explicit model control), and the
+# config variant (`configs/<name>.pbtxt`) it selects where a model has one: a language server's
+# qwen3_encoder forwards to the encoder servers.
+ROLES = {
+    "aggregated": (["qwen3_encoder", "qwen3_language", "ensemble"], None),
+    "encoder": (["qwen3_encoder"], None),
+    "language": (["qwen3_encoder", "qwen3_language", "ensemble"], "language"),
+}
+
+
+def pytriton_dirs() -> tuple[Path, Path]:
+    """(tritonserver dir, its shared-library dir) inside the installed nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError:
+        sys.exit("qwen3vl-serve: nvidia-pytriton is not installed and no tritonserver is on PATH; run `make setup`")
+    root = Path(pytriton.__file__).parent
+    return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def python_backend_dir(server_dir: Path) -> Path:
+    """A backend directory holding libtriton_python.so, its utils and the stub for this Python,
+    assembled once (copied: Triton finds the stub next to the backend library)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen3vl-triton" / f"py{version}"
+    target = cache / "backends" / "python"
+    sources = {
+        "libtriton_python.so": server_dir / "backends/python/libtriton_python.so",
+        "triton_python_backend_utils.py": server_dir / "backends/python/triton_python_backend_utils.py",
+        "triton_python_backend_stub": server_dir / f"python_backend_stubs/{version}/triton_python_backend_stub",
+    }
+    target.mkdir(parents=True, exist_ok=True)
+    for name, src in sources.items():
+        if not src.exists():
+            sys.exit(f"qwen3vl-serve: {src} is missing from the nvidia-pytriton wheel (Python {version} unsupported?)")
+        dst = target / name
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return target.parent
+
+
+def server_command(args, backend_dir: Path | None, binary: str) -> list[str]:
+    """tritonserver's command line: the repository, ports and addresses, explicit model control
+    loading the role's models (and its config variant), then `args.extra` as given."""
+    cmd = [
+        binary,
+        f"--model-repository={args.model_repository}",
+        f"--http-port={args.http_port}",
+        f"--grpc-port={args.grpc_port}",
+        f"--metrics-port={args.metrics_port}",
+        f"--http-address={args.host}",
+        f"--grpc-address={args.host}",
+        f"--metrics-address={args.host}",
+        "--model-control-mode=explicit",
+        "--exit-on-error=true",
+        f"--log-verbose={args.log_verbose}",
+    ]
+    if backend_dir:
+        cmd.append(f"--backend-directory={backend_dir}")
+    models, config_name = ROLES[args.role]
+    cmd += [f"--load-model={m}" for m in models]
+    if config_name:
+        cmd.append(f"--model-config-name={config_name}")
+    return cmd + args.extra
+
+
+def server_env(settings: ServingConfig, given: set[str], libdirs: list[str] = ()) -> dict[str, str]:
+    """tritonserver's environment: this one, plus what the Python backend stub needs to import
+    this environment's packages, the `given` settings (ServingConfig.env), and `libdirs` first
+    on LD_LIBRARY_PATH."""
+    env = dict(os.environ)
+    # The Python backend stub must import this environment's packages (our numpy, torch,
+    # transformers and this package), whoever started us.
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    env["VIRTUAL_ENV"] = sys.prefix
+    paths = [p for p in sys.path if p and Path(p).is_dir()]
+    package_root = str(PACKAGE_ROOT)  # wherever this package is imported from
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([package_root, *paths]))
+    env["QWEN3VL_PACKAGE_ROOT"] = package_root  # the stub ignores PYTHONPATH; the model.py shells read this
+    env.update(settings.env(given))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in [*libdirs, env.get("LD_LIBRARY_PATH", "")] if d)
+    return env
+
+
+def openai_command(args) -> list[str]:
+    """qwen3vl-openai in front of this server's ensemble; the model's name is the checkpoint
+    directory's (`--openai-arg=--model-name=NAME` overrides it)."""
+    return [sys.executable, "-m", "qwen3vl.cli.openai_server", "--triton-url", f"127.0.0.1:{args.grpc_port}",
+            "--host", args.openai_host, "--port", str(args.openai_port),
+            "--model-name", Path(args.checkpoint).resolve().name, *args.openai_arg]
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if this launcher dies without forwarding a signal."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def locate_tritonserver() -> tuple[str, Path | None, list[str]]:
+    """(tritonserver binary, the backend directory to pass it or None, library directories for
+    LD_LIBRARY_PATH): the nvidia-pytriton wheel's, or with $QWEN3VL_SYSTEM_TRITON the one on
+    PATH (e.g. the tritonserver Docker image, whose own backends are in place)."""
+    # The Python backend stub links libpython dynamically: this interpreter's LIBDIR first, or
+    # the system's older libpython loads beside our standard library.
+    libdirs = [sysconfig.get_config_var("LIBDIR")]
+    system_binary = shutil.which("tritonserver") if os.environ.get("QWEN3VL_SYSTEM_TRITON") else None
+    if system_binary:
+        return system_binary, None, libdirs
+    server_dir, libs = pytriton_dirs()
+    return str(server_dir / "bin" / "tritonserver"), python_backend_dir(server_dir), [*libdirs, str(libs)]
+
+
+def run(server_cmd: list[str], env: dict[str, str], api_cmd: list[str] | None = None) -> int:
+    """Run tritonserver (`server_cmd`) and, with `api_cmd`, the OpenAI API beside it, both dying
+    with this process; SIGTERM and SIGINT are passed on to them. tritonserver's exit status."""
+    proc = subprocess.Popen(server_cmd, env=env, preexec_fn=_die_with_parent)
+    # The API in its own session: a terminal's Ctrl-C reaches it once, through us.
+    api = subprocess.Popen(api_cmd, env=env, preexec_fn=_die_with_parent,
+                           start_new_session=True) if api_cmd else None
+    children = [p for p in (proc, api) if p is not None]
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return _wait(proc, api, lambda: stopping)
+
+
+def _wait(server: subprocess.Popen, api: subprocess.Popen | None, stopping) -> int:
+    """tritonserver's exit status once it exits (the API is stopped then). An API that exits on
+    its own (e.g. its port is taken) stops the server too: half a deployment is not left up."""
+    while True:
+        try:
+            code = server.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            if api is not None and api.poll() is not None and not stopping():
+                print(f"qwen3vl-serve: the OpenAI API exited with {api.returncode}; stopping tritonserver",
+                      file=sys.stderr, flush=True)
+                server.send_signal(signal.SIGTERM)
+                return server.wait() or api.returncode or 1
+    if api is not None and api.poll() is None:
+        api.send_signal(signal.SIGTERM)
+        try:
+            api.wait(30)
+        except subprocess.TimeoutExpired:
+            api.kill()
+            api.wait()
+    return code
