@@ -400,3 +400,33 @@ def test_kernel_bench_tiny(tmp_path):
     assert ops == {"fused_moe", "attention decode", "attention prefill", "store_kv", "rms_norm",
                    "fused_add_rms_norm", "silu_mul", "qk_norm_rope"}
     assert result["interpreter"] and len(result["rows"]) == 16 and "torch/triton" in run.stdout
+
+
+# --- the engine on the kernels ----------------------------------------------------------------
+
+def test_engine_on_triton_kernels_gives_the_torch_kernels_tokens_batched_and_alone(checkpoint, reference):
+    """The engine with kernels=triton (fused MoE, store_kv, unified paged attention) gives the
+    tokens of kernels=torch: a batch of mixed requests (text, an image cut by prefill chunks,
+    seeded sampling) stepping together, and one request alone. Few tokens: each step runs
+    every kernel under the interpreter."""
+    from test_engine import alone, new_engine, run_together
+
+    from conftest import IMAGE_CASES
+    from qwen3vl.encoder.encoder import VisionEncoder
+    from qwen3vl.model.config import ModelConfig
+
+    on_torch = ModelConfig.load(checkpoint, device="cpu", kernels="torch")
+    on_triton = ModelConfig.load(checkpoint, device="cpu", kernels="triton")
+    assert on_triton.kernels == "triton"
+    encoder = VisionEncoder(on_torch, reference[1].image_processor)
+    image, empty = encoder.encode([IMAGE_CASES["one-image"]])[0], encoder.encode([[]])[0]
+    requests = [("Write a haiku about rain.", empty, dict(max_tokens=5, temperature=0.0)),
+                ("Describe <image>.", image, dict(max_tokens=4, temperature=0.0)),
+                ("Tell me a story.", empty, dict(max_tokens=4, temperature=0.8, top_p=0.9, seed=7))]
+    torch_engine = new_engine(on_torch, enable_prefix_caching=False)
+    want = [alone(torch_engine, text, f, **p) for text, f, p in requests]
+    triton_engine = new_engine(on_triton, enable_prefix_caching=False, max_num_batched_tokens=24)
+    assert run_together(triton_engine, requests) == want
+    assert any(shape[0] == 1 and shape[-1] > 1 for shape in triton_engine.shapes)  # decodes beside chunks
+    text, features, params = requests[1]
+    assert alone(triton_engine, text, features, **params) == want[1]

@@ -77,7 +77,7 @@ def test_transposed_experts_are_rejected(tmp_path):
 
 def test_grouped_matmul_fast_and_loop_paths_agree():
     """torch's grouped GEMM and the per-expert loop compute the same function, empty groups too."""
-    from qwen3vl.model.text import grouped_mm
+    from qwen3vl.kernels.reference import grouped_mm
 
     x, w = torch.randn(11, 64), torch.randn(5, 64, 96)
     offsets = torch.tensor([3, 3, 7, 11, 11], dtype=torch.int32)  # experts 1 and 4 get no rows

@@ -91,6 +91,9 @@ class ServingConfig:
     block_size: int = _setting(16, "tokens per KV block", "--block-size")
     kv_cache_mb: float = _setting(0.0, "the KV cache, prefix-cached blocks included (0: on GPU what "
                                        "gpu_memory_utilization leaves after the weights; on CPU 1024)", "--kv-cache-mb")
+    kernels: str = _setting("auto", "the language model's MoE and attention kernels: `auto` (OpenAI Triton on "
+                                    "CUDA, torch elsewhere), `torch`, `triton` (on a CPU only under "
+                                    "TRITON_INTERPRET=1: slow, for tests)", "--kernels")
     gpu_memory_utilization: float = _setting(0.9, "share of the GPU's memory the language model may use in all "
                                                   "(with kv_cache_mb 0)", "--gpu-memory-utilization")
     # -- qwen3_encoder

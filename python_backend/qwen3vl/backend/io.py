@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def model_config(settings: ServingConfig) -> ModelConfig:
-    """The checkpoint, device and dtype for a served model. Raises InvalidInput when no
+    """The checkpoint, device, dtype and kernels for a served model. Raises InvalidInput when no
     checkpoint is set."""
     if not settings.checkpoint:
         raise InvalidInput("no checkpoint: set QWEN3VL_CHECKPOINT (qwen3vl-serve --checkpoint does) "
@@ -28,7 +28,8 @@ def model_config(settings: ServingConfig) -> ModelConfig:
         # the server's own threads hold stalls every op (measured: served decode steps 1.3x
         # slower with torch on both of 2 cores than with one).
         torch.set_num_threads(settings.torch_threads)
-    return ModelConfig.load(settings.checkpoint, device=settings.resolved_device, dtype=settings.torch_dtype)
+    return ModelConfig.load(settings.checkpoint, device=settings.resolved_device, dtype=settings.torch_dtype,
+                            kernels=settings.kernels)
 
 
 def request_parameters(request) -> dict:

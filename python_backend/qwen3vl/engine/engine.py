@@ -97,7 +97,7 @@ class Engine:
         self.kv = PagedKVCache(config.text, num_blocks, settings.block_size, config.dtype, config.device)
         self.blocks = BlockManager(num_blocks, settings.block_size)
         self.scheduler = Scheduler(settings, self.blocks)
-        self.runner = ModelRunner(model, self.kv, config.deepstack_layers)
+        self.runner = ModelRunner(model, self.kv, config.deepstack_layers, config.kernels)
         # Collected as they happen and handed out whole by the next step(), fail_waiting() or
         # abort_all(): outputs of a step that raised part-way go out with abort_all's failures.
         self._outputs = EngineOutputs()

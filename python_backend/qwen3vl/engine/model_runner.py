@@ -7,10 +7,14 @@ KV slots, which rows are visual, attention gather indices and masks, which rows 
 built on the CPU in `prepare` and moved in one go: the forward itself has no host syncs and no
 boolean indexing.
 
-Attention (`PagedAttention`): each layer writes the step's keys and values into their slots of
-the pool, then gathers every sequence's context into a padded [B, Hkv, S_max, D] and runs SDPA
-with a [B, 1, Tq_max, S_max] mask (causal within a chunk, the whole past before it). This is
-the reference path; a paged attention kernel can replace it behind the same interface.
+Attention, by the model's kernels (`ModelConfig.kernels`, the `kernels` setting):
+- "torch" (`PagedAttention`): each layer writes the step's keys and values into their slots of
+  the pool, then gathers every sequence's context into a padded [B, Hkv, S_max, D] and runs
+  SDPA with a [B, 1, Tq_max, S_max] mask (causal within a chunk, the whole past before it).
+- "triton" (`KernelPagedAttention`): kernels/attention.py's store_kv writes the slots and its
+  unified paged attention reads each sequence's context straight from the pool through its
+  block table, causal from the sequence and query lengths: no gather, no mask tensor, no
+  tensor whose shape follows the longest context but the block table.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..kernels import KernelOps, kernel_ops
 from ..model.config import TextConfig
 from ..model.text import LanguageModel
 from .scheduler import ScheduledSeq
@@ -46,12 +51,23 @@ class PagedKVCache:
 @dataclass
 class AttentionMetadata:
     """Index tensors of one step (B sequences, T tokens; Tq_max / S_max: the longest chunk and
-    context in the step)."""
+    context in the step). The torch path reads the gather fields, the kernels the lengths and
+    block tables; the fields the other path would read are None."""
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V goes in the pool
-    q_index: torch.Tensor       # [B, Tq_max] int64: token row of each sequence's query i (pad: 0)
-    kv_index: torch.Tensor      # [B, S_max] int64: pool slot of each sequence's context token j (pad: 0)
-    mask: torch.Tensor          # [B, 1, Tq_max, S_max] bool: query i sees key j
-    out_index: torch.Tensor     # [T] int64: row of [B * Tq_max] holding token t's output
+    max_query_len: int          # Tq_max (a host int: shapes only, never read on the device)
+    # -- the torch path (gather + SDPA)
+    q_index: torch.Tensor | None = None    # [B, Tq_max] int64: token row of each sequence's query i (pad: 0)
+    kv_index: torch.Tensor | None = None   # [B, S_max] int64: pool slot of each sequence's context token j (pad: 0)
+    mask: torch.Tensor | None = None       # [B, 1, Tq_max, S_max] bool: query i sees key j
+    out_index: torch.Tensor | None = None  # [T] int64: row of [B * Tq_max] holding token t's output
+    # -- the kernels (kernels/attention.py)
+    cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32: sequence b's queries are rows [cu[b], cu[b+1])
+    seq_lens: torch.Tensor | None = None      # [B] int32: context length, the step's tokens included
+    block_table: torch.Tensor | None = None   # [B, max blocks in the step] int32 (pad: 0)
+
+    def to(self, device) -> "AttentionMetadata":
+        return AttentionMetadata(**{name: (value.to(device, non_blocking=True) if isinstance(value, torch.Tensor)
+                                           else value) for name, value in self.__dict__.items()})
 
 
 class PagedAttention:
@@ -80,6 +96,26 @@ class PagedAttention:
         return out.transpose(1, 2).reshape(b * tq, hq * d).index_select(0, m.out_index)[None]  # [1, T, Hq * D]
 
 
+class KernelPagedAttention:
+    """The `cache` a step's forward attends through with the OpenAI Triton kernels: store_kv
+    into the slots, then unified paged attention over the block tables (kernels/attention.py,
+    after vLLM's unified attention). Same interface and shapes as PagedAttention."""
+
+    def __init__(self, kv: PagedKVCache, meta: AttentionMetadata, ops: KernelOps):
+        self.kv, self.meta, self.ops = kv, meta, ops
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1, Hq, T, D], k and v [1, Hkv, T, D] of the step's tokens -> [1, T, Hq * D]."""
+        m = self.meta
+        k_pool, v_pool = self.kv.k[layer], self.kv.v[layer]
+        self.ops.store_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), k_pool, v_pool, m.slot_mapping)
+        queries = q[0].transpose(0, 1)                                        # [T, Hq, D], last dim contiguous
+        out = self.ops.paged_attention(queries, k_pool, v_pool, m.cu_seqlens_q, m.seq_lens, m.block_table,
+                                       self.kv.block_size, queries.shape[-1] ** -0.5,
+                                       max_query_len=m.max_query_len)        # [T, Hq, D]
+        return out.reshape(1, out.shape[0], -1)                              # [1, T, Hq * D]
+
+
 @dataclass
 class StepInputs:
     """One step's forward inputs (CPU tensors until `to`)."""
@@ -93,14 +129,18 @@ class StepInputs:
 
     def to(self, device) -> "StepInputs":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        meta = AttentionMetadata(*(move(getattr(self.attention, f)) for f in AttentionMetadata.__dataclass_fields__))
         return StepInputs(move(self.input_ids), move(self.positions), move(self.visual_index), move(self.visual_embeds),
-                          move(self.deepstack_embeds), move(self.logits_rows), meta)
+                          move(self.deepstack_embeds), move(self.logits_rows), self.attention.to(device))
 
 
 class ModelRunner:
-    def __init__(self, model: LanguageModel, kv: PagedKVCache, deepstack_layers: int):
-        self.model, self.kv, self.deepstack_layers = model, kv, deepstack_layers
+    """Runs a step's batch through the model over the paged KV pool, with the attention path of
+    `kernels` ("torch" or "triton", as kernels.resolve_kernels gives; the MoE's comes with the
+    model)."""
+
+    def __init__(self, model: LanguageModel, kv: PagedKVCache, deepstack_layers: int, kernels: str = "torch"):
+        self.model, self.kv, self.deepstack_layers, self.kernels = model, kv, deepstack_layers, kernels
+        self.ops = kernel_ops(kernels) if kernels != "torch" else None
         w = model.embed_tokens.weight
         self.device, self.dtype, self.hidden = w.device, w.dtype, w.shape[1]
 
@@ -134,19 +174,11 @@ class ModelRunner:
             row += n
             if s.samples:
                 logits_rows.append(row - 1)
-        b, tq_max, s_max = len(batch), max(q_lens), max(ctx_lens)
-        q_index = np.zeros((b, tq_max), dtype=np.int64)
-        kv_index = np.zeros((b, s_max), dtype=np.int64)
-        mask = np.zeros((b, 1, tq_max, s_max), dtype=bool)
-        out_index = np.empty(row, dtype=np.int64)
-        keys = np.arange(s_max)
-        for i, (rows_i, slots_i, n, ctx) in enumerate(zip(q_rows, kv_slots, q_lens, ctx_lens)):
-            q_index[i, :n] = rows_i
-            kv_index[i, :ctx] = slots_i
-            # query j sits at position ctx - n + j: it sees keys up to there
-            mask[i, 0, :n] = keys[None, :] <= (ctx - n + np.arange(n))[:, None]
-            mask[i, 0, n:, 0] = True  # padding queries see one key (no all-masked rows: no NaN)
-            out_index[rows_i] = i * tq_max + np.arange(n)
+        slot_mapping = torch.from_numpy(np.concatenate(slots))
+        if self.kernels == "torch":
+            attention = self._gather_metadata(slot_mapping, q_rows, kv_slots, q_lens, ctx_lens, row)
+        else:
+            attention = self._kernel_metadata(slot_mapping, batch, q_lens, ctx_lens)
         h, layers = self.hidden, self.deepstack_layers
         return StepInputs(
             input_ids=torch.from_numpy(np.concatenate(ids))[None],
@@ -156,15 +188,51 @@ class ModelRunner:
             deepstack_embeds=(torch.cat(deepstack_embeds, dim=1) if deepstack_embeds
                               else torch.empty(layers, 0, h, dtype=self.dtype)),
             logits_rows=torch.tensor(logits_rows, dtype=torch.int64),
-            attention=AttentionMetadata(torch.from_numpy(np.concatenate(slots)), torch.from_numpy(q_index),
-                                        torch.from_numpy(kv_index), torch.from_numpy(mask), torch.from_numpy(out_index)),
+            attention=attention,
         )
+
+    @staticmethod
+    def _gather_metadata(slot_mapping: torch.Tensor, q_rows: list, kv_slots: list, q_lens: list[int],
+                         ctx_lens: list[int], num_tokens: int) -> AttentionMetadata:
+        """The torch path's gather indices and mask: [B, Tq_max] queries, [B, S_max] keys."""
+        b, tq_max, s_max = len(q_lens), max(q_lens), max(ctx_lens)
+        q_index = np.zeros((b, tq_max), dtype=np.int64)
+        kv_index = np.zeros((b, s_max), dtype=np.int64)
+        mask = np.zeros((b, 1, tq_max, s_max), dtype=bool)
+        out_index = np.empty(num_tokens, dtype=np.int64)
+        keys = np.arange(s_max)
+        for i, (rows_i, slots_i, n, ctx) in enumerate(zip(q_rows, kv_slots, q_lens, ctx_lens)):
+            q_index[i, :n] = rows_i
+            kv_index[i, :ctx] = slots_i
+            # query j sits at position ctx - n + j: it sees keys up to there
+            mask[i, 0, :n] = keys[None, :] <= (ctx - n + np.arange(n))[:, None]
+            mask[i, 0, n:, 0] = True  # padding queries see one key (no all-masked rows: no NaN)
+            out_index[rows_i] = i * tq_max + np.arange(n)
+        return AttentionMetadata(slot_mapping, tq_max, q_index=torch.from_numpy(q_index),
+                                 kv_index=torch.from_numpy(kv_index), mask=torch.from_numpy(mask),
+                                 out_index=torch.from_numpy(out_index))
+
+    def _kernel_metadata(self, slot_mapping: torch.Tensor, batch: list[ScheduledSeq], q_lens: list[int],
+                         ctx_lens: list[int]) -> AttentionMetadata:
+        """The kernels' lengths and block tables: cu_seqlens_q [B + 1], seq_lens [B], and the
+        blocks of each sequence's context [B, max blocks in the step] (rows padded with 0)."""
+        bs = self.kv.block_size
+        widths = [-(-ctx // bs) for ctx in ctx_lens]
+        table = np.zeros((len(batch), max(widths)), dtype=np.int32)
+        for i, (s, width) in enumerate(zip(batch, widths)):
+            table[i, :width] = s.seq.block_table[:width]
+        cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=cu[1:])
+        return AttentionMetadata(slot_mapping, max(q_lens), cu_seqlens_q=torch.from_numpy(cu),
+                                 seq_lens=torch.tensor(ctx_lens, dtype=torch.int32), block_table=torch.from_numpy(table))
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; logits [Bs, V] fp32 of the sequences that sample, in batch order."""
         step = self.prepare(batch).to(self.device)
         x = self.model.embed_rows(step.input_ids, step.visual_index, step.visual_embeds)
-        return self.model(x, step.positions, PagedAttention(self.kv, step.attention),
+        cache = (PagedAttention(self.kv, step.attention) if self.ops is None
+                 else KernelPagedAttention(self.kv, step.attention, self.ops))
+        return self.model(x, step.positions, cache,
                           visual_index=step.visual_index, deepstack_embeds=step.deepstack_embeds,
                           logits_rows=step.logits_rows)[0]

@@ -12,42 +12,63 @@ import torch.nn.functional as F
 
 _FAST_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 # torch's grouped GEMM on the CPU is slower than a per-expert loop below about this many rows
-# (the model's measured threshold, model/text.py).
+# (2x at 8 rows, one decode token; slightly faster from 64 rows: `qwen3vl-bench`, R6).
 CPU_GROUPED_MIN_ROWS = 64
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """x [S, in] with rows grouped by expert, w [E, in, out], offsets [E] int32 cumulative row
-    ends -> [S, out] in x's dtype. torch's grouped GEMM where it takes this device and dtype
-    (no host sync) and pays off, else one mm per non-empty group (reads offsets on the host).
-    After model/text.py's grouped_mm (its grouped branch)."""
-    if _FAST_GROUPED_MM is not None and (
+    ends -> [S, out] in x's dtype. torch's grouped GEMM where it takes this device and dtype (no
+    host sync) and pays off, else (or with fast=False) one matmul per non-empty group (reads
+    offsets on the host)."""
+    if fast and _FAST_GROUPED_MM is not None and (
             (x.device.type == "cpu" and x.shape[0] >= CPU_GROUPED_MIN_ROWS) or x.dtype == torch.bfloat16):
         return _FAST_GROUPED_MM(x, w, offs=offsets)
-    ends = offsets.tolist()
-    parts = [x[start:end] @ w[e] for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
-    return torch.cat(parts) if parts else x.new_empty(0, w.shape[2])
+    out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[expert], out=out[start:end])
+        start = end
+    return out
 
 
 def fused_moe_torch(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor, config: dict | None = None, *, small_token: bool | None = None
                     ) -> torch.Tensor:
-    """The routed experts of a MoE layer, after routing, in torch: exactly the math of
-    model/text.py's SparseMoe.forward (sort slots by expert, grouped matmul over the hub-layout
-    weights, SiLU(gate) * up, weight in the model dtype, one fp32-accumulated sum over k).
+    """The routed experts of a MoE layer, after routing, in torch: the served model's torch path
+    (model/text.py's SparseMoe): slots (token, expert) sorted by expert so that each expert's
+    rows are contiguous, one grouped matmul per projection over the hub-layout weights (every
+    expert that was hit and no other), SiLU(gate) * up, the weight in the model dtype, one
+    fp32-accumulated sum over k per token (one rounding, not k in-place adds).
 
     x [M, H]; w_gate_up [E, H, 2I] (gate = first I columns, up = last I); w_down [E, I, H];
     topk_weights [M, K] (x's dtype); topk_ids [M, K] int in [0, E). Returns [M, H] in x's dtype.
     config and small_token are the Triton path's tuning knobs, ignored here (same API).
     Raises ValueError on mismatched shapes.
     """
+    return sorted_experts(x, w_gate_up, w_down, topk_weights, topk_ids, grouped=True)
+
+
+def fused_moe_torch_per_expert(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                               topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: dict | None = None, *,
+                               small_token: bool | None = None) -> torch.Tensor:
+    """fused_moe_torch with one matmul per hit expert (grouped_mm's loop, never torch's grouped
+    GEMM): what qwen3vl-bench measures the grouped path against. Same shapes and errors."""
+    return sorted_experts(x, w_gate_up, w_down, topk_weights, topk_ids, grouped=False)
+
+
+def sorted_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """The torch MoE after routing (see fused_moe_torch); grouped: torch's grouped GEMM where it
+    pays (grouped_mm's fast path), else one matmul per hit expert."""
     m, h, e, k = check_moe_shapes(x, w_gate_up, w_down, topk_weights, topk_ids)
     sorted_ids, order = torch.sort(topk_ids.flatten())                  # [M*K]
     counts = torch.histc(sorted_ids.float(), bins=e, min=0, max=e - 1)
     offsets = torch.cumsum(counts, 0).to(torch.int32)                   # [E] end row of each expert
     xs = x[order // k]                                                  # [M*K, H]
-    gate, up = grouped_mm(xs, w_gate_up, offsets).chunk(2, dim=-1)      # [M*K, I]
-    y = grouped_mm(F.silu(gate) * up, w_down, offsets)                  # [M*K, H]
+    gate, up = grouped_mm(xs, w_gate_up, offsets, grouped).chunk(2, dim=-1)  # [M*K, I]
+    y = grouped_mm(F.silu(gate) * up, w_down, offsets, grouped)              # [M*K, H]
     y = y * topk_weights.flatten()[order, None]
     out = torch.empty_like(y)
     out[order] = y                                                      # back to (token, k) order

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidInput
+from ..kernels import resolve_kernels
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class ModelConfig:
     spatial_merge_size: int
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    kernels: str = "torch"  # the language model's kernels: "torch" or "triton" (kernels.resolve_kernels)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -105,7 +107,12 @@ class ModelConfig:
         return self.vision["out_hidden_size"]
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None) -> "ModelConfig":
+    def load(cls, checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+             kernels: str = "auto") -> "ModelConfig":
+        """The checkpoint's config.json, on `device` (auto: cuda when available) in `dtype` (auto:
+        bf16 on GPU, fp32 on CPU), with `kernels` (auto, torch, triton) resolved for that device.
+        Raises FileNotFoundError, ValueError (not a qwen3_vl_moe config), InvalidInput (a dtype or
+        kernels value that does not apply)."""
         checkpoint = Path(checkpoint)
         config_path = checkpoint / "config.json"
         if not config_path.is_file():
@@ -122,6 +129,7 @@ class ModelConfig:
             spatial_merge_size=raw["vision_config"].get("spatial_merge_size", 2),
             device=device,
             dtype=resolve_dtype(dtype, device),
+            kernels=resolve_kernels(kernels, device),
             raw=raw,
         )
 

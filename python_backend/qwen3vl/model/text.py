@@ -9,10 +9,14 @@ I expert intermediate size, L deepstack layers, N visual tokens.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import KernelOps, kernel_ops
+from ..kernels.reference import fused_moe_torch
 from .checkpoint import load_tensors, to_hub_expert_layout
 from .config import ModelConfig, TextConfig
 
@@ -90,9 +94,10 @@ class Attention(nn.Module):
 
 class SparseMoe(nn.Module):
     """Top-k routed experts; weights fused per layer in hub layout (see checkpoint.py). All the
-    step's tokens go through at once, grouped by expert (`expert_mm`)."""
+    step's tokens go through at once: the router here, the experts through `fused_moe` (the
+    kernels' torch path, grouped by expert, or the OpenAI Triton fused MoE; kernels/)."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, fused_moe: Callable = fused_moe_torch):
         super().__init__()
         self.cfg = cfg
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -100,6 +105,7 @@ class SparseMoe(nn.Module):
         self.experts = nn.Module()
         self.experts.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))  # [E, H, 2I]
         self.experts.down_proj = nn.Parameter(torch.empty(e, i, h))         # [E, I, H]
+        self.fused_moe = fused_moe
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x [M, H] -> weights [M, K] (model dtype), expert ids [M, K]
@@ -113,48 +119,8 @@ class SparseMoe(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                  # [M, H]
         weights, ids = self.route(x)                                  # [M, K]
-        m, k = ids.shape
-        # Slots (token, expert) sorted by expert: each expert's rows are contiguous, so one
-        # grouped matmul per projection covers every expert that was hit (and no other).
-        sorted_ids, order = torch.sort(ids.flatten())                 # [M*K]
-        counts = torch.histc(sorted_ids.float(), bins=self.cfg.num_experts, min=0, max=self.cfg.num_experts - 1)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)             # [E], end row of each expert
-        xs = x[order // k]                                            # [M*K, H]
-        gate, up = self.expert_mm(xs, self.experts.gate_up_proj, offsets).chunk(2, dim=-1)  # [M*K, I]
-        y = self.expert_mm(F.silu(gate) * up, self.experts.down_proj, offsets)              # [M*K, H]
-        y = y * weights.flatten()[order, None]
-        out = torch.empty_like(y)
-        out[order] = y                                                # back to (token, k) order
-        # One sum over k per token (fp32 accumulation, one rounding), not k in-place adds.
-        return out.view(m, k, -1).sum(dim=1).view(shape)
-
-    @staticmethod
-    def expert_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Each expert's rows through its weights: x [S, in], w [E, in, out] -> [S, out]
-        (grouped_mm; qwen3vl-bench measures a subclass that forces its per-expert loop)."""
-        return grouped_mm(x, w, offsets)
-
-
-_FAST_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-# torch's grouped GEMM on the CPU is slower than a per-expert loop below about this many rows
-# (2x at 8 rows, one decode token; slightly faster from 64 rows: `qwen3vl-bench`, R6).
-CPU_GROUPED_MIN_ROWS = 64
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, fast: bool = True) -> torch.Tensor:
-    """x [S, in] with rows grouped by expert, w [E, in, out], offsets [E] int32 cumulative row
-    ends -> [S, out]. torch's grouped GEMM where it takes this device and dtype (no host sync)
-    and pays off, else one matmul per non-empty group."""
-    if fast and _FAST_GROUPED_MM is not None and (
-            (x.device.type == "cpu" and x.shape[0] >= CPU_GROUPED_MIN_ROWS) or x.dtype == torch.bfloat16):
-        return _FAST_GROUPED_MM(x, w, offs=offsets)
-    out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(x[start:end], w[expert], out=out[start:end])
-        start = end
-    return out
+        out = self.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)  # [M, H]
+        return out.view(shape)
 
 
 class DenseMlp(nn.Module):
@@ -170,10 +136,10 @@ class DenseMlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int):
+    def __init__(self, cfg: TextConfig, layer_idx: int, ops: KernelOps):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = SparseMoe(cfg) if cfg.is_moe_layer(layer_idx) else DenseMlp(cfg)
+        self.mlp = SparseMoe(cfg, ops.fused_moe) if cfg.is_moe_layer(layer_idx) else DenseMlp(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -183,13 +149,16 @@ class DecoderLayer(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """`model.language_model.*` plus `lm_head`."""
+    """`model.language_model.*` plus `lm_head`. `kernels` ("torch" or "triton", as
+    kernels.resolve_kernels gives) chooses the MoE's experts path; attention goes through the
+    `cache` each forward is given (the engine's model runner chooses its kernels the same way)."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, kernels: str = "torch"):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.kernels = cfg, kernels
+        ops = kernel_ops(kernels)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ops) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = MRoPE(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -198,7 +167,7 @@ class LanguageModel(nn.Module):
     def from_checkpoint(cls, config: ModelConfig) -> "LanguageModel":
         cfg = config.text
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, config.kernels)
         tensors = load_tensors(config.checkpoint, ("model.language_model.", "lm_head."),
                                config.dtype, config.device, name="language model")
         if "weight" in tensors:  # `lm_head.weight` lost its prefix

@@ -135,26 +135,21 @@ class Bench:
         """R6: the per-expert loop of the reference (transformers' `Qwen3VLMoeTextSparseMoeBlock`,
         experts implementation "eager": for each hit expert, find its tokens, gather, two
         projections, index_add) / our grouped MoE, same weights, same router. Our own per-expert
-        matmul loop over the sorted slots (SortedLoopMoe) goes to the details: on the CPU both
-        it and the grouped path read the same expert weights, which bounds their ratio near 1."""
+        matmul loop over the sorted slots (fused_moe_torch_per_expert) goes to the
+        details: on the CPU both it and the grouped path read the same expert weights, which
+        bounds their ratio near 1."""
         from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
         from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
 
-        from ..model.text import SparseMoe, grouped_mm
-
-        class SortedLoopMoe(SparseMoe):
-            """Our MoE with one matmul per hit expert over its sorted rows (grouped_mm's loop,
-            never torch's grouped GEMM)."""
-
-            @staticmethod
-            def expert_mm(x, w, offsets):
-                return grouped_mm(x, w, offsets, fast=False)
+        from ..kernels.reference import fused_moe_torch_per_expert
+        from ..model.text import SparseMoe
 
         cfg = self.config.text
         raw = json.loads((Path(self.ckpt) / "config.json").read_text())["text_config"]
         ref_cfg = Qwen3VLMoeTextConfig(**raw)
         ref_cfg._experts_implementation = "eager"
-        layer, reference, loop = SparseMoe(cfg), Qwen3VLMoeTextSparseMoeBlock(ref_cfg), SortedLoopMoe(cfg)
+        layer, reference = SparseMoe(cfg), Qwen3VLMoeTextSparseMoeBlock(ref_cfg)
+        loop = SparseMoe(cfg, fused_moe_torch_per_expert)  # one matmul per hit expert
         loop.gate, loop.experts = layer.gate, layer.experts  # the same weights
         torch.manual_seed(0)
         with torch.no_grad():
