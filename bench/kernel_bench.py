@@ -6,7 +6,9 @@
 
 Each row is one op at one token count: the torch path and the Triton path run in interleaved
 rounds (the order alternating each round), and the row reports each path's median time and the
-median over rounds of the per-round ratio torch / triton (> 1: Triton is faster). Under the
+median over rounds of the per-round ratio torch / triton (> 1: Triton is faster), and how far
+the Triton output is from the torch one (max |difference| / max |torch|; exit status 1 when
+any op is past the dtype's tolerance). Under the
 interpreter the Triton times are numpy's, not a GPU's: --tiny checks the code paths, it measures
 nothing. Prints one table and writes a JSON file.
 
@@ -123,15 +125,26 @@ def _time(fn, reps: int, device: str) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def rel_err(a, b) -> float | None:
+    """max |a - b| / max |b| over the outputs (a tuple: the worst of its parts); None for ops
+    that return nothing (store_kv writes in place)."""
+    if a is None or b is None:
+        return None
+    if isinstance(a, tuple):
+        return max(rel_err(x, y) for x, y in zip(a, b))
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
 def measure(torch_fn, triton_fn, rounds: int, reps: int, device: str) -> dict:
-    torch_fn(), triton_fn()  # compile and warm up
+    err = rel_err(triton_fn(), torch_fn())  # compiles and warms up, and the two must agree
     times = {"torch": [], "triton": []}
     for r in range(rounds):
         for name in (("torch", "triton") if r % 2 == 0 else ("triton", "torch")):
             times[name].append(_time(torch_fn if name == "torch" else triton_fn, reps, device))
     ratios = [a / b for a, b in zip(times["torch"], times["triton"])]
     return {"torch_ms": statistics.median(times["torch"]) * 1e3, "triton_ms": statistics.median(times["triton"]) * 1e3,
-            "torch_over_triton": statistics.median(ratios)}
+            "torch_over_triton": statistics.median(ratios), "rel_err": err}
 
 
 def main(argv=None) -> int:
@@ -158,17 +171,23 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter: the Triton times mean nothing)"
     print(f"kernel_bench on {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
           f"triton {triton.__version__}; {rounds} rounds x {reps} calls; dims {dims}")
-    print(f"{'op':<20} {'tokens':>6} {'torch ms':>10} {'triton ms':>10} {'torch/triton':>12}")
+    # bf16 rounds the output (and, in fused MoE, the intermediate) at 2^-8 relative: a few ulps
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    print(f"{'op':<20} {'tokens':>6} {'torch ms':>10} {'triton ms':>10} {'torch/triton':>12} {'rel err':>9}")
     for row in rows:
+        err = row["rel_err"]
+        row["agrees"] = err is None or err <= tolerance
         print(f"{row['op']:<20} {row['tokens']:>6} {row['torch_ms']:>10.3f} {row['triton_ms']:>10.3f} "
-              f"{row['torch_over_triton']:>12.2f}")
+              f"{row['torch_over_triton']:>12.2f} {'-' if err is None else f'{err:.1e}':>9}"
+              f"{'' if row['agrees'] else f'  DIFFERS (> {tolerance:g})'}")
     result = {"device": name, "dtype": str(dtype), "torch": torch.__version__, "triton": triton.__version__,
-              "interpreter": not cuda, "rounds": rounds, "reps": reps, "dims": dims, "rows": rows}
+              "interpreter": not cuda, "rounds": rounds, "reps": reps, "dims": dims, "tolerance": tolerance,
+              "rows": rows}
     out = args.out or Path(__file__).resolve().parent / "results" / f"kernel_bench-{'gpu' if cuda else 'tiny-cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
-    return 0
+    return 0 if all(row["agrees"] for row in rows) else 1
 
 
 if __name__ == "__main__":

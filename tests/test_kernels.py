@@ -400,6 +400,8 @@ def test_kernel_bench_tiny(tmp_path):
     assert ops == {"fused_moe", "attention decode", "attention prefill", "store_kv", "rms_norm",
                    "fused_add_rms_norm", "silu_mul", "qk_norm_rope"}
     assert result["interpreter"] and len(result["rows"]) == 16 and "torch/triton" in run.stdout
+    # each op's output is compared with its torch path's in the same run (store_kv writes in place)
+    assert all(row["agrees"] and (row["rel_err"] is None) == (row["op"] == "store_kv") for row in result["rows"])
 
 
 # --- the engine on the kernels ----------------------------------------------------------------
