@@ -9,10 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from qwen3vl.launch.server import Server
-from qwen3vl.tools.make_checkpoint import make_checkpoint
+# Off a GPU the OpenAI Triton kernels run under Triton's interpreter, and triton decides that when
+# it is first imported (its standard library's @jit functions): set it before anything imports
+# triton (transformers does, through its image processors). Servers the tests start inherit it,
+# which changes nothing where kernels=auto picks torch on a CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from PIL import Image  # noqa: E402
+
+from qwen3vl.launch.server import Server  # noqa: E402
+from qwen3vl.tools.make_checkpoint import make_checkpoint  # noqa: E402
 
 LOG_DIR = Path(os.environ.get("QWEN3VL_TEST_LOGS", Path(__file__).resolve().parents[1] / ".work" / "test-logs"))
 
