@@ -69,3 +69,79 @@ def quantize_block_fp8(w: torch.Tensor, block: tuple[int, int] = BLOCK,
     s = expand_block_scale(scale, tuple(w.shape), block)
     q = (w.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.contiguous(), scale
+
+
+# --- W8A8: activations quantized per token group at run time (activation_scheme "dynamic") ----
+
+GROUP = 128                # activations: one scale per token per 128 input features
+ACT_EPS = 1e-10            # an all-zero group gets s = 1e-10 / 448, not 0 (no division by zero)
+
+
+def per_token_group_quant_fp8_torch(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float dtype) -> (q float8_e4m3fn [M, K], s fp32 [M, ceil(K/group)]):
+    s = max(amax of the group, 1e-10) / 448, q = e4m3(clamp(x / s, +-448)); the last group
+    holds what is left of K. vLLM's per_token_group_quant_fp8 (what the Triton kernel
+    computes; its fp32 -> fp8 cast is right on a GPU, not always under the interpreter)."""
+    m, k = x.shape
+    groups = math.ceil(k / group)
+    xf = torch.nn.functional.pad(x.float(), (0, groups * group - k)).view(m, groups, group)
+    s = xf.abs().amax(dim=-1).clamp(min=ACT_EPS) / FP8_MAX                    # [M, G]
+    q = (xf / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(m, groups * group)[:, :k]
+    return q.contiguous(), s
+
+
+def w8a8_block_fp8_matmul_torch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                                out_dtype: torch.dtype = torch.float32, block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """The W8A8 block-FP8 GEMM, emulated: a fp8 [M, K] with a_scale [M, ceil(K/block[1])] (per
+    token group), b fp8 [N, K] (nn.Linear's layout) with b_scale [ceil(N/block[0]),
+    ceil(K/block[1])] -> [M, N] in out_dtype: for each K group, the fp32 product of the fp8
+    values times a_scale (per row) times b_scale (per column tile), summed in fp32 over the
+    groups; the order of the Triton kernel (vLLM's w8a8_block_fp8_matmul). Raises ValueError on
+    mismatched shapes."""
+    m, k = a.shape
+    n = b.shape[0]
+    groups = math.ceil(k / block[1])
+    if b.shape[1] != k or tuple(a_scale.shape) != (m, groups) or tuple(b_scale.shape) != scale_grid((n, k), block):
+        raise ValueError(f"w8a8 matmul: a {tuple(a.shape)}, a_scale {tuple(a_scale.shape)}, b {tuple(b.shape)}, "
+                         f"b_scale {tuple(b_scale.shape)} do not fit (want [M, K], [M, ceil(K/{block[1]})], [N, K], "
+                         f"[ceil(N/{block[0]}), ceil(K/{block[1]})])")
+    b_col_scale = b_scale.float().repeat_interleave(block[0], dim=0)[:n]          # [N, G]
+    acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    for g in range(groups):
+        cols = slice(g * block[1], (g + 1) * block[1])
+        acc += (a[:, cols].float() @ b[:, cols].float().T) * a_scale[:, g, None].float() * b_col_scale[None, :, g]
+    return acc.to(out_dtype)
+
+
+def w8a8_block_fp8_linear_torch(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                                quantize=per_token_group_quant_fp8_torch) -> torch.Tensor:
+    """A Linear layer on FP8 weights, W8A8: x [M, K] in the model dtype, w fp8 [N, K], w_scale
+    [ceil(N/128), ceil(K/128)] -> [M, N] in x's dtype; x quantized per token group of 128 by
+    `quantize` first."""
+    q, s = quantize(x)
+    return w8a8_block_fp8_matmul_torch(q, w, s, w_scale, x.dtype)
+
+
+def fused_moe_fp8_torch(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                        w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        quantize=per_token_group_quant_fp8_torch) -> torch.Tensor:
+    """The routed experts of a MoE layer on block-FP8 weights, W8A8, emulated (the oracle of
+    kernels/fused_moe.fused_moe_fp8): x [M, H] in the model dtype; w13 fp8 [E, 2I, H] (gate =
+    first I rows, up = last I; nn.Linear's [out, in] per expert, stacked) with w13_scale
+    [E, ceil(2I/128), ceil(H/128)]; w2 fp8 [E, H, I] with w2_scale [E, ceil(H/128), ceil(I/128)];
+    topk_weights [M, K] (x's dtype), topk_ids [M, K]. x is quantized per token group, each GEMM
+    1's output rounded to x's dtype, SiLU(gate) * up quantized per token group again, GEMM 2's
+    output rounded to x's dtype and weighted (in x's dtype), the top-k summed in fp32. Returns
+    [M, H] in x's dtype. After vLLM's fused_moe with use_fp8_w8a8 and block_shape [128, 128]."""
+    m, h = x.shape
+    xq, xs = quantize(x)
+    out = torch.zeros(m, h, dtype=torch.float32, device=x.device)
+    for e in topk_ids.unique().tolist():
+        token, j = (topk_ids == e).nonzero(as_tuple=True)
+        gate_up = w8a8_block_fp8_matmul_torch(xq[token], w13[e], xs[token], w13_scale[e], x.dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate) * up
+        aq, as_ = quantize(act)
+        y = w8a8_block_fp8_matmul_torch(aq, w2[e], as_, w2_scale[e], x.dtype)
+        out.index_add_(0, token, (y * topk_weights[token, j, None]).float())
+    return out.to(x.dtype)
