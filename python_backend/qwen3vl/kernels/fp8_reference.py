@@ -43,12 +43,23 @@ def dequantize_block_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
                          block: tuple[int, int] = BLOCK) -> torch.Tensor:
     """q float8_e4m3fn [..., R, C], scale fp32 or bf16 [..., ceil(R/b0), ceil(C/b1)] -> [..., R, C]
     in `dtype`: q.float() * s per tile, exactly, in fp32, then one cast (bf16 on a GPU rounds once,
-    from the exact product). Raises ValueError for a scale grid that does not fit. Follows
-    transformers' Fp8Dequantize and vLLM's block FP8 (ceil-sized edge tiles, which transformers'
-    grid-derived block size does not handle)."""
+    from the exact product). Memory: one fp32 copy of q (multiplied in place, tiles as a view)
+    and the result. Raises ValueError for a scale grid that does not fit. Follows transformers'
+    Fp8Dequantize and vLLM's block FP8 (ceil-sized edge tiles, which transformers' grid-derived
+    block size does not handle)."""
     if q.dtype != FP8_DTYPE:
         raise ValueError(f"dequantize_block_fp8: weight dtype is {q.dtype}, expected {FP8_DTYPE}")
-    return (q.float() * expand_block_scale(scale, tuple(q.shape), block)).to(dtype)
+    grid = scale_grid(tuple(q.shape), block)
+    if tuple(scale.shape) != grid:
+        raise ValueError(f"scale grid {tuple(scale.shape)} does not fit a weight of shape {tuple(q.shape)} in "
+                         f"{block[0]}x{block[1]} blocks (expected {grid})")
+    *lead, rows, cols = q.shape
+    padded_r, padded_c = grid[-2] * block[0], grid[-1] * block[1]
+    w = q.float()
+    if (padded_r, padded_c) != (rows, cols):     # edge tiles: zeros to full tiles, cropped below
+        w = torch.nn.functional.pad(w, (0, padded_c - cols, 0, padded_r - rows))
+    w.view(*lead, grid[-2], block[0], grid[-1], block[1]).mul_(scale.float()[..., :, None, :, None])
+    return w[..., :rows, :cols].to(dtype).contiguous()
 
 
 def quantize_block_fp8(w: torch.Tensor, block: tuple[int, int] = BLOCK,
