@@ -41,23 +41,24 @@ ATTN_PTRS = dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, out_ptr=BF16, seg_acc_ptr="
 ATTN = dict(HQ=32, QPK=8, D=128, BLOCK_D=128, BLOCK_M=16, BLOCK_Q=2, PAGE=16, UPCAST_DOT=False, DOT_PRECISION="tf32")
 GEMM = dict(UPCAST_DOT=False, DOT_PRECISION="tf32")
 
+
+def moe_gemm(label: str, fp8: bool, rows_per_a: int, naive: bool, tiles: tuple[int, int, int, int], warps: int,
+             stages: int):
+    """A CASES row of the fused MoE's grouped GEMM; tiles = (BLOCK_SIZE_M, N, K, GROUP_SIZE_M)."""
+    m, n, k, group_m = tiles
+    constexprs = dict(GEMM, **(FP8_W if fp8 else BF16_W), ROWS_PER_A=rows_per_a, NAIVE=naive, BLOCK_SIZE_M=m,
+                      BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=group_m)
+    return (label, fused_moe._moe_gemm_kernel, MOE_FP8_PTRS if fp8 else MOE_PTRS, constexprs,
+            MOE_FP8_ONES if fp8 else MOE_ONES, ("n", "k"), warps, stages)
+
+
 # (label, kernel, argument types, constexprs, args that are 1 at a launch, 16-divisible ints, warps, stages)
 CASES = [
-    ("moe gemm1 T=1024 (H200 128/256/64)", fused_moe._moe_gemm_kernel, MOE_PTRS,
-     dict(GEMM, **BF16_W, ROWS_PER_A=8, NAIVE=False, BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64,
-          GROUP_SIZE_M=16), MOE_ONES, ("n", "k"), 8, 4),
-    ("moe gemm2 T=64 (H200 16/256/128)", fused_moe._moe_gemm_kernel, MOE_PTRS,
-     dict(GEMM, **BF16_W, ROWS_PER_A=1, NAIVE=False, BLOCK_SIZE_M=16, BLOCK_SIZE_N=256, BLOCK_SIZE_K=128,
-          GROUP_SIZE_M=1), MOE_ONES, ("n", "k"), 8, 2),
-    ("moe gemm1 small-token T=1", fused_moe._moe_gemm_kernel, MOE_PTRS,
-     dict(GEMM, **BF16_W, ROWS_PER_A=8, NAIVE=True, BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=1),
-     MOE_ONES, ("n", "k"), 4, 5),
-    ("moe gemm1 fp8 T=1024 (128/256/64)", fused_moe._moe_gemm_kernel, MOE_FP8_PTRS,
-     dict(GEMM, **FP8_W, ROWS_PER_A=8, NAIVE=False, BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64,
-          GROUP_SIZE_M=16), MOE_FP8_ONES, ("n", "k"), 8, 4),
-    ("moe gemm2 fp8 small-token T=1", fused_moe._moe_gemm_kernel, MOE_FP8_PTRS,
-     dict(GEMM, **FP8_W, ROWS_PER_A=1, NAIVE=True, BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1),
-     MOE_FP8_ONES, ("n", "k"), 4, 5),
+    moe_gemm("moe gemm1 T=1024 (H200 128/256/64)", False, 8, False, (128, 256, 64, 16), 8, 4),
+    moe_gemm("moe gemm2 T=64 (H200 16/256/128)", False, 1, False, (16, 256, 128, 1), 8, 2),
+    moe_gemm("moe gemm1 small-token T=1", False, 8, True, (16, 64, 64, 1), 4, 5),
+    moe_gemm("moe gemm1 fp8 T=1024 (128/256/64)", True, 8, False, (128, 256, 64, 16), 8, 4),
+    moe_gemm("moe gemm2 fp8 small-token T=1", True, 1, True, (16, 64, 128, 1), 4, 5),
     ("w8a8 block fp8 matmul", block_fp8._w8a8_block_fp8_matmul_kernel,
      dict(a_ptr=FP8, b_ptr=FP8, c_ptr=BF16, as_ptr="*fp32", bs_ptr="*fp32"),
      dict(GEMM, GROUP_N=128, GROUP_K=128, BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8),
