@@ -288,6 +288,9 @@ def test_resolve_fp8_mode():
         resolve_fp8_mode("native", "cuda:0", (9, 0))
     with pytest.raises(InvalidInput, match="fp8_mode: 'fp4' is not one of auto, dequantize, native"):
         resolve_fp8_mode("fp4", "cpu")
+    assert resolve_fp8_mode("native", "cpu", quantized=False) == "dequantize"     # nothing FP8 to run
+    with pytest.raises(InvalidInput, match="'fp4' is not one of"):
+        resolve_fp8_mode("fp4", "cpu", quantized=False)
 
 
 
@@ -295,6 +298,7 @@ def test_native_is_refused_on_the_cpu_when_loading(ckpts):
     assert ModelConfig.load(ckpts["fp8"], device="cpu").fp8_mode == "dequantize"
     with pytest.raises(InvalidInput, match="fp8_mode=native cannot run here: the device is cpu"):
         ModelConfig.load(ckpts["fp8"], device="cpu", fp8_mode="native")
+    assert ModelConfig.load(ckpts["bf16"], device="cpu", fp8_mode="native").quantization is None   # no effect
 
 
 # --- the engine and the server against transformers ----------------------------------------

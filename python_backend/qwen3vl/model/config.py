@@ -125,6 +125,7 @@ class ModelConfig:
         if raw.get("model_type") != "qwen3_vl_moe":
             raise ValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'qwen3_vl_moe'")
         device = resolve_device(device or "auto")
+        quantization = read_quantization_config(raw, str(config_path))
         return cls(
             checkpoint=checkpoint,
             text=TextConfig.from_dict(raw["text_config"]),
@@ -134,8 +135,8 @@ class ModelConfig:
             device=device,
             dtype=resolve_dtype(dtype, device),
             kernels=resolve_kernels(kernels, device),
-            quantization=read_quantization_config(raw, str(config_path)),
-            fp8_mode=resolve_fp8_mode(fp8_mode, device),
+            quantization=quantization,
+            fp8_mode=resolve_fp8_mode(fp8_mode, device, quantized=quantization is not None),
             raw=raw,
         )
 

@@ -144,18 +144,20 @@ def fp8_pairs(header: dict[str, dict], quantization: Fp8Config | None, where: st
     return pairs
 
 
-def resolve_fp8_mode(setting: str, device, capability: tuple[int, int] | None = None) -> str:
+def resolve_fp8_mode(setting: str, device, capability: tuple[int, int] | None = None, quantized: bool = True) -> str:
     """How FP8 weights run: "dequantize" (to the model dtype at load) or "native" (FP8 weights
     in memory, the Triton block-FP8 kernels).
 
     setting: "auto" (native where it can run, else dequantize), "dequantize" or "native".
     device: a torch.device or its name. capability: the CUDA device's (major, minor); None reads it.
-    Raises InvalidInput for an unknown setting, and for "native" on a device other than CUDA, on
-    a GPU below compute capability 8.9 (no FP8 tensor cores) or while the native path is not
-    wired into the served model (NATIVE_WIRED)."""
+    quantized: whether the checkpoint has FP8 weights (without, the setting only has to be a
+    known value: "dequantize" comes back, there being nothing to run natively).
+    Raises InvalidInput for an unknown setting, and for "native" on an FP8 checkpoint on a device
+    other than CUDA, on a GPU below compute capability 8.9 (no FP8 tensor cores) or while the
+    native path is not wired into the served model (NATIVE_WIRED)."""
     if setting not in FP8_MODES:
         raise InvalidInput(f"fp8_mode: {setting!r} is not one of {', '.join(FP8_MODES)}")
-    if setting == "dequantize":
+    if setting == "dequantize" or not quantized:
         return "dequantize"
     device_type = str(device).split(":")[0]
     if device_type != "cuda":
