@@ -14,7 +14,11 @@ nothing. Prints one table and writes a JSON file.
 
 Ops (T = tokens): fused MoE [T, H] top-k; attention decode (T sequences, one query each, a long
 context) and prefill (one sequence of T new tokens); store_kv; rms_norm; fused_add_rms_norm;
-silu_mul over the MoE's [T*K, 2I]; qk_norm_rope.
+silu_mul over the MoE's [T*K, 2I]; qk_norm_rope; and block FP8 (W8A8): the fused MoE on FP8
+experts and one FP8 Linear (q_proj's dims), each against its torch emulation
+(kernels/fp8_reference.py: its time is an emulation's, not a fast path's; compare the Triton
+time with the bf16 fused MoE row's). Under the interpreter the FP8 rows quantize activations
+with torch (the interpreter's fp32 -> fp8 cast misses some carries).
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ def _paged_batch(dims: dict, q_lens: list[int], seq_lens: list[int], device: str
 
 def cases(dims: dict, t: int, device: str, dtype, gen):
     """(op, torch fn, triton fn) at t tokens; each fn takes no argument."""
-    from qwen3vl.kernels import attention, fused_moe, fusions
+    from qwen3vl.kernels import attention, block_fp8, fused_moe, fusions
+    from qwen3vl.kernels import fp8_reference as f8
     from qwen3vl.kernels import reference as ref
 
     rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, device=device) * s).to(dtype)  # noqa: E731
@@ -90,6 +95,15 @@ def cases(dims: dict, t: int, device: str, dtype, gen):
     tw = tw.to(dtype)
     moe_args = (x, w_gu, w_dn, tw, ids)
     out = [("fused_moe", lambda: ref.fused_moe_torch(*moe_args), lambda: fused_moe.fused_moe(*moe_args))]
+    quant = f8.per_token_group_quant_fp8_torch if device == "cpu" else block_fp8.per_token_group_quant_fp8
+    w13, w13_s = f8.quantize_block_fp8(w_gu.transpose(1, 2))        # the release's [E, 2I, H] per expert
+    w2, w2_s = f8.quantize_block_fp8(w_dn.transpose(1, 2))
+    fp8_args = (x, w13, w13_s, w2, w2_s, tw, ids)
+    out.append(("fused_moe fp8", lambda: f8.fused_moe_fp8_torch(*fp8_args),
+                lambda: fused_moe.fused_moe_fp8(*fp8_args, quantize=quant)))
+    wq, wq_s = f8.quantize_block_fp8(rand(hq * d, h, s=h ** -0.5))
+    out.append(("w8a8 linear", lambda: f8.w8a8_block_fp8_linear_torch(x, wq, wq_s),
+                lambda: block_fp8.w8a8_block_fp8_linear(x, wq, wq_s, quantize=quant)))
 
     scale = d ** -0.5
     for op, q_lens, seq_lens in (("attention decode", [1] * t, [dims["context"]] * t), ("attention prefill", [t], [t])):

@@ -26,27 +26,45 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from qwen3vl.kernels import attention, fused_moe, fusions  # noqa: E402
+from qwen3vl.kernels import attention, block_fp8, fused_moe, fusions  # noqa: E402
 
-BF16 = "*bf16"
-MOE_PTRS = dict(a_ptr=BF16, b_ptr=BF16, c_ptr=BF16, sorted_ids_ptr="*i32", expert_ids_ptr="*i32", num_post_pad_ptr="*i32")
+BF16, FP8 = "*bf16", "*fp8e4nv"
+MOE_PTRS = dict(a_ptr=BF16, b_ptr=BF16, c_ptr=BF16, sorted_ids_ptr="*i32", expert_ids_ptr="*i32", num_post_pad_ptr="*i32",
+                as_ptr="*fp32", bs_ptr="*fp32")
+MOE_FP8_PTRS = dict(MOE_PTRS, a_ptr=FP8, b_ptr=FP8)
 MOE_ONES = ("stride_ak", "stride_bn", "stride_cn")
+MOE_FP8_ONES = ("stride_ak", "stride_bk", "stride_cn", "stride_asg", "stride_bsg")  # w [E, N, K]: K contiguous
+BF16_W = dict(USE_FP8_W8A8=False, GROUP_N=128, GROUP_K=128)
+FP8_W = dict(USE_FP8_W8A8=True, GROUP_N=128, GROUP_K=128)
 ATTN_PTRS = dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, out_ptr=BF16, seg_acc_ptr="*fp32", seg_max_ptr="*fp32",
                  seg_sum_ptr="*fp32", cu_q_ptr="*i32", seq_lens_ptr="*i32", block_table_ptr="*i32", qk_scale="fp32")
 ATTN = dict(HQ=32, QPK=8, D=128, BLOCK_D=128, BLOCK_M=16, BLOCK_Q=2, PAGE=16, UPCAST_DOT=False, DOT_PRECISION="tf32")
 GEMM = dict(UPCAST_DOT=False, DOT_PRECISION="tf32")
 
+
+def moe_gemm(label: str, fp8: bool, rows_per_a: int, naive: bool, tiles: tuple[int, int, int, int], warps: int,
+             stages: int):
+    """A CASES row of the fused MoE's grouped GEMM; tiles = (BLOCK_SIZE_M, N, K, GROUP_SIZE_M)."""
+    m, n, k, group_m = tiles
+    constexprs = dict(GEMM, **(FP8_W if fp8 else BF16_W), ROWS_PER_A=rows_per_a, NAIVE=naive, BLOCK_SIZE_M=m,
+                      BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=group_m)
+    return (label, fused_moe._moe_gemm_kernel, MOE_FP8_PTRS if fp8 else MOE_PTRS, constexprs,
+            MOE_FP8_ONES if fp8 else MOE_ONES, ("n", "k"), warps, stages)
+
+
 # (label, kernel, argument types, constexprs, args that are 1 at a launch, 16-divisible ints, warps, stages)
 CASES = [
-    ("moe gemm1 T=1024 (H200 128/256/64)", fused_moe._moe_gemm_kernel, MOE_PTRS,
-     dict(GEMM, ROWS_PER_A=8, NAIVE=False, BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=16),
-     MOE_ONES, ("n", "k"), 8, 4),
-    ("moe gemm2 T=64 (H200 16/256/128)", fused_moe._moe_gemm_kernel, MOE_PTRS,
-     dict(GEMM, ROWS_PER_A=1, NAIVE=False, BLOCK_SIZE_M=16, BLOCK_SIZE_N=256, BLOCK_SIZE_K=128, GROUP_SIZE_M=1),
-     MOE_ONES, ("n", "k"), 8, 2),
-    ("moe gemm1 small-token T=1", fused_moe._moe_gemm_kernel, MOE_PTRS,
-     dict(GEMM, ROWS_PER_A=8, NAIVE=True, BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=1),
-     MOE_ONES, ("n", "k"), 4, 5),
+    moe_gemm("moe gemm1 T=1024 (H200 128/256/64)", False, 8, False, (128, 256, 64, 16), 8, 4),
+    moe_gemm("moe gemm2 T=64 (H200 16/256/128)", False, 1, False, (16, 256, 128, 1), 8, 2),
+    moe_gemm("moe gemm1 small-token T=1", False, 8, True, (16, 64, 64, 1), 4, 5),
+    moe_gemm("moe gemm1 fp8 T=1024 (128/256/64)", True, 8, False, (128, 256, 64, 16), 8, 4),
+    moe_gemm("moe gemm2 fp8 small-token T=1", True, 1, True, (16, 64, 128, 1), 4, 5),
+    ("w8a8 block fp8 matmul", block_fp8._w8a8_block_fp8_matmul_kernel,
+     dict(a_ptr=FP8, b_ptr=FP8, c_ptr=BF16, as_ptr="*fp32", bs_ptr="*fp32"),
+     dict(GEMM, GROUP_N=128, GROUP_K=128, BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8),
+     ("stride_ak", "stride_bk", "stride_cn", "stride_asg", "stride_bsg"), ("n", "k"), 4, 3),
+    ("per-token group quant fp8", block_fp8._per_token_group_quant_kernel,
+     dict(x_ptr=BF16, q_ptr=FP8, s_ptr="*fp32", eps="fp32", fp8_max="fp32"), dict(GROUP_SIZE=128), (), ("k",), 4, 3),
     ("moe sum", fused_moe._moe_sum_kernel, dict(y_ptr=BF16, w_ptr=BF16, out_ptr=BF16), dict(TOP_K=8, BLOCK_H=1024),
      (), ("h",), 4, 3),
     ("attention 2D prefill", attention._attention_kernel, ATTN_PTRS, dict(ATTN, TILE=32, NUM_SEGMENTS=1), (), (), 4, 3),

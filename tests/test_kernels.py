@@ -24,14 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 _ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
 INTERPRET = not torch.cuda.is_available() if _ENV_BEFORE is None else _ENV_BEFORE == "1"
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
-for _name in ("common", "fusions", "fused_moe", "attention"):  # imported earlier without it: decorate again
+for _name in ("common", "fusions", "block_fp8", "fused_moe", "attention"):  # imported earlier without it: decorate again
     if f"qwen3vl.kernels.{_name}" in sys.modules:
         importlib.reload(sys.modules[f"qwen3vl.kernels.{_name}"])
 
 from qwen3vl.errors import InvalidInput  # noqa: E402
 from qwen3vl.kernels import KernelOps, kernel_ops, moe_config, reference as ref, resolve_kernels, tune_moe  # noqa: E402
+from qwen3vl.kernels import fp8_reference as fp8  # noqa: E402
 from qwen3vl.kernels.attention import should_split_kv, store_kv, unified_attention  # noqa: E402
-from qwen3vl.kernels.fused_moe import fused_moe, moe_align, use_small_token_path  # noqa: E402
+from qwen3vl.kernels.block_fp8 import per_token_group_quant_fp8, w8a8_block_fp8_linear, w8a8_block_fp8_matmul  # noqa: E402
+from qwen3vl.kernels.fused_moe import fused_moe, fused_moe_fp8, moe_align, use_small_token_path  # noqa: E402
 from qwen3vl.kernels.fusions import fused_add_rms_norm, qk_norm_rope, rms_norm, silu_mul  # noqa: E402
 
 if _ENV_BEFORE is None:
@@ -234,6 +236,121 @@ def test_tune_moe_plan_and_file(tmp_path, capsys):
     assert "runs over M in [1, 64]" in capsys.readouterr().out
 
 
+# --- block FP8 (W8A8) -------------------------------------------------------------------------
+# Inputs are quantized with torch (fp8_reference) and fed in as fp8: the interpreter's own
+# fp32 -> fp8 cast drops the rounding carry in some values, so it must not decide an outcome.
+
+@pytest.mark.parametrize("shape", [(5, 300), (1, 128), (9, 64)])
+def test_per_token_group_quant_fp8(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * torch.rand(shape[1], generator=g) * 10
+    x[-1] = 0                                   # an all-zero token: s = 1e-10 / 448, q = 0
+    q, s = per_token_group_quant_fp8(x.to(DEV))
+    want_q, want_s = fp8.per_token_group_quant_fp8_torch(x)
+    assert q.dtype == fp8.FP8_DTYPE and s.dtype == torch.float32 and s.shape == (shape[0], -(-shape[1] // 128))
+    assert torch.equal(s.cpu(), want_s) and s[-1, 0].item() == pytest.approx(1e-10 / 448)
+    got, want = q.cpu().float(), want_q.float()
+    wrong = got != want
+    if INTERPRET:
+        # the interpreter's known miss: a value that rounds up to a power of two loses the carry
+        # into the exponent and lands on half of it; every other value is torch's
+        mantissa, _ = torch.frexp(want[wrong])
+        assert bool((mantissa.abs() == 0.5).all()) and torch.equal(got[wrong], want[wrong] / 2)
+    else:
+        assert not wrong.any()
+    assert bool((want[-1] == 0).all())
+
+
+def fp8_operands(m: int, n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
+    aq, a_s = fp8.per_token_group_quant_fp8_torch(a)
+    bq, b_s = fp8.quantize_block_fp8(b)
+    return a, b, aq, a_s, bq, b_s
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 200, 300), (7, 64, 256), (33, 130, 128), (2, 16, 40)])
+def test_w8a8_block_fp8_matmul_equals_the_torch_emulation(m, n, k):
+    a, b, aq, a_s, bq, b_s = fp8_operands(m, n, k)
+    want = fp8.w8a8_block_fp8_matmul_torch(aq, bq, a_s, b_s)
+    # the emulation is the dequantized operands' product, summed group by group
+    a_deq = aq.float() * a_s.repeat_interleave(128, dim=1)[:, :k]
+    close(want, a_deq @ fp8.dequantize_block_fp8(bq, b_s).T, tol=1e-5)
+    got = w8a8_block_fp8_matmul(*(t.to(DEV) for t in (aq, bq, a_s, b_s)))
+    close(got.cpu(), want, tol=1e-5)
+    small = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=2, num_warps=4, num_stages=2)
+    close(w8a8_block_fp8_matmul(*(t.to(DEV) for t in (aq, bq, a_s, b_s)), config=small).cpu(), want, tol=1e-5)
+    bf16_scales = b_s.to(torch.bfloat16)        # the official Qwen3.6 FP8 stores bf16 scales
+    close(w8a8_block_fp8_matmul(*(t.to(DEV) for t in (aq, bq, a_s, bf16_scales))).cpu(),
+          fp8.w8a8_block_fp8_matmul_torch(aq, bq, a_s, bf16_scales), tol=1e-5)
+
+
+def test_w8a8_linear_and_refusals(capsys):
+    """The Linear on FP8 weights with torch's activation quantizer; the W8A8 vs W8A16 gap
+    (activation rounding) printed, not bounded; shapes and tiles that do not fit refused."""
+    a, b, aq, a_s, bq, b_s = fp8_operands(16, 256, 512, seed=1)
+    got = w8a8_block_fp8_linear(a.to(DEV), bq.to(DEV), b_s.to(DEV), quantize=fp8.per_token_group_quant_fp8_torch)
+    close(got.cpu(), fp8.w8a8_block_fp8_linear_torch(a, bq, b_s), tol=1e-5)
+    w8a16 = a @ fp8.dequantize_block_fp8(bq, b_s).T
+    full = a @ b.T
+    rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
+    with capsys.disabled():
+        print(f"\nrandom [16, 512] x [512, 256]: W8A8 vs W8A16 {rel(got.cpu(), w8a16):.2e}, "
+              f"W8A16 vs fp32 weights {rel(w8a16, full):.2e}, W8A8 vs fp32 {rel(got.cpu(), full):.2e} (relative norm)")
+    with pytest.raises(ValueError, match="must divide the FP8 scale group"):
+        w8a8_block_fp8_matmul(*(t.to(DEV) for t in (aq, bq, a_s, b_s)),
+                              config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=256, GROUP_SIZE_M=1,
+                                          num_warps=4, num_stages=2))
+    with pytest.raises(ValueError, match="do not fit"):
+        w8a8_block_fp8_matmul(*(t.to(DEV) for t in (aq, bq, a_s[:, :1], b_s)))
+    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn"):
+        w8a8_block_fp8_matmul(*(t.to(DEV) for t in (a, bq, a_s, b_s)))
+
+
+def moe_fp8_inputs(m: int, k: int, e: int, h: int, inter: int, seed: int = 0):
+    x, w_gate_up, w_down, weights, ids = (t.cpu() for t in moe_inputs_dims(m, k, e, h, inter, seed))
+    w13, w13_s = fp8.quantize_block_fp8(w_gate_up.transpose(1, 2))      # hub [E, H, 2I] -> [E, 2I, H]
+    w2, w2_s = fp8.quantize_block_fp8(w_down.transpose(1, 2))           # [E, I, H] -> [E, H, I]
+    return x, w13, w13_s, w2, w2_s, weights, ids
+
+
+def moe_inputs_dims(m, k, e, h, inter, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, h, generator=g)
+    w_gate_up = torch.randn(e, h, 2 * inter, generator=g) / h ** 0.5
+    w_down = torch.randn(e, inter, h, generator=g) / inter ** 0.5
+    weights, ids = torch.topk(torch.softmax(torch.randn(m, e, generator=g), dim=-1), k, dim=-1)
+    return x, w_gate_up, w_down, weights, ids
+
+
+@pytest.mark.parametrize("m, k, e, h, inter, small", [
+    (5, 2, 8, 256, 128, False), (1, 4, 16, 256, 128, True), (12, 2, 4, 192, 80, False), (3, 2, 8, 192, 80, True)])
+def test_fused_moe_fp8_equals_the_torch_emulation(m, k, e, h, inter, small):
+    """The fused MoE's FP8 path (aligned and small-token; K over two scale groups, and dims that
+    leave edge tiles: H 192, I 80) against the torch W8A8 emulation, activations quantized by
+    torch in both."""
+    args = moe_fp8_inputs(m, k, e, h, inter)
+    want = fp8.fused_moe_fp8_torch(*args)
+    got = fused_moe_fp8(*(t.to(DEV) for t in args), small_token=small, quantize=fp8.per_token_group_quant_fp8_torch)
+    close(got.cpu(), want, tol=1e-5)
+    assert (want - fused_moe_torch_dequantized(*args)).abs().max() > 1e-4   # W8A8 is not W8A16
+
+
+def fused_moe_torch_dequantized(x, w13, w13_s, w2, w2_s, weights, ids):
+    """W8A16: the same FP8 weights dequantized, activations unquantized."""
+    w_gate_up = fp8.dequantize_block_fp8(w13, w13_s).transpose(1, 2)
+    w_down = fp8.dequantize_block_fp8(w2, w2_s).transpose(1, 2)
+    return ref.fused_moe_torch(x, w_gate_up, w_down, weights, ids)
+
+
+def test_fused_moe_fp8_refuses_what_does_not_fit():
+    x, w13, w13_s, w2, w2_s, weights, ids = moe_fp8_inputs(2, 2, 4, 192, 80)
+    with pytest.raises(ValueError, match="do not fit hidden size 192"):
+        fused_moe_fp8(x, w13, w13_s[:, :1], w2, w2_s, weights, ids)
+    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn"):
+        fused_moe_fp8(x, w13.float(), w13_s, w2, w2_s, weights, ids)
+
+
 # --- attention ---------------------------------------------------------------------------------
 
 HQ, HKV, D, BS = 8, 2, 32, 16  # 4 query heads per KV head
@@ -381,9 +498,9 @@ def test_kernels_compile_for_hopper(tmp_path):
                          capture_output=True, text=True, timeout=300)
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert run.returncode == 0, rows[-1] if rows else run.stderr[-2000:]
-    assert len(rows) == 11 and all(row["shared_bytes"] <= H100_H200_SHARED for row in rows)
+    assert len(rows) == 15 and all(row["shared_bytes"] <= H100_H200_SHARED for row in rows)
     for row in rows:
-        if row["kernel"].startswith(("moe gemm", "attention 2D", "attention split")):
+        if row["kernel"].startswith(("moe gemm", "attention 2D", "attention split", "w8a8")):
             assert row["async_copies"] > 0 and row["dots"] > 0, row
 
 
@@ -397,9 +514,9 @@ def test_kernel_bench_tiny(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     ops = {row["op"] for row in result["rows"]}
-    assert ops == {"fused_moe", "attention decode", "attention prefill", "store_kv", "rms_norm",
-                   "fused_add_rms_norm", "silu_mul", "qk_norm_rope"}
-    assert result["interpreter"] and len(result["rows"]) == 16 and "torch/triton" in run.stdout
+    assert ops == {"fused_moe", "fused_moe fp8", "w8a8 linear", "attention decode", "attention prefill", "store_kv",
+                   "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope"}
+    assert result["interpreter"] and len(result["rows"]) == 20 and "torch/triton" in run.stdout
     # each op's output is compared with its torch path's in the same run (store_kv writes in place)
     assert all(row["agrees"] and (row["rel_err"] is None) == (row["op"] == "store_kv") for row in result["rows"])
 

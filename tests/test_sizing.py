@@ -5,6 +5,7 @@ vision encoder makes per visual token."""
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from transformers import AutoProcessor
@@ -35,3 +36,30 @@ def test_sizing_equals_what_the_servers_allocate(checkpoint, capsys):
     assert sz.main(["--checkpoint", str(checkpoint), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kv_bytes_per_token"] == sz.sizing(checkpoint).kv_bytes_per_token
     assert sz.sizing(checkpoint).kv_bytes_per_token * 2 == s.kv_bytes_per_token  # bf16 is half of fp32
+
+
+def test_sizing_counts_an_fp8_checkpoint_both_ways(tmp_path, capsys):
+    """Dequantized (what loads today): every weight in the dtype, scales dropped, equal to what
+    the loader returns; native: 1 byte per FP8 weight + 4 per scale + the rest in the dtype."""
+    from qwen3vl.model.checkpoint import shard_header, weight_map
+    from qwen3vl.tools.make_checkpoint import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "fp8", "tiny", fp8=True)
+    s = sz.sizing(ckpt, "float32")
+    tensors = load_tensors(ckpt, sz.LANGUAGE_PREFIXES, torch.float32, progress=lambda line: None)
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == s.language_weight_bytes
+    header = {}
+    for shard in set(weight_map(ckpt).values()):
+        header |= shard_header(ckpt / shard)
+    native = fp8 = 0
+    for name, info in header.items():
+        if name.startswith(sz.LANGUAGE_PREFIXES):
+            n = math.prod(info["shape"])
+            native += {"F8_E4M3": 1, "F32": 4}[info["dtype"]] * n if info["dtype"] != "BF16" else 4 * n
+            fp8 += n if info["dtype"] == "F8_E4M3" else 0
+    assert (s.language_fp8_params, s.language_fp8_weight_bytes, s.vision_fp8_params) == (fp8, native, 0)
+    assert 0 < fp8 < s.language_params and native < s.language_weight_bytes   # tiny: embeddings, lm_head dominate
+    assert sz.sizing(make_checkpoint(tmp_path / "bf16", "tiny")).language_fp8_params == 0
+    capsys.readouterr()
+    assert sz.main(["--checkpoint", str(ckpt)]) == 0
+    assert "kept FP8 (native: 1 byte a weight + fp32 scales)" in capsys.readouterr().out

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def model_config(settings: ServingConfig) -> ModelConfig:
-    """The checkpoint, device, dtype and kernels for a served model. Raises InvalidInput when no
+    """The checkpoint, device, dtype, kernels and FP8 mode for a served model. Raises InvalidInput when no
     checkpoint is set."""
     if not settings.checkpoint:
         raise InvalidInput("no checkpoint: set QWEN3VL_CHECKPOINT (qwen3vl-serve --checkpoint does) "
@@ -29,7 +29,7 @@ def model_config(settings: ServingConfig) -> ModelConfig:
         # slower with torch on both of 2 cores than with one).
         torch.set_num_threads(settings.torch_threads)
     return ModelConfig.load(settings.checkpoint, device=settings.resolved_device, dtype=settings.torch_dtype,
-                            kernels=settings.kernels)
+                            kernels=settings.kernels, fp8_mode=settings.fp8_mode)
 
 
 def request_parameters(request) -> dict:

@@ -14,6 +14,10 @@ Modules:
     tune_moe    the tuning sweep that writes a config file (GPU)
     attention   store_kv, unified paged attention (2D and split-KV)
     fusions     rms_norm, fused_add_rms_norm, silu_mul, qk_norm_rope
+    block_fp8   W8A8 block FP8: per_token_group_quant_fp8, w8a8_block_fp8_matmul (fused_moe_fp8 is
+                in fused_moe); not yet in KernelOps: the served model does not run FP8 natively
+    fp8_reference  block FP8 in torch, no triton: weight block (de)quantization, what the loader
+                dequantizes with, and the W8A8 emulation the FP8 kernels are checked against
     common      what the Triton modules share (UPCAST_DOT, the device check)
 """
 

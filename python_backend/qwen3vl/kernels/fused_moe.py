@@ -9,7 +9,11 @@ row: GEMM tiles multiply rows independently and the reduce sums its k rows in a 
 (with one tile config; configs are chosen by the step's token count, see moe_config).
 
 Weights are the hub layout: w_gate_up [E, H, 2I] (gate = first I columns), w_down [E, I, H];
-the kernel takes strides, so a per-expert transposed layout could be passed later.
+the kernel takes strides, so other layouts pass as they are. `fused_moe_fp8` runs the same
+kernels on block-FP8 weights (W8A8, a constexpr switch): FP8 experts stacked as released,
+w13 [E, 2I, H] and w2 [E, H, I] with per-expert scales [E, ceil(N/128), ceil(K/128)], and the
+activations quantized per token group of 128 before each GEMM (vLLM's use_fp8_w8a8 with
+block_shape [128, 128]).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import triton
 import triton.language as tl
 
 from . import moe_config
+from .block_fp8 import check_fp8_block_k, per_token_group_quant_fp8
 from .common import check_device, dot_options
+from .fp8_reference import BLOCK, FP8_DTYPE, scale_grid
 from .fusions import silu_mul
 from .reference import check_moe_shapes
 
@@ -69,13 +75,17 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
                      n, k, num_slots,
                      stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+                     as_ptr, bs_ptr, stride_asm, stride_asg, stride_bse, stride_bsn, stride_bsg,
                      ROWS_PER_A: tl.constexpr, NAIVE: tl.constexpr,
+                     USE_FP8_W8A8: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                      UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
                      GROUP_SIZE_M: tl.constexpr):
     """C[slot] = A[slot // ROWS_PER_A] @ B[expert of the slot's tile], for the slots of one
     (M-tile, N-tile). GEMM1: A = x, ROWS_PER_A = top_k (a slot's row is its token's hidden state);
-    GEMM2: A = the activations of the slots, ROWS_PER_A = 1."""
+    GEMM2: A = the activations of the slots, ROWS_PER_A = 1. USE_FP8_W8A8: A and B are fp8, each
+    K tile's product scaled by A's per-row group scale (as_ [rows, K/GROUP_K]) and B's block
+    scale (bs [E, N/GROUP_N, K/GROUP_K]), accumulated in fp32; BLOCK_SIZE_K divides GROUP_K."""
     pid = tl.program_id(0)
     num_pid_n = (n + BLOCK_SIZE_N - 1) // BLOCK_SIZE_N  # not tl.cdiv: see attention.py
     num_pid_m = tl.num_programs(0) // num_pid_n
@@ -106,6 +116,9 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ids_ptr, expert_ids_ptr, num_po
     n_ok = offs_n < n
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    # the FP8 scales' rows (unread without USE_FP8_W8A8; defined outside an `if` for the compiler)
+    as_ptrs = as_ptr + rows * stride_asm
+    bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // GROUP_N) * stride_bsn
     acc = tl.full((BLOCK_SIZE_M, BLOCK_SIZE_N), 0.0, dtype=tl.float32)
     for kk in range(0, (k + BLOCK_SIZE_K - 1) // BLOCK_SIZE_K):
         k_ok = offs_k < k - kk * BLOCK_SIZE_K
@@ -114,7 +127,13 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ids_ptr, expert_ids_ptr, num_po
         if UPCAST_DOT:  # see common.dot_options
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if USE_FP8_W8A8:
+            g = (kk * BLOCK_SIZE_K) // GROUP_K
+            a_s = tl.load(as_ptrs + g * stride_asg, mask=row_ok, other=0.0)
+            b_s = tl.load(bs_ptrs + g * stride_bsg, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b, input_precision=DOT_PRECISION) * a_s[:, None] * b_s[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
     c_ptrs = c_ptr + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -138,16 +157,27 @@ def _moe_sum_kernel(y_ptr, w_ptr, out_ptr, h, stride_ym, stride_wm, stride_om,
     tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _gemm(a, w, out, tiles, rows_per_a: int, naive: bool, config: dict) -> None:
+def _gemm(a, w, out, tiles, rows_per_a: int, naive: bool, config: dict, fp8=None) -> None:
     """Launch the grouped GEMM: a [rows, k] @ w [E, k, n] into out [M*K, n] for the slots of
-    `tiles` = (sorted_token_ids, expert_ids, num_tokens_post_padded, number of M-tiles)."""
+    `tiles` = (sorted_token_ids, expert_ids, num_tokens_post_padded, number of M-tiles). With
+    fp8 = (a_scale [rows, ceil(k/128)], w_scale [E, ceil(n/128), ceil(k/128)]): a and w are fp8
+    and w is [E, n, k] (nn.Linear's layout per expert), W8A8."""
     sorted_ids, expert_ids, num_post_pad, m_tiles = tiles
-    n, k = w.shape[2], w.shape[1]
+    if fp8 is None:
+        n, k = w.shape[2], w.shape[1]
+        strides_w = (w.stride(0), w.stride(1), w.stride(2))
+        a_s = w_s = torch.ones(1, 1, 1, device=a.device)    # unread: USE_FP8_W8A8 is off
+    else:
+        n, k = w.shape[1], w.shape[2]
+        strides_w = (w.stride(0), w.stride(2), w.stride(1))
+        a_s, w_s = fp8[0][None], fp8[1]
     grid = (m_tiles * triton.cdiv(n, config["BLOCK_SIZE_N"]),)
     _moe_gemm_kernel[grid](
         a, w, out, sorted_ids, expert_ids, num_post_pad, n, k, out.shape[0],
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        ROWS_PER_A=rows_per_a, NAIVE=naive, **dot_options(a.dtype), **config)
+        a.stride(0), a.stride(1), *strides_w, out.stride(0), out.stride(1),
+        a_s, w_s, a_s.stride(1), a_s.stride(2), w_s.stride(0), w_s.stride(1), w_s.stride(2),
+        ROWS_PER_A=rows_per_a, NAIVE=naive, USE_FP8_W8A8=fp8 is not None, GROUP_N=BLOCK[0], GROUP_K=BLOCK[1],
+        **dot_options(a.dtype), **config)
 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
@@ -167,13 +197,61 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, to
     """
     m, h, e, k = check_moe_shapes(x, w_gate_up, w_down, topk_weights, topk_ids)
     check_device(x, w_gate_up, w_down, topk_weights, topk_ids)
-    inter = w_down.shape[1]
+    return _experts(x, w_gate_up, w_down, topk_weights, topk_ids, (m, h, e, k, w_down.shape[1]), config,
+                    small_token)
+
+
+def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                  w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  config: dict | None = None, *, small_token: bool | None = None,
+                  quantize=per_token_group_quant_fp8) -> torch.Tensor:
+    """The routed experts of a MoE layer on block-FP8 weights, W8A8, in Triton.
+
+    x [M, H] (bf16, fp16 or fp32); w13 float8_e4m3fn [E, 2I, H] (each expert's gate rows then up
+    rows, nn.Linear's [out, in]: the released per-expert weights stacked) with w13_scale fp32 or
+    bf16 [E, ceil(2I/128), ceil(H/128)]; w2 float8_e4m3fn [E, H, I] with w2_scale
+    [E, ceil(H/128), ceil(I/128)]; topk_weights [M, K] (x's dtype); topk_ids [M, K] int in [0, E).
+    x and SiLU(gate) * up are quantized per token group of 128 by `quantize`
+    (block_fp8.per_token_group_quant_fp8; tests under the interpreter pass
+    fp8_reference.per_token_group_quant_fp8_torch, whose cast is right there); each K tile's
+    fp8 product is scaled by the token group's and the weight block's scales and accumulated in
+    fp32; GEMM outputs are rounded to x's dtype. Returns [M, H] in x's dtype. config as
+    fused_moe's, with BLOCK_SIZE_K capped at 128 (one scale per K tile). Raises ValueError on
+    mismatched shapes or dtypes, a bad config or a device Triton cannot run on. Same math as
+    fp8_reference.fused_moe_fp8_torch; after vLLM's fused_moe with use_fp8_w8a8 and block_shape
+    [128, 128].
+    """
+    m, h = x.shape
+    e, two_i = w13.shape[0], w13.shape[1]
+    if w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
+        raise ValueError(f"fused_moe_fp8: w13 and w2 must be {FP8_DTYPE}, got {w13.dtype} and {w2.dtype}")
+    if (w13.dim() != 3 or tuple(w13.shape[2:]) != (h,) or two_i % 2 or tuple(w2.shape) != (e, h, two_i // 2)
+            or tuple(w13_scale.shape) != scale_grid(tuple(w13.shape)) or tuple(w2_scale.shape) != scale_grid(tuple(w2.shape))):
+        raise ValueError(f"fused_moe_fp8: w13 {tuple(w13.shape)}, w13_scale {tuple(w13_scale.shape)}, w2 "
+                         f"{tuple(w2.shape)}, w2_scale {tuple(w2_scale.shape)} do not fit hidden size {h} (want "
+                         "[E, 2I, H], [E, ceil(2I/128), ceil(H/128)], [E, H, I], [E, ceil(H/128), ceil(I/128)])")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != m or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"fused_moe_fp8: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [M={m}, K]")
+    check_device(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+    scales = (w13_scale.float(), w2_scale.float(), quantize)
+    return _experts(x, w13, w2, topk_weights, topk_ids, (m, h, e, topk_ids.shape[1], two_i // 2), config,
+                    small_token, scales)
+
+
+def _experts(x, w1, w2, topk_weights, topk_ids, dims, config, small_token, fp8=None) -> torch.Tensor:
+    """fused_moe's body for both weight kinds: align, GEMM 1, SiLU * up, GEMM 2, the fixed-order
+    sum. dims = (M, H, E, K, I); fp8 = (w1 scales, w2 scales, activation quantizer) or None."""
+    m, h, e, k, inter = dims
     if m == 0:
         return x.new_empty(0, h)
     if config is None:
         config = moe_config.get_config(m, e, inter, moe_config.device_name(x.device), triton.__version__)
     else:
         config = moe_config.check_config(config)
+    if fp8 is not None:
+        config = dict(config, BLOCK_SIZE_K=min(config["BLOCK_SIZE_K"], BLOCK[1]))
+        check_fp8_block_k(config["BLOCK_SIZE_K"])
     naive = use_small_token_path(m, k, e) if small_token is None else small_token
     block_m = config["BLOCK_SIZE_M"]
     if naive:
@@ -185,10 +263,18 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, to
         used_bound = (m * k) // block_m + min(e, m * k)
         tiles = (sorted_ids, expert_ids, num_post_pad, min(expert_ids.numel(), used_bound))
     gate_up = torch.empty(m * k, 2 * inter, dtype=x.dtype, device=x.device)      # rows = slots
-    _gemm(x, w_gate_up, gate_up, tiles, k, naive, config)
+    if fp8 is None:
+        _gemm(x, w1, gate_up, tiles, k, naive, config)
+    else:
+        xq, xs = fp8[2](x)                                                        # per token, once for its K slots
+        _gemm(xq, w1, gate_up, tiles, k, naive, config, (xs, fp8[0]))
     act = silu_mul(gate_up)                                                       # [M*K, I]
     y = torch.empty(m * k, h, dtype=x.dtype, device=x.device)
-    _gemm(act, w_down, y, tiles, 1, naive, config)
+    if fp8 is None:
+        _gemm(act, w2, y, tiles, 1, naive, config)
+    else:
+        aq, as_ = fp8[2](act)
+        _gemm(aq, w2, y, tiles, 1, naive, config, (as_, fp8[1]))
     out = torch.empty(m, h, dtype=x.dtype, device=x.device)
     weights = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
     block_h = min(1024, triton.next_power_of_2(h))

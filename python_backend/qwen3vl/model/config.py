@@ -14,6 +14,7 @@ import torch
 
 from ..errors import InvalidInput
 from ..kernels import resolve_kernels
+from .fp8 import Fp8Config, read_quantization_config, resolve_fp8_mode
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class ModelConfig:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     kernels: str = "torch"  # the language model's kernels: "torch" or "triton" (kernels.resolve_kernels)
+    quantization: Fp8Config | None = None   # the checkpoint's checked quantization_config (model/fp8.py)
+    fp8_mode: str = "dequantize"            # how its FP8 weights run: "dequantize" or "native" (resolve_fp8_mode)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -108,11 +111,12 @@ class ModelConfig:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-             kernels: str = "auto") -> "ModelConfig":
+             kernels: str = "auto", fp8_mode: str = "auto") -> "ModelConfig":
         """The checkpoint's config.json, on `device` (auto: cuda when available) in `dtype` (auto:
-        bf16 on GPU, fp32 on CPU), with `kernels` (auto, torch, triton) resolved for that device.
-        Raises FileNotFoundError, ValueError (not a qwen3_vl_moe config), InvalidInput (a dtype or
-        kernels value that does not apply)."""
+        bf16 on GPU, fp32 on CPU), with `kernels` (auto, torch, triton) and `fp8_mode` (auto,
+        dequantize, native) resolved for that device. Raises FileNotFoundError, ValueError (not a
+        qwen3_vl_moe config; a quantization_config we do not run, naming the field), InvalidInput
+        (a dtype, kernels or fp8_mode value that does not apply)."""
         checkpoint = Path(checkpoint)
         config_path = checkpoint / "config.json"
         if not config_path.is_file():
@@ -121,6 +125,7 @@ class ModelConfig:
         if raw.get("model_type") != "qwen3_vl_moe":
             raise ValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'qwen3_vl_moe'")
         device = resolve_device(device or "auto")
+        quantization = read_quantization_config(raw, str(config_path))
         return cls(
             checkpoint=checkpoint,
             text=TextConfig.from_dict(raw["text_config"]),
@@ -130,6 +135,8 @@ class ModelConfig:
             device=device,
             dtype=resolve_dtype(dtype, device),
             kernels=resolve_kernels(kernels, device),
+            quantization=quantization,
+            fp8_mode=resolve_fp8_mode(fp8_mode, device, quantized=quantization is not None),
             raw=raw,
         )
 

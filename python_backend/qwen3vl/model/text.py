@@ -17,7 +17,7 @@ from torch import nn
 
 from ..kernels import KernelOps, kernel_ops
 from ..kernels.reference import fused_moe_torch
-from .checkpoint import load_tensors, to_hub_expert_layout
+from .checkpoint import fuse_per_expert, load_tensors, to_hub_expert_layout
 from .config import ModelConfig, TextConfig
 
 
@@ -174,6 +174,8 @@ class LanguageModel(nn.Module):
             tensors["lm_head.weight"] = tensors.pop("weight")
         elif config.raw.get("tie_word_embeddings"):
             tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+        # FP8 tensors came back dequantized (config.fp8_mode "dequantize", the only one wired)
+        tensors = fuse_per_expert(tensors, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         tensors = {k: to_hub_expert_layout(k, v, cfg.hidden_size, cfg.moe_intermediate_size)
                    for k, v in tensors.items()}
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

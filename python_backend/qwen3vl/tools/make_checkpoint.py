@@ -7,6 +7,13 @@ network. Every tensor is drawn from a generator seeded by (seed, hub tensor name
 not depend on module order, and the two expert layouts hold the very same numbers.
 
     qwen3vl-make-checkpoint --out DIR [--preset tiny|small] [--seed N] [--layout hub|transformers]
+    qwen3vl-make-checkpoint --out DIR --fp8 [--fp8-vision] [--layout per-expert|hub|transformers]
+    qwen3vl-make-checkpoint --out DIR --quantize SRC [--fp8-vision] [--layout ...]
+
+`--fp8` writes the same weights (rounded to bf16, as the plain checkpoint stores them) as Qwen's
+FP8 releases store theirs: block-quantized Linear weights with their scales, experts per expert,
+the config's quantization_config (tools/fp8_checkpoint.py); `--quantize SRC` does that to any of
+our checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..model.checkpoint import fuse_per_expert, to_hub_expert_layout, weight_map
+from .fp8_checkpoint import EXPERT_LAYOUTS, fp8_tensors, quantization_config
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MARKER = ".random_checkpoint.json"   # written last: its presence means "complete"
@@ -160,22 +171,32 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return x / math.sqrt(fan_in)                 # outputs ~unit variance for unit inputs
 
 
-def write_weights(out: Path, config: dict, seed: int, layout: str, shard_bytes: int, n_tokens: int) -> None:
+def write_weights(out: Path, config: dict, seed: int, layout: str, shard_bytes: int, n_tokens: int,
+                  fp8: bool = False, fp8_vision: bool = False) -> None:
+    """The random weights of `config` as shards in `layout`; with `fp8`, block-quantized as the
+    FP8 release stores them (fp8_tensors; the vision blocks too with `fp8_vision`)."""
     tensors = {}
     for name, shape in hub_shapes(config).items():
         t = random_tensor(name, shape, seed)
         if name == "lm_head.weight":
             t[n_tokens:] = 0                     # padding ids past the tokenizer never win argmax
-        if layout == "transformers" and name.endswith(FUSED_EXPERTS):
+        if layout == "transformers" and name.endswith(FUSED_EXPERTS) and not fp8:
             t = t.transpose(1, 2).contiguous()   # hub [E, H, 2I]/[E, I, H] -> [E, 2I, H]/[E, H, I]
         tensors[name] = t
-    write_shards(out, tensors, shard_bytes)
+    if fp8:
+        # quantize what the plain checkpoint of the same seed holds: its bf16 values
+        tensors = fp8_tensors({k: v.to(torch.bfloat16) for k, v in tensors.items()}, layout, fp8_vision)
+        write_shards(out, tensors, shard_bytes, dtype=None)
+    else:
+        write_shards(out, tensors, shard_bytes)
 
 
-def write_shards(out: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> None:
-    """Save {hub name: tensor} as bf16 safetensors shards (at least two, greedy in the given
-    order, at most `shard_bytes` each where a tensor allows) plus model.safetensors.index.json."""
-    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+def write_shards(out: Path, tensors: dict[str, torch.Tensor], shard_bytes: int,
+                 dtype: torch.dtype | None = torch.bfloat16) -> None:
+    """Save {hub name: tensor} as safetensors shards in `dtype` (None: each tensor's own, e.g.
+    FP8 weights beside fp32 scales; at least two shards, greedy in the given order, at most
+    `shard_bytes` each where a tensor allows) plus model.safetensors.index.json."""
+    tensors = {k: (v.detach() if dtype is None else v.detach().to(dtype)).contiguous() for k, v in tensors.items()}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     shard_bytes = min(shard_bytes, math.ceil(total / 2))   # always >= 2 shards, like the release
     shards, size = [[]], 0
@@ -224,12 +245,21 @@ def write_tokenizer_and_processor(out: Path, tok, ids: dict[str, int],
         "video_processor_type": "Qwen3VLVideoProcessor"})
 
 
-def make_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, layout: str = "hub") -> Path:
-    """Write (or reuse) the checkpoint for (preset, seed, layout) in out_dir; return its path."""
-    if preset not in PRESETS or layout not in ("hub", "transformers"):
-        raise ValueError(f"bad preset {preset!r} or layout {layout!r}")
+def make_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, layout: str | None = None, fp8: bool = False,
+                    fp8_vision: bool = False) -> Path:
+    """Write (or reuse) the checkpoint for (preset, seed, layout, fp8) in out_dir; return its path.
+
+    layout: the experts' layout, `hub` or `transformers` (fused), or with fp8 also `per-expert`
+    (None: per-expert with fp8, like the release; else hub). fp8: the Linear weights
+    block-quantized as Qwen's FP8 releases store them (tools/fp8_checkpoint.py), the vision
+    blocks' too with fp8_vision. Raises ValueError for an unknown preset or layout."""
+    layout = layout or ("per-expert" if fp8 else "hub")
+    if preset not in PRESETS or layout not in (EXPERT_LAYOUTS if fp8 else ("hub", "transformers")):
+        raise ValueError(f"bad preset {preset!r} or layout {layout!r}" + ("" if fp8 else " (per-expert needs fp8)"))
     out = Path(out_dir)
     args = {"version": FORMAT_VERSION, "preset": preset, "seed": int(seed), "layout": layout}
+    if fp8:
+        args.update(fp8=True, fp8_vision=bool(fp8_vision))
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == args:
         index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -242,18 +272,56 @@ def make_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, layout: str = 
 
     tok, ids = build_tokenizer(vocab_size=PRESETS[preset].get("bpe_vocab", BPE_VOCAB))
     configs = hf_configs(preset, ids)
+    if fp8:
+        configs["config.json"]["quantization_config"] = quantization_config(
+            configs["config.json"]["text_config"]["num_hidden_layers"], fp8_vision)
     for fname, obj in configs.items():
         write_json(out / fname, obj)
     write_tokenizer_and_processor(out, tok, ids, PRESETS[preset].get("image_pixels", (65536, 16777216)))
     write_weights(out, configs["config.json"], int(seed), layout, PRESETS[preset]["shard_bytes"],
-                  tok.get_vocab_size())
+                  tok.get_vocab_size(), fp8, fp8_vision)
+    kind = "FP8 (block-quantized) " if fp8 else ""
     (out / "README.md").write_text(
-        f"# Random Qwen3-VL-MoE checkpoint ({preset}, seed {seed}, {layout} expert layout)\n\n"
+        f"# Random {kind}Qwen3-VL-MoE checkpoint ({preset}, seed {seed}, {layout} expert layout)\n\n"
         "Generated by `qwen3vl-make-checkpoint`. The weights are RANDOM: the layout, names, configs,\n"
         "tokenizer and chat template follow Qwen/Qwen3-VL-30B-A3B-Instruct, but the model knows\n"
         "nothing and its output is gibberish. For tests and benchmarks only.\n")
     write_json(marker, args)
     return out
+
+
+def quantize_fp8(src, dst, layout: str = "per-expert", vision: bool = False,
+                 scale_dtype: torch.dtype = torch.float32) -> Path:
+    """Write checkpoint `src` (any of ours: fused experts in either layout, bf16 or fp32) to `dst`
+    as Qwen's FP8 release stores its weights: Linear weights block-quantized with their
+    `_scale_inv` (scale_dtype: fp32 or bf16), experts in `layout` (EXPERT_LAYOUTS), the vision
+    blocks quantized too with `vision`, config.json's quantization_config added, the index
+    rewritten, every other file (tokenizer, processor configs) copied. Returns dst. Raises
+    ValueError when src is FP8 already or its expert tensors fit no layout."""
+    src, dst = Path(src), Path(dst)
+    config = json.loads((src / "config.json").read_text())
+    if "quantization_config" in config:
+        raise ValueError(f"{src}: config.json has a quantization_config already")
+    text = config["text_config"]
+    experts = text.get("num_experts", text.get("num_local_experts"))
+    tensors = {}
+    for shard in sorted(set(weight_map(src).values())):
+        with safe_open(src / shard, "pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    tensors = fuse_per_expert(tensors, experts, text["hidden_size"], text["moe_intermediate_size"])
+    tensors = {k: to_hub_expert_layout(k, v, text["hidden_size"], text["moe_intermediate_size"])
+               for k, v in tensors.items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in dst.glob("model*.safetensors"):
+        old.unlink()
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(("model.safetensors", "model-", ".")):
+            _atomic(dst / f.name, lambda p, f=f: p.write_bytes(f.read_bytes()))
+    config["quantization_config"] = quantization_config(text["num_hidden_layers"], vision)
+    write_json(dst / "config.json", config)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_shards(dst, fp8_tensors(tensors, layout, vision, scale_dtype), max(1, total // 4), dtype=None)
+    return dst
 
 
 def _atomic(path: Path, write) -> None:
@@ -274,11 +342,20 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="output directory (created if missing)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layout", choices=["hub", "transformers"], default="hub",
-                    help="fused expert layout: hub [E,H,2I]/[E,I,H] or transformers' [E,2I,H]/[E,H,I]")
+    ap.add_argument("--layout", choices=list(EXPERT_LAYOUTS), default=None,
+                    help="expert layout: fused hub [E,H,2I]/[E,I,H] or transformers' [E,2I,H]/[E,H,I], or "
+                         "per-expert [out,in] (FP8 only; its default, like the release); default hub")
+    ap.add_argument("--fp8", action="store_true",
+                    help="block-quantized FP8 weights as Qwen's FP8 releases store them (128x128 scales)")
+    ap.add_argument("--fp8-vision", action="store_true", help="with --fp8 or --quantize: the vision blocks too")
+    ap.add_argument("--quantize", metavar="SRC", help="write checkpoint SRC as FP8 instead of a random one")
     a = ap.parse_args(argv)
-    out = make_checkpoint(a.out, a.preset, a.seed, a.layout)
-    print(f"wrote {a.preset} checkpoint (seed {a.seed}, {a.layout} layout) to {out}")
+    if a.quantize:
+        out = quantize_fp8(a.quantize, a.out, a.layout or "per-expert", a.fp8_vision)
+        print(f"wrote {a.quantize} as FP8 ({a.layout or 'per-expert'} experts) to {out}")
+        return
+    out = make_checkpoint(a.out, a.preset, a.seed, a.layout, a.fp8, a.fp8_vision)
+    print(f"wrote {a.preset} {'FP8 ' if a.fp8 else ''}checkpoint (seed {a.seed}) to {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """`qwen3vl-sizing`: what a checkpoint needs, read from its config.json and safetensors headers
 (nothing is loaded): weights per server role, KV cache bytes per token, E->L bytes per visual
-token, and what those come to for a context and an image."""
+token, and what those come to for a context and an image.
+
+An FP8 checkpoint (model/fp8.py) is counted both ways it can run: dequantized at load (every
+weight in the serving dtype, the scales dropped: what runs today) and native (1 byte per FP8
+weight plus its fp32 scales, the rest in the serving dtype)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import weight_map
+from ..model.checkpoint import shard_header, weight_map
 from ..model.config import ModelConfig
+from ..model.fp8 import FP8_DTYPES, SCALE_SUFFIX
 
 LANGUAGE_PREFIXES = ("model.language_model.", "lm_head.")
 VISION_PREFIXES = ("model.visual.",)
@@ -22,10 +27,13 @@ VISION_PREFIXES = ("model.visual.",)
 @dataclass
 class Sizing:
     dtype: str
-    language_params: int
+    language_params: int                # weights, FP8 ones included, their scales not
     vision_params: int
-    language_weight_bytes: int          # in the serving dtype
+    language_weight_bytes: int          # in the serving dtype (FP8 dequantized at load)
     vision_weight_bytes: int
+    language_fp8_params: int            # of language_params: FP8 in the checkpoint
+    vision_fp8_params: int              # (the vision tower is always dequantized at load)
+    language_fp8_weight_bytes: int      # kept FP8 (native): 1 byte each + fp32 scales + the rest in the dtype
     kv_bytes_per_token: int             # 2 (K, V) x layers x KV heads x head dim x dtype bytes
     e2l_bytes_per_visual_token: int     # (1 + deepstack layers) x hidden x dtype bytes
     max_position_embeddings: int
@@ -37,29 +45,51 @@ class Sizing:
         return self.e2l_bytes_per_visual_token * visual_tokens
 
 
-def _params(checkpoint: Path, prefixes: tuple[str, ...]) -> int:
+@dataclass
+class _Count:
+    params: int = 0          # weights (FP8 ones included), not their scales
+    fp8: int = 0             # of those, FP8 in the checkpoint
+    scales: int = 0          # the FP8 weights' scale entries
+
+    def weight_bytes(self, element: int) -> int:
+        return self.params * element
+
+    def fp8_weight_bytes(self, element: int) -> int:
+        return self.fp8 + 4 * self.scales + (self.params - self.fp8) * element
+
+
+def _count(checkpoint: Path, prefixes: tuple[str, ...]) -> _Count:
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map(checkpoint).items():
         if name.startswith(prefixes):
             shards.setdefault(shard, []).append(name)
-    total = 0
+    count = _Count()
     for shard, names in shards.items():
-        with open(checkpoint / shard, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(math.prod(header[n]["shape"]) for n in names)
-    return total
+        header = shard_header(checkpoint / shard)
+        for n in names:
+            numel = math.prod(header[n]["shape"])
+            if n.endswith(SCALE_SUFFIX):
+                count.scales += numel
+            else:
+                count.params += numel
+                count.fp8 += numel if header[n]["dtype"] in FP8_DTYPES else 0
+    return count
 
 
 def sizing(checkpoint: str | Path, dtype: str = "bfloat16") -> Sizing:
+    """The checkpoint's sizes (see Sizing) in the serving `dtype`, from its config.json and
+    shard headers. Raises what ModelConfig.load raises (FileNotFoundError, ValueError)."""
     checkpoint = Path(checkpoint)
     config = ModelConfig.load(checkpoint, device="cpu", dtype=dtype)
     element = torch.empty((), dtype=config.dtype).element_size()
     t = config.text
-    language, vision = _params(checkpoint, LANGUAGE_PREFIXES), _params(checkpoint, VISION_PREFIXES)
+    language, vision = _count(checkpoint, LANGUAGE_PREFIXES), _count(checkpoint, VISION_PREFIXES)
     return Sizing(
         dtype=str(config.dtype).removeprefix("torch."),
-        language_params=language, vision_params=vision,
-        language_weight_bytes=language * element, vision_weight_bytes=vision * element,
+        language_params=language.params, vision_params=vision.params,
+        language_weight_bytes=language.weight_bytes(element), vision_weight_bytes=vision.weight_bytes(element),
+        language_fp8_params=language.fp8, vision_fp8_params=vision.fp8,
+        language_fp8_weight_bytes=language.fp8_weight_bytes(element),
         kv_bytes_per_token=2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * element,
         e2l_bytes_per_visual_token=(1 + config.deepstack_layers) * config.visual_hidden_size * element,
         max_position_embeddings=t.max_position_embeddings,
@@ -91,6 +121,10 @@ def main(argv=None) -> int:
           f"language and aggregated servers")
     print(f"  vision tower weights    {_b(s.vision_weight_bytes)} ({s.vision_params / 1e9:.3g} B params): "
           f"encoder and aggregated servers")
+    if s.language_fp8_params or s.vision_fp8_params:
+        print(f"  FP8 checkpoint          {s.language_fp8_params / 1e9:.3g} B language and {s.vision_fp8_params / 1e9:.3g} "
+              f"B vision params in FP8, dequantized at load to the sizes above (fp8_mode dequantize); the language "
+              f"model kept FP8 (native: 1 byte a weight + fp32 scales) {_b(s.language_fp8_weight_bytes)}")
     print(f"  KV cache per token      {_b(s.kv_bytes_per_token)}; a {args.context}-token sequence "
           f"{_b(s.kv_bytes(args.context))}")
     print(f"  E->L per visual token   {_b(s.e2l_bytes_per_visual_token)}; an image of {args.visual_tokens} "
