@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .processes import ModelProcess, model_processes, process_table
+
 
 def free_ports(n: int) -> list[int]:
     socks = []
@@ -95,6 +97,18 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+    def tritonserver_pid(self) -> int | None:
+        """The launcher's tritonserver child, while it runs."""
+        if not self.alive():
+            return None
+        return next((pid for pid, (ppid, name, _) in process_table().items()
+                     if ppid == self.proc.pid and name == "tritonserver"), None)
+
+    def model_processes(self) -> list[ModelProcess]:
+        """Its tritonserver's model processes (one per model instance), while it runs."""
+        pid = self.tritonserver_pid()
+        return model_processes(pid) if pid else []
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

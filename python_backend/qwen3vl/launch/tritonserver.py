@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..paths import PACKAGE_ROOT, REPO_ROOT
 from ..settings import ServingConfig
+from .processes import end_model_processes
 
 DEFAULT_MODEL_REPOSITORY = os.environ.get("QWEN3VL_MODEL_REPOSITORY") or str(REPO_ROOT / "model_repository")
 
@@ -162,7 +163,14 @@ def run(server_cmd: list[str], env: dict[str, str], api_cmd: list[str] | None = 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    return _wait(proc, api, lambda: stopping)
+    code = _wait(proc, api, lambda: stopping)
+    # Killed (SIGKILL, the OOM killer) or not, nothing of the server may outlive it.
+    killed = end_model_processes(proc.pid)
+    if killed:
+        print(f"qwen3vl-serve: tritonserver exited ({code}) leaving {len(killed)} model process(es) stuck "
+              f"({', '.join(f'{Path(p.model).parent.parent.name} pid {p.pid}' for p in killed)}): killed, "
+              "their shared memory removed", file=sys.stderr, flush=True)
+    return code
 
 
 def _wait(server: subprocess.Popen, api: subprocess.Popen | None, stopping) -> int:

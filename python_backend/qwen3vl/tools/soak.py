@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..client import ServerError, infer, stream_grpc
+from ..launch.server import Server
 from ..paths import REPO_ROOT
 
 
@@ -118,35 +119,19 @@ def soak(url: str, requests: int, concurrency: int, images: list[bytes], seed: i
     return report
 
 
-def stub_rss_mib(server_pid: int) -> float:
-    """Resident memory (MiB) of the Python backend stubs under the launcher `server_pid`
-    (its tritonserver child's children), from /proc."""
-    children: dict[int, list[int]] = {}
-    names: dict[int, str] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def stub_rss_mib(server: Server) -> float:
+    """Resident memory (MiB) of the server's Python backend stubs, from /proc."""
+    total_kib = 0
+    for process in server.model_processes():
         try:
-            text = stat.read_text()
+            status = (Path("/proc") / str(process.pid) / "status").read_text()
         except OSError:
             continue
-        pid = int(stat.parent.name)
-        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-        names[pid] = name
-        children.setdefault(int(rest[1]), []).append(pid)
-    total_kib, todo = 0, list(children.get(server_pid, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        if names.get(pid, "").startswith("triton_python"):
-            try:
-                status = (Path("/proc") / str(pid) / "status").read_text()
-            except OSError:
-                continue
-            total_kib += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        total_kib += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
     return total_kib / 1024
 
 
 def main(argv=None) -> int:
-    from ..launch.server import Server
     from .make_checkpoint import make_checkpoint
 
     p = argparse.ArgumentParser(prog="qwen3vl-soak", description=__doc__.splitlines()[0])
@@ -161,9 +146,9 @@ def main(argv=None) -> int:
     with Server(ckpt, REPO_ROOT / ".work" / "logs" / "soak.log",
                 extra=["--device", "cpu", "--max-num-seqs", str(args.max_num_seqs)]) as server:
         warm = soak(server.grpc_url, 2 * args.concurrency, args.concurrency, images, seed=args.seed + 1)
-        before = stub_rss_mib(server.proc.pid)
+        before = stub_rss_mib(server)
         report = soak(server.grpc_url, args.requests, args.concurrency, images, seed=args.seed)
-        report.rss_mib_before, report.rss_mib_after = before, stub_rss_mib(server.proc.pid)
+        report.rss_mib_before, report.rss_mib_after = before, stub_rss_mib(server)
     out = {**report.__dict__, "warm_up_errors": warm.errors, "requests_per_s": report.requests / report.seconds,
            "ok": report.ok and not warm.errors}
     print(json.dumps(out, indent=1))
