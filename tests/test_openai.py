@@ -31,6 +31,7 @@ from qwen3vl.cli import openai_server, serve
 from qwen3vl.client import infer, stream_grpc
 from qwen3vl.launch import tritonserver
 from qwen3vl.launch.server import free_ports
+from qwen3vl.openai import DEFAULT_MODEL_NAME
 from qwen3vl.openai.app import ServiceConfig, create_app
 from qwen3vl.openai.errors import APIError
 from qwen3vl.openai.images import ImagePolicy, decode_data_url, domain_allowed
@@ -637,7 +638,7 @@ def test_serve_starts_the_api_beside_tritonserver_and_stops_both(checkpoint, tmp
                 time.sleep(0.2)
         assert health.status_code == 503  # this tritonserver serves nothing
         models = httpx2.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
-        assert [m["id"] for m in models["data"]] == [Path(checkpoint).name]
+        assert [m["id"] for m in models["data"]] == [DEFAULT_MODEL_NAME]  # the one name, whatever the checkpoint
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
@@ -666,7 +667,7 @@ def test_serve_builds_the_api_command():
     cmd = tritonserver.openai_command(args)
     assert cmd[:3] == [sys.executable, "-m", "qwen3vl.cli.openai_server"]
     config = openai_server.config_from_args(openai_server.parse_args(cmd[3:]))
-    assert config.triton_url == "127.0.0.1:9001" and config.model_name == "Qwen3-VL-30B-A3B-Instruct"
+    assert config.triton_url == "127.0.0.1:9001" and config.model_name == DEFAULT_MODEL_NAME
     assert config.images.allowed_domains == ("example.com",)
     assert "--host" in cmd and cmd[cmd.index("--host") + 1] == "0.0.0.0"
     with pytest.raises(SystemExit) as e:

@@ -113,11 +113,10 @@ def server_env(settings: ServingConfig, given: set[str], libdirs: list[str] = ()
 
 
 def openai_command(args) -> list[str]:
-    """qwen3vl-openai in front of this server's ensemble; the model's name is the checkpoint
-    directory's (`--openai-arg=--model-name=NAME` overrides it)."""
+    """qwen3vl-openai in front of this server's ensemble, serving the model under qwen3vl-openai's
+    own default name, as everywhere (`--openai-arg=--model-name=NAME` changes it)."""
     return [sys.executable, "-m", "qwen3vl.cli.openai_server", "--triton-url", f"127.0.0.1:{args.grpc_port}",
-            "--host", args.openai_host, "--port", str(args.openai_port),
-            "--model-name", Path(args.checkpoint).resolve().name, *args.openai_arg]
+            "--host", args.openai_host, "--port", str(args.openai_port), *args.openai_arg]
 
 
 def _die_with_parent() -> None:
