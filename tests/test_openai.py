@@ -613,7 +613,7 @@ def fake_tritonserver(tmp: Path) -> Path:
     return bindir
 
 
-def launch(checkpoint, tmp_path, openai_port: int, log_name: str) -> subprocess.Popen:
+def launch(checkpoint, tmp_path, openai_port: int, log_name: str, extra: list[str] = ()) -> subprocess.Popen:
     http, grpc, metrics_port = free_ports(3)
     env = {**os.environ, "QWEN3VL_SYSTEM_TRITON": "1",
            "PATH": os.pathsep.join([str(fake_tritonserver(tmp_path)), os.environ.get("PATH", "")])}
@@ -621,7 +621,7 @@ def launch(checkpoint, tmp_path, openai_port: int, log_name: str) -> subprocess.
     with open(LOG_DIR / log_name, "wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen([sys.executable, "-m", "qwen3vl.cli.serve", "--checkpoint", str(checkpoint),
                                  "--http-port", str(http), "--grpc-port", str(grpc),
-                                 "--metrics-port", str(metrics_port), "--openai-port", str(openai_port)],
+                                 "--metrics-port", str(metrics_port), "--openai-port", str(openai_port), *extra],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -648,16 +648,12 @@ def test_serve_starts_the_api_beside_tritonserver_and_stops_both(checkpoint, tmp
 
 
 def test_serve_stops_tritonserver_when_the_api_cannot_start(checkpoint, tmp_path):
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    try:
-        proc = launch(checkpoint, tmp_path, taken.getsockname()[1], "serve-openai-taken.log")
-        rc = proc.wait(60)
-    finally:
-        taken.close()
+    (port,) = free_ports(1)
+    # (a taken port is refused before anything starts: test_serve.py)
+    proc = launch(checkpoint, tmp_path, port, "serve-openai-bad.log", ["--openai-arg=--log-level=loud"])
+    rc = proc.wait(60)
     assert rc != 0
-    assert "the OpenAI API exited" in (LOG_DIR / "serve-openai-taken.log").read_text()
+    assert "the OpenAI API exited" in (LOG_DIR / "serve-openai-bad.log").read_text()
 
 
 def test_serve_builds_the_api_command():

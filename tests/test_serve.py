@@ -11,7 +11,7 @@ import pytest
 
 from conftest import LOG_DIR, metric, png
 from qwen3vl.client import ServerError, infer
-from qwen3vl.launch.server import Server
+from qwen3vl.launch.server import Server, free_ports
 
 
 def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
@@ -29,6 +29,32 @@ def test_sigterm_shuts_the_server_down_cleanly(checkpoint):
     assert server.stop() == 0
     assert time.monotonic() - start < 60
     assert "successfully unloaded 'qwen3_language'" in server.tail(200)
+
+
+def test_a_port_in_use_is_refused_before_tritonserver_starts(checkpoint):
+    """A port another program listens on, or one given twice: a clear error at once, naming the
+    flag, before any model loads."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    http, grpc, metrics_port = free_ports(3)
+    try:
+        cases = [(["--http-port", str(taken.getsockname()[1]), "--grpc-port", str(grpc)],
+                  rf"--http-port {taken.getsockname()[1]} on 127.0.0.1: another program listens on it"),
+                 (["--http-port", str(http), "--grpc-port", str(grpc), "--openai-port", str(http)],
+                  rf"--openai-port {http} is also --http-port's port")]
+        for ports, message in cases:
+            start = time.monotonic()
+            out = subprocess.run([sys.executable, "-m", "qwen3vl.cli.serve", "--checkpoint", str(checkpoint),
+                                  "--metrics-port", str(metrics_port), *ports],
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode != 0 and re.search(message, out.stderr), out.stderr
+            assert "nothing started" in out.stderr
+            assert time.monotonic() - start < 30
+    finally:
+        taken.close()
 
 
 def test_metrics_count_requests_and_tokens(server):

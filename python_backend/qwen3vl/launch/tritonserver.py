@@ -13,9 +13,11 @@ them (qwen3vl.cli.serve.build_parser).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -117,6 +119,31 @@ def openai_command(args) -> list[str]:
     own default name, as everywhere (`--openai-arg=--model-name=NAME` changes it)."""
     return [sys.executable, "-m", "qwen3vl.cli.openai_server", "--triton-url", f"127.0.0.1:{args.grpc_port}",
             "--host", args.openai_host, "--port", str(args.openai_port), *args.openai_arg]
+
+
+def ports_in_use(args) -> list[str]:
+    """What stands in the way of the ports tritonserver (and the OpenAI API) will listen on: a port
+    given twice, or one another program listens on. Checked before tritonserver starts, so a clash
+    shows at once, not after the models have loaded (minutes for a large checkpoint)."""
+    wanted = [("--http-port", args.host, args.http_port), ("--grpc-port", args.host, args.grpc_port),
+              ("--metrics-port", args.host, args.metrics_port)]
+    if args.openai_port:
+        wanted.append(("--openai-port", args.openai_host, args.openai_port))
+    problems, seen = [], {}
+    for flag, host, port in wanted:
+        if port in seen:
+            problems.append(f"{flag} {port} is also {seen[port]}'s port")
+            continue
+        seen[port] = flag
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            # As the servers bind: a listener in the way is refused, a closed connection's TIME_WAIT is not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                why = "another program listens on it" if e.errno == errno.EADDRINUSE else e.strerror
+                problems.append(f"{flag} {port} on {host}: {why}")
+    return problems
 
 
 def _die_with_parent() -> None:
