@@ -15,11 +15,17 @@ setup: $(STAMP)
 # A venv in the repository with the pinned packages; the tritonserver binary, Python backend and
 # stubs come with the nvidia-pytriton wheel (qwen3vl-serve assembles the backend directory).
 $(STAMP): pyproject.toml
+	@echo "make setup: a virtual environment in $(VENV) with the pinned packages (once; a few minutes: torch is large)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "make setup: upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "make setup: installing this package and its pinned dependencies (torch, transformers, nvidia-pytriton:" \
+	  "tritonserver and its Python backend); pip is quiet until it is done"
 	$(PY) -m pip install --quiet -e '.[server,test]'
+	@echo "make setup: assembling tritonserver's Python backend directory"
 	$(PY) -m qwen3vl.cli.serve --check
 	touch $(STAMP)
+	@echo "make setup: done"
 
 checkpoint: setup
 	$(VENV)/bin/qwen3vl-make-checkpoint --out $(CHECKPOINTS)/small --preset small

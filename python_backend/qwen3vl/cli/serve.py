@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..launch.tritonserver import (DEFAULT_MODEL_REPOSITORY, ROLES, locate_tritonserver, openai_command,
-                                   ports_in_use, python_backend_dir, pytriton_dirs, run, server_command,
+from ..launch.tritonserver import (DEFAULT_MODEL_REPOSITORY, ROLES, endpoints, locate_tritonserver,
+                                   openai_command, ports_in_use, python_backend_dir, pytriton_dirs, run, server_command,
                                    server_env)
 from ..settings import ServingConfig
 
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     settings, given = settings_from_args(args)
     binary, backend_dir, libdirs = locate_tritonserver()
     env = server_env(settings, given, libdirs)
-    return run(server_command(args, backend_dir, binary), env, openai_command(args) if args.openai_port else None)
+    return run(server_command(args, backend_dir, binary), env, openai_command(args) if args.openai_port else None,
+               endpoints(args))
 
 
 if __name__ == "__main__":

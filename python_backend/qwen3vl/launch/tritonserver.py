@@ -21,6 +21,9 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 from ..paths import PACKAGE_ROOT, REPO_ROOT
@@ -170,10 +173,46 @@ def locate_tritonserver() -> tuple[str, Path | None, list[str]]:
     return str(server_dir / "bin" / "tritonserver"), python_backend_dir(server_dir), [*libdirs, str(libs)]
 
 
-def run(server_cmd: list[str], env: dict[str, str], api_cmd: list[str] | None = None) -> int:
+def endpoints(args) -> tuple[str, str]:
+    """(the URL that answers 200 once every model is ready, where the server listens: for people)."""
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(args.host, f"[{args.host}]" if ":" in args.host else args.host)
+    where = f"HTTP {local}:{args.http_port}, gRPC {local}:{args.grpc_port}, metrics http://{local}:{args.metrics_port}/metrics"
+    if args.openai_port:
+        host = {"0.0.0.0": "127.0.0.1"}.get(args.openai_host, args.openai_host)
+        where += f", OpenAI API http://{host}:{args.openai_port}/v1"
+    return f"http://{local}:{args.http_port}/v2/health/ready", where
+
+
+def announce_ready(server: subprocess.Popen, ready_url: str, where: str, every_s: float = 10.0) -> None:
+    """Say, every `every_s` while the models load, that qwen3vl-serve is waiting (and how long
+    it has), then that the server is ready and where; nothing if it exits first."""
+    start, said = time.monotonic(), 0.0
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    print(f"qwen3vl-serve: tritonserver started (pid {server.pid}); loading the models", file=sys.stderr, flush=True)
+    while server.poll() is None:
+        try:
+            with direct.open(ready_url, timeout=2) as response:
+                if response.status == 200:
+                    print(f"qwen3vl-serve: ready after {time.monotonic() - start:.0f} s: {where}",
+                          file=sys.stderr, flush=True)
+                    return
+        except (OSError, ValueError):  # not listening yet, or not ready (503)
+            pass
+        if (waited := time.monotonic() - start) - said >= every_s:
+            said = waited
+            print(f"qwen3vl-serve: waiting for tritonserver to load the models ({waited:.0f} s)",
+                  file=sys.stderr, flush=True)
+        time.sleep(0.5)
+
+
+def run(server_cmd: list[str], env: dict[str, str], api_cmd: list[str] | None = None,
+        ready: tuple[str, str] | None = None) -> int:
     """Run tritonserver (`server_cmd`) and, with `api_cmd`, the OpenAI API beside it, both dying
-    with this process; SIGTERM and SIGINT are passed on to them. tritonserver's exit status."""
+    with this process; SIGTERM and SIGINT are passed on to them. With `ready` (endpoints()), say
+    when the server is ready. tritonserver's exit status."""
     proc = subprocess.Popen(server_cmd, env=env, preexec_fn=_die_with_parent)
+    if ready:
+        threading.Thread(target=announce_ready, args=(proc, *ready), name="ready", daemon=True).start()
     # The API in its own session: a terminal's Ctrl-C reaches it once, through us.
     api = subprocess.Popen(api_cmd, env=env, preexec_fn=_die_with_parent,
                            start_new_session=True) if api_cmd else None
