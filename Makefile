@@ -7,6 +7,10 @@ CHECKPOINTS := .work/checkpoints
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_PORT ?= 9000
+# What `make serve` serves: the trained demo checkpoint, or CHECKPOINT=/path/to/a/checkpoint
+# (`make checkpoint` makes a random one at .work/checkpoints/small: nonsense words, for load tests).
+CHECKPOINT ?= checkpoints/shapes
 
 .PHONY: setup demo test serve checkpoint perf bench demo-accuracy train-demo soak gpu-check clean
 
@@ -43,9 +47,10 @@ train-demo: setup
 demo-accuracy: setup
 	$(VENV)/bin/qwen3vl-bench demo-accuracy --out bench/results/demo_accuracy.json
 
-serve: checkpoint
-	$(VENV)/bin/qwen3vl-serve --checkpoint $(CHECKPOINTS)/small \
-	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+# The README's "Use the server": tritonserver and the OpenAI API beside it, until Ctrl-C.
+serve: setup
+	$(VENV)/bin/qwen3vl-serve --checkpoint $(CHECKPOINT) \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --openai-port $(OPENAI_PORT)
 
 # perf_analyzer over gRPC streaming against a running server (make serve in another shell).
 perf: setup
