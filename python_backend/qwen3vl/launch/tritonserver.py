@@ -95,7 +95,20 @@ def server_command(args, backend_dir: Path | None, binary: str) -> list[str]:
     cmd += [f"--load-model={m}" for m in models]
     if config_name:
         cmd.append(f"--model-config-name={config_name}")
+    if not gpu_present():
+        cmd += CPU_HOST_FLAGS
     return cmd + args.extra
+
+
+# On a host without a GPU: no GPU metrics (no NVML and DCGM errors at start) and no pinned
+# memory pool (no CUDA warning about it); those features need a GPU. What tritonserver 2.51
+# still logs on a CPU host is in the README's Troubleshooting.
+CPU_HOST_FLAGS = ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"]
+
+
+def gpu_present() -> bool:
+    """Whether this host has an NVIDIA driver (its control device; without importing torch)."""
+    return Path("/dev/nvidiactl").exists()
 
 
 def server_env(settings: ServingConfig, given: set[str], libdirs: list[str] = ()) -> dict[str, str]:
