@@ -106,6 +106,16 @@ def test_client_cli_json(server):
     assert len(answer["output_ids"]) == 4 and answer["finish_reason"] == "length" and answer["ttft_s"] > 0
 
 
+@pytest.mark.parametrize("protocol, name, flag", [("grpc", "gRPC", "--grpc-port"), ("http", "HTTP", "--http-port")])
+def test_client_cli_says_when_no_server_answers(protocol, name, flag):
+    (port,) = free_ports(1)
+    out = subprocess.run([sys.executable, "-m", "qwen3vl.cli.client", "--url", f"127.0.0.1:{port}", "--protocol", protocol,
+                          "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"no server answers at 127.0.0.1:{port} over {name} (Connection refused)" in out.stderr, out.stderr
+    assert f"qwen3vl-serve {flag}" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_client_cli_reports_server_errors(server):
     out = subprocess.run([sys.executable, "-m", "qwen3vl.cli.client", "--url", server.http_url, "--protocol", "http",
                           "--prompt", "hi", "--max-tokens", "0"], capture_output=True, text=True, timeout=120)
