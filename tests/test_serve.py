@@ -121,3 +121,36 @@ def test_client_cli_reports_server_errors(server):
                           "--prompt", "hi", "--max-tokens", "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "max_tokens must be >= 1" in out.stderr
+
+
+def test_every_entry_points_help_is_whole():
+    """Each console script's --help: a description that ends its sentence, help for every flag."""
+    import argparse
+    import importlib
+    import tomllib
+
+    class Parsed(Exception):
+        pass
+
+    def parser_of(main, argv):
+        def grab(parser, *args, **kwargs):
+            raise Parsed(parser)
+
+        original, argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_args, grab
+        try:
+            main(argv)
+        except Parsed as got:
+            return got.args[0]
+        finally:
+            argparse.ArgumentParser.parse_args = original
+        raise AssertionError(f"{main} parsed no arguments")
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    entries = [(name, target, []) for name, target in scripts.items()]
+    entries.append(("qwen3vl-bench demo-accuracy", scripts["qwen3vl-bench"], ["demo-accuracy"]))
+    for name, target, argv in entries:
+        module, _, function = target.partition(":")
+        parser = parser_of(getattr(importlib.import_module(module), function), argv)
+        assert parser.prog == name, (parser.prog, name)
+        assert re.search(r"[.)]$", (parser.description or "").strip()), (name, parser.description)
+        assert all(a.help for a in parser._actions), (name, [a.option_strings for a in parser._actions if not a.help])

@@ -141,12 +141,14 @@ def stub_rss_mib(server: Server) -> float:
 def main(argv=None) -> int:
     from .make_checkpoint import make_checkpoint
 
-    p = argparse.ArgumentParser(prog="qwen3vl-soak", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--requests", type=int, default=600)
-    p.add_argument("--concurrency", type=int, default=12)
-    p.add_argument("--max-num-seqs", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="qwen3vl-soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small",
+                   help="the random checkpoint's size (qwen3vl-make-checkpoint's presets) (default: small)")
+    p.add_argument("--requests", type=int, default=600, help="requests in the mix (default: 600)")
+    p.add_argument("--concurrency", type=int, default=12, help="requests in flight at once (default: 12)")
+    p.add_argument("--max-num-seqs", type=int, default=4,
+                   help="the server's running batch, below the concurrency so that requests queue (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="the mix's seed (default: 0)")
     args = p.parse_args(argv)
     def say(line: str) -> None:  # stderr: stdout is the JSON report
         print(f"qwen3vl-soak: {line}", file=sys.stderr, flush=True)
