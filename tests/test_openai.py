@@ -434,7 +434,34 @@ def test_unsupported_fields_get_400_naming_the_field(api, body, param):
 
 @pytest.mark.parametrize("body, param", MALFORMED, ids=[f"{p}-{i}" for i, (_, p) in enumerate(MALFORMED)])
 def test_malformed_fields_get_400_naming_the_field(api, body, param):
+    counted = api.metric("qwen3vl_openai_requests_total", status="400")
     assert_openai_error(api.post(body), 400, param, param)
+    assert api.metric("qwen3vl_openai_requests_total", status="400") == counted + 1  # every answer counted
+
+
+@pytest.mark.parametrize("body, param", [
+    (chat(messages=[{"role": "user", "content": "half a pair: \ud800"}]), "messages[0].content"),
+    (with_content({"type": "text", "text": "\udfff!"}), "messages[0].content[0].text"),
+    (chat(stream=True, messages=[{"role": "system", "content": "\ud83d"}, {"role": "user", "content": "hi"}]),
+     "messages[0].content"),
+], ids=["string", "text-part", "streamed"])
+def test_an_unpaired_surrogate_gets_400_naming_the_field(api, body, param):
+    """JSON can carry half a surrogate pair ("\\ud800"), which is no text: a 400 naming where, counted."""
+    counted = api.metric("qwen3vl_openai_requests_total", status="400")
+    response = api.http.post("/v1/chat/completions", content=json.dumps(body).encode(),  # ASCII-escaped, as sent
+                             headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, param, param, "unpaired surrogate")
+    assert api.metric("qwen3vl_openai_requests_total", status="400") == counted + 1
+    assert api.post(chat()).status_code == 200  # and the service carries on
+
+
+def test_a_png_labelled_as_generic_bytes_is_decided_by_its_content(api):
+    """`data:application/octet-stream;base64,...` holding a PNG: the picture, as image/png."""
+    answers = [api.post(chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(IMAGE_A, media_type)}}, TEXT]}],
+        max_tokens=MAX_NEW, temperature=0)) for media_type in ("image/png", "application/octet-stream")]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["choices"] == answers[1].json()["choices"]
 
 
 @pytest.mark.parametrize("url, message", BAD_IMAGES, ids=[m for _, m in BAD_IMAGES])

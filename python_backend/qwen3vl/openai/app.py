@@ -88,6 +88,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         except APIError as e:
             metrics.answered(e.status, stream)
             return _error_response(e)
+        except Exception:  # a bug: the 500 below, counted like every other answer
+            metrics.answered(500, stream)
+            raise
         finally:
             if not streaming:
                 metrics.in_flight.dec()
