@@ -298,6 +298,19 @@ def test_over_a_limit_is_refused_before_any_vision_work(limited):
     assert infer(url, "grpc", prompt="Describe <image>.", images=[png(64, 64, 1)], max_tokens=2).finish_reason == "length"
 
 
+def test_no_max_tokens_near_the_end_of_the_window_gets_what_the_window_leaves(limited):
+    """A prompt a few tokens short of --max-model-len (8192): with no max_tokens it is answered
+    within the window (the default 128 would not fit); a max_tokens that does not fit is refused."""
+    prompt = "word " * 4070  # two tokens a word
+    size = infer(limited.grpc_url, "grpc", prompt=prompt, max_tokens=1).num_input_tokens
+    assert 8192 - 128 < size < 8192, size  # the default would overflow the window
+    for protocol, url in (("grpc", limited.grpc_url), ("http", limited.http_url)):
+        answer = infer(url, protocol, prompt=prompt, temperature=0.0, ignore_eos=True)
+        assert len(answer.token_ids) == 8192 - size and answer.finish_reason == "length", protocol
+    with pytest.raises(ServerError, match="exceeds the context window of 8192 tokens"):
+        infer(limited.grpc_url, "grpc", prompt=prompt, max_tokens=128)
+
+
 def test_special_tokens_when_allowed_are_control_tokens(limited, reference):
     """With --allow-special-tokens-in-prompt the typed text is the control tokens, as a plain
     `tokenizer(rendered)` gives them."""
