@@ -7,6 +7,10 @@ CHECKPOINTS := .work/checkpoints
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_PORT ?= 9000
+# What `make serve` serves: the trained demo checkpoint, or CHECKPOINT=/path/to/a/checkpoint
+# (`make checkpoint` makes a random one at .work/checkpoints/small: nonsense words, for load tests).
+CHECKPOINT ?= checkpoints/shapes
 
 .PHONY: setup demo test serve checkpoint perf bench demo-accuracy train-demo soak gpu-check clean
 
@@ -15,11 +19,17 @@ setup: $(STAMP)
 # A venv in the repository with the pinned packages; the tritonserver binary, Python backend and
 # stubs come with the nvidia-pytriton wheel (qwen3vl-serve assembles the backend directory).
 $(STAMP): pyproject.toml
+	@echo "make setup: a virtual environment in $(VENV) with the pinned packages (once; a few minutes: torch is large)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "make setup: upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "make setup: installing this package and its pinned dependencies (torch, transformers, nvidia-pytriton:" \
+	  "tritonserver and its Python backend); pip is quiet until it is done"
 	$(PY) -m pip install --quiet -e '.[server,test]'
+	@echo "make setup: assembling tritonserver's Python backend directory"
 	$(PY) -m qwen3vl.cli.serve --check
 	touch $(STAMP)
+	@echo "make setup: done"
 
 checkpoint: setup
 	$(VENV)/bin/qwen3vl-make-checkpoint --out $(CHECKPOINTS)/small --preset small
@@ -37,9 +47,10 @@ train-demo: setup
 demo-accuracy: setup
 	$(VENV)/bin/qwen3vl-bench demo-accuracy --out bench/results/demo_accuracy.json
 
-serve: checkpoint
-	$(VENV)/bin/qwen3vl-serve --checkpoint $(CHECKPOINTS)/small \
-	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+# The README's "Use the server": tritonserver and the OpenAI API beside it, until Ctrl-C.
+serve: setup
+	$(VENV)/bin/qwen3vl-serve --checkpoint $(CHECKPOINT) \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --openai-port $(OPENAI_PORT)
 
 # perf_analyzer over gRPC streaming against a running server (make serve in another shell).
 perf: setup

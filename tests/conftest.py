@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ if not torch.cuda.is_available():
 
 from PIL import Image  # noqa: E402
 
+from qwen3vl.launch.processes import SHM_DIR, STUB, ModelProcess, process_table  # noqa: E402
 from qwen3vl.launch.server import Server  # noqa: E402
+from qwen3vl.paths import PACKAGE_ROOT  # noqa: E402
 from qwen3vl.tools.make_checkpoint import make_checkpoint  # noqa: E402
 
 LOG_DIR = Path(os.environ.get("QWEN3VL_TEST_LOGS", Path(__file__).resolve().parents[1] / ".work" / "test-logs"))
@@ -76,6 +79,46 @@ def metric(server, name: str) -> float:
 
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def leftovers(processes: list[ModelProcess], timeout_s: float) -> list[str]:
+    """What of `processes` is still there after up to `timeout_s`: a model process still
+    running, a shared-memory region of one in /dev/shm. Empty once all are gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [f"model process {p.pid} ({p.model})" for p in processes if p.alive()]
+        left += [f"{SHM_DIR}/{name}" for p in processes for name in p.regions()]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.25)
+
+
+def orphaned_model_processes() -> list[int]:
+    """Stubs of this checkout's models (their environment names its package) whose tritonserver
+    has gone: their parent is no tritonserver any more (init, or a subreaper)."""
+    table = process_table()
+    mine = f"QWEN3VL_PACKAGE_ROOT={PACKAGE_ROOT}".encode()
+    orphans = []
+    for pid, (ppid, name, state) in table.items():
+        if not STUB.startswith(name) or state == "Z" or table.get(ppid, (0, ""))[1] == "tritonserver":
+            continue
+        try:
+            if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                orphans.append(pid)
+        except OSError:
+            continue
+    return orphans
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The tests leave no model process behind: one whose server has gone fails the run (after
+    10 s: one may be on its way out)."""
+    deadline = time.monotonic() + 10
+    while (orphans := orphaned_model_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if orphans:
+        print(f"\nmodel processes left behind by their servers (tritonserver gone): {orphans}")
+        session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import IMAGE_CASES, LOG_DIR, metric, png, video
+from conftest import IMAGE_CASES, LOG_DIR, leftovers, metric, png, video
 from qwen3vl.client import ServerError, encode, infer, stream_results
 from qwen3vl.launch.server import Server
 from qwen3vl.disagg.routing import HashRing
@@ -325,6 +325,39 @@ def test_shared_memory_survives_an_encoder_restart(checkpoint, server):
         start = time.monotonic()
         enc.stop()
         assert time.monotonic() - start < 20
+
+
+def test_a_language_server_killed_under_load_leaves_no_process_and_no_shared_memory(checkpoint, encoder_a):
+    """SIGKILL a same-host language server while image requests stream through shared memory:
+    within 10 s none of its model processes is left, nor their shared-memory regions (transfer
+    regions, their regions with the server); the encoder serves on."""
+    lang = start_language(checkpoint, "language-shm-killed", [encoder_a.grpc_url], transfer_shared_memory=1)
+    with lang:
+        generate(lang, [png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, 5000)], max_tokens=2)
+        processes = lang.model_processes()
+        transfer = [name for p in processes for name in p.regions() if name != p.region]
+        assert len(processes) == 2 and transfer  # regions are kept for the next fetch
+        stop = threading.Event()
+
+        def load(seed):
+            while not stop.is_set():
+                try:
+                    generate(lang, [png(FAULT_IMAGE_SIZE, FAULT_IMAGE_SIZE, seed)], max_tokens=16)
+                except Exception:  # noqa: BLE001 - the server is killed under it
+                    time.sleep(0.2)
+                seed += 100
+
+        threads = [threading.Thread(target=load, args=(5001 + i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        killed_at = time.monotonic()
+        lang.kill()
+        assert leftovers(processes, timeout_s=killed_at + 10 - time.monotonic()) == []
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert encode(encoder_a.grpc_url, [png(64, 64, 5)])["visual_embeds"].shape[0] > 0
 
 
 def test_encoder_refuses_shared_memory_it_must_not_write(encoder_a):

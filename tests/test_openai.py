@@ -31,6 +31,7 @@ from qwen3vl.cli import openai_server, serve
 from qwen3vl.client import infer, stream_grpc
 from qwen3vl.launch import tritonserver
 from qwen3vl.launch.server import free_ports
+from qwen3vl.openai import DEFAULT_MODEL_NAME
 from qwen3vl.openai.app import ServiceConfig, create_app
 from qwen3vl.openai.errors import APIError
 from qwen3vl.openai.images import ImagePolicy, decode_data_url, domain_allowed
@@ -433,7 +434,34 @@ def test_unsupported_fields_get_400_naming_the_field(api, body, param):
 
 @pytest.mark.parametrize("body, param", MALFORMED, ids=[f"{p}-{i}" for i, (_, p) in enumerate(MALFORMED)])
 def test_malformed_fields_get_400_naming_the_field(api, body, param):
+    counted = api.metric("qwen3vl_openai_requests_total", status="400")
     assert_openai_error(api.post(body), 400, param, param)
+    assert api.metric("qwen3vl_openai_requests_total", status="400") == counted + 1  # every answer counted
+
+
+@pytest.mark.parametrize("body, param", [
+    (chat(messages=[{"role": "user", "content": "half a pair: \ud800"}]), "messages[0].content"),
+    (with_content({"type": "text", "text": "\udfff!"}), "messages[0].content[0].text"),
+    (chat(stream=True, messages=[{"role": "system", "content": "\ud83d"}, {"role": "user", "content": "hi"}]),
+     "messages[0].content"),
+], ids=["string", "text-part", "streamed"])
+def test_an_unpaired_surrogate_gets_400_naming_the_field(api, body, param):
+    """JSON can carry half a surrogate pair ("\\ud800"), which is no text: a 400 naming where, counted."""
+    counted = api.metric("qwen3vl_openai_requests_total", status="400")
+    response = api.http.post("/v1/chat/completions", content=json.dumps(body).encode(),  # ASCII-escaped, as sent
+                             headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, param, param, "unpaired surrogate")
+    assert api.metric("qwen3vl_openai_requests_total", status="400") == counted + 1
+    assert api.post(chat()).status_code == 200  # and the service carries on
+
+
+def test_a_png_labelled_as_generic_bytes_is_decided_by_its_content(api):
+    """`data:application/octet-stream;base64,...` holding a PNG: the picture, as image/png."""
+    answers = [api.post(chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(IMAGE_A, media_type)}}, TEXT]}],
+        max_tokens=MAX_NEW, temperature=0)) for media_type in ("image/png", "application/octet-stream")]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["choices"] == answers[1].json()["choices"]
 
 
 @pytest.mark.parametrize("url, message", BAD_IMAGES, ids=[m for _, m in BAD_IMAGES])
@@ -612,7 +640,7 @@ def fake_tritonserver(tmp: Path) -> Path:
     return bindir
 
 
-def launch(checkpoint, tmp_path, openai_port: int, log_name: str) -> subprocess.Popen:
+def launch(checkpoint, tmp_path, openai_port: int, log_name: str, extra: list[str] = ()) -> subprocess.Popen:
     http, grpc, metrics_port = free_ports(3)
     env = {**os.environ, "QWEN3VL_SYSTEM_TRITON": "1",
            "PATH": os.pathsep.join([str(fake_tritonserver(tmp_path)), os.environ.get("PATH", "")])}
@@ -620,7 +648,7 @@ def launch(checkpoint, tmp_path, openai_port: int, log_name: str) -> subprocess.
     with open(LOG_DIR / log_name, "wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen([sys.executable, "-m", "qwen3vl.cli.serve", "--checkpoint", str(checkpoint),
                                  "--http-port", str(http), "--grpc-port", str(grpc),
-                                 "--metrics-port", str(metrics_port), "--openai-port", str(openai_port)],
+                                 "--metrics-port", str(metrics_port), "--openai-port", str(openai_port), *extra],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -637,7 +665,7 @@ def test_serve_starts_the_api_beside_tritonserver_and_stops_both(checkpoint, tmp
                 time.sleep(0.2)
         assert health.status_code == 503  # this tritonserver serves nothing
         models = httpx2.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
-        assert [m["id"] for m in models["data"]] == [Path(checkpoint).name]
+        assert [m["id"] for m in models["data"]] == [DEFAULT_MODEL_NAME]  # the one name, whatever the checkpoint
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
@@ -647,16 +675,12 @@ def test_serve_starts_the_api_beside_tritonserver_and_stops_both(checkpoint, tmp
 
 
 def test_serve_stops_tritonserver_when_the_api_cannot_start(checkpoint, tmp_path):
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    try:
-        proc = launch(checkpoint, tmp_path, taken.getsockname()[1], "serve-openai-taken.log")
-        rc = proc.wait(60)
-    finally:
-        taken.close()
+    (port,) = free_ports(1)
+    # (a taken port is refused before anything starts: test_serve.py)
+    proc = launch(checkpoint, tmp_path, port, "serve-openai-bad.log", ["--openai-arg=--log-level=loud"])
+    rc = proc.wait(60)
     assert rc != 0
-    assert "the OpenAI API exited" in (LOG_DIR / "serve-openai-taken.log").read_text()
+    assert "the OpenAI API exited" in (LOG_DIR / "serve-openai-bad.log").read_text()
 
 
 def test_serve_builds_the_api_command():
@@ -666,7 +690,7 @@ def test_serve_builds_the_api_command():
     cmd = tritonserver.openai_command(args)
     assert cmd[:3] == [sys.executable, "-m", "qwen3vl.cli.openai_server"]
     config = openai_server.config_from_args(openai_server.parse_args(cmd[3:]))
-    assert config.triton_url == "127.0.0.1:9001" and config.model_name == "Qwen3-VL-30B-A3B-Instruct"
+    assert config.triton_url == "127.0.0.1:9001" and config.model_name == DEFAULT_MODEL_NAME
     assert config.images.allowed_domains == ("example.com",)
     assert "--host" in cmd and cmd[cmd.index("--host") + 1] == "0.0.0.0"
     with pytest.raises(SystemExit) as e:

@@ -44,6 +44,14 @@ def test_the_files_and_tests_it_names_exist():
         assert f"def {name}(" in tests, name
 
 
+def test_what_the_opening_claims_is_what_sizing_says():
+    """Until the language model runs on several devices, the 235B is not claimed as served."""
+    opening = README[:README.index("\n## ")]
+    sizing = section("Operating it")
+    assert "does not serve the 235B yet" in sizing
+    assert "235B-A22B does not fit one GPU and is not served yet" in opening
+
+
 def test_the_30b_numbers_are_its_configs_arithmetic():
     layers, kv_heads, head_dim, hidden, deepstack, bf16 = 48, 4, 128, 2048, 3, 2
     assert 2 * layers * kv_heads * head_dim * bf16 == 96 * 1024

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import LOG_DIR, metric, png
+from conftest import LOG_DIR, leftovers, metric, png
 from qwen3vl import contract
 from qwen3vl.client import ServerError, encode, infer, raw_results, stream_grpc
 from qwen3vl.launch.server import Server
@@ -298,6 +298,19 @@ def test_over_a_limit_is_refused_before_any_vision_work(limited):
     assert infer(url, "grpc", prompt="Describe <image>.", images=[png(64, 64, 1)], max_tokens=2).finish_reason == "length"
 
 
+def test_no_max_tokens_near_the_end_of_the_window_gets_what_the_window_leaves(limited):
+    """A prompt a few tokens short of --max-model-len (8192): with no max_tokens it is answered
+    within the window (the default 128 would not fit); a max_tokens that does not fit is refused."""
+    prompt = "word " * 4070  # two tokens a word
+    size = infer(limited.grpc_url, "grpc", prompt=prompt, max_tokens=1).num_input_tokens
+    assert 8192 - 128 < size < 8192, size  # the default would overflow the window
+    for protocol, url in (("grpc", limited.grpc_url), ("http", limited.http_url)):
+        answer = infer(url, protocol, prompt=prompt, temperature=0.0, ignore_eos=True)
+        assert len(answer.token_ids) == 8192 - size and answer.finish_reason == "length", protocol
+    with pytest.raises(ServerError, match="exceeds the context window of 8192 tokens"):
+        infer(limited.grpc_url, "grpc", prompt=prompt, max_tokens=128)
+
+
 def test_special_tokens_when_allowed_are_control_tokens(limited, reference):
     """With --allow-special-tokens-in-prompt the typed text is the control tokens, as a plain
     `tokenizer(rendered)` gives them."""
@@ -393,10 +406,10 @@ def test_soak_mixed_requests_above_the_batch_limit(limited):
     warm = soak(limited.grpc_url, 40, 4, images, seed=1)
     assert warm.ok, (warm.errors, warm.mismatches)
     wait_idle(limited)
-    before = stub_rss_mib(limited.proc.pid)
+    before = stub_rss_mib(limited)
     report = soak(limited.grpc_url, 160, 4, images, seed=2)
     wait_idle(limited)
-    after = stub_rss_mib(limited.proc.pid)
+    after = stub_rss_mib(limited)
     print(f"soak: {report.requests} requests ({report.cancelled} cancelled) in {report.seconds:.1f} s; "
           f"stubs' RSS {before:.0f} MiB before, {after:.0f} MiB after")
     assert report.ok, (report.errors[:5], report.mismatches[:5])
@@ -405,7 +418,8 @@ def test_soak_mixed_requests_above_the_batch_limit(limited):
 
 def test_a_server_killed_under_load_gives_errors_not_hangs_and_serves_when_back(limited):
     """Clients keep sending while tritonserver is killed (SIGKILL): each gets an error within its
-    timeout, none hangs; restarted on the same ports, it serves them again."""
+    timeout, none hangs; within 10 s no model process of it and no shared-memory region of theirs
+    is left; restarted on the same ports, it serves them again."""
     stop, log = threading.Event(), []
 
     def client(i):
@@ -422,9 +436,14 @@ def test_a_server_killed_under_load_gives_errors_not_hangs_and_serves_when_back(
     for t in threads:
         t.start()
     time.sleep(3)
+    processes = limited.model_processes()
+    assert len(processes) == 2  # qwen3_encoder, qwen3_language
     killed_at = time.monotonic()
     limited.kill()
-    time.sleep(3)
+    # Its model processes end with it, leaving no shared memory (a stub waiting on an IPC to
+    # the dead server used to stay, parented to init, region and all).
+    assert leftovers(processes, timeout_s=killed_at + 10 - time.monotonic()) == []
+    time.sleep(max(0.0, killed_at + 3 - time.monotonic()))
     limited.start(append=True)
     back_at = time.monotonic()
     time.sleep(5)

@@ -49,6 +49,9 @@ MAX_CHUNKS = "max_chunks"        # INT32 [1]: stop after this many chunks (0: al
 IMAGE_DIGESTS = "image_digests"  # BYTES [-1]: SHA-256 of image files the encoder may have cached
 VIDEO_DIGESTS = "video_digests"  # BYTES [-1]: SHA-256 of video files the encoder may have cached (with video_fps)
 SHM_REGION = "shm_region"        # BYTES [1]: write the chunk into this shared-memory region
+# A shm_region's name: this prefix, the pid of the process that made it, "-", a random part. An
+# encoder opens no other name; a server's launcher removes a dead model process's regions by it.
+SHM_REGION_PREFIX = "qwen3vl-transfer-"
 CHUNK_START = "chunk_start"      # INT64 [1]: where this chunk's rows go
 TOTAL_TOKENS = "total_tokens"    # INT64 [1]: N of the whole request
 

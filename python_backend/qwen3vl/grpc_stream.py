@@ -29,7 +29,18 @@ def stream_infer(client, model: str, inputs: list, timeout_s: float, next_timeou
     finished = False
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        client.async_stream_infer(model, inputs, enable_empty_final_response=True, parameters=parameters)
+        try:
+            client.async_stream_infer(model, inputs, enable_empty_final_response=True, parameters=parameters)
+        except Exception:
+            # A stream that broke at once (nothing listens at the address): tritonclient's own
+            # exception only says the error went to the callback; raise that one.
+            try:
+                _, error = results.get(timeout=1.0)
+            except queue.Empty:
+                raise
+            if error is None:
+                raise
+            raise StreamError(error) from None
         wait = timeout_s
         while True:
             try:

@@ -19,21 +19,24 @@ from ..client import ServerError, ask
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="qwen3vl-client", description="Ask a Qwen3-VL-MoE Triton server a question.")
     p.add_argument("--url", default="localhost:8001", help="HOST:PORT (gRPC port for grpc, HTTP port for http)")
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    p.add_argument("--model", default="ensemble")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                   help="gRPC streaming, or Triton's HTTP generate endpoint (one response) (default: grpc)")
+    p.add_argument("--model", default="ensemble", help="the Triton model to ask (default: ensemble)")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several, in prompt order")
     p.add_argument("--video", action="append", default=[], help="video file (MP4, WebM, MKV, AVI); repeat for "
                    "several, in prompt order (after the images unless the prompt has <image>/<video> markers)")
     p.add_argument("--fps", type=float, help="video frames sampled per second (default: the server's)")
     p.add_argument("--prompt", required=True, help="the question; or a JSON list of chat messages")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, help="tokens to generate at most (default: the checkpoint's)")
+    p.add_argument("--temperature", type=float, help="0: greedy (default: the checkpoint's generation config)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling's probability mass (default: the checkpoint's)")
+    p.add_argument("--top-k", type=int, help="sample among this many likeliest tokens; 0: all (default: the "
+                                               "checkpoint's)")
+    p.add_argument("--seed", type=int, help="the sampling's seed: the same seed, the same text")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (gRPC)")
     p.add_argument("--json", action="store_true", help="print ids, text, finish reason and timings as JSON")
-    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--timeout", type=float, default=600, metavar="S",
+                   help="give up after this many seconds without a response (default: 600)")
     return p.parse_args(argv)
 
 

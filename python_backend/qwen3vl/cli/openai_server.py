@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..openai import DEFAULT_MODEL_NAME
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="qwen3vl-openai", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="qwen3vl-openai", description=__doc__.split("\n\n")[0])
     p.add_argument("--triton-url", required=True, metavar="HOST:GRPC_PORT", help="the Triton server's gRPC endpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=9000, help="port to listen on (default: 9000)")
-    p.add_argument("--model-name", default="qwen3-vl", help="the model name clients send and /v1/models lists "
-                                                             "(default: qwen3-vl)")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                   help=f"the model name clients send and /v1/models lists, whatever the checkpoint "
+                        f"(default: {DEFAULT_MODEL_NAME}, in every deployment)")
     p.add_argument("--triton-model", default="ensemble", help="the Triton model to call (default: ensemble)")
     p.add_argument("--triton-language-model", default="qwen3_language",
                    help="the language model the ensemble runs, where cancel requests go (default: qwen3_language)")
@@ -31,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="largest image, data URL or fetched (default: 20 MiB)")
     p.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="S",
                    help="time limit to fetch one image URL (default: 10)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the service's and uvicorn's log level (default: info)")
     return p.parse_args(argv)
 
 

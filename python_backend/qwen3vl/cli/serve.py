@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from ..launch.tritonserver import (DEFAULT_MODEL_REPOSITORY, ROLES, locate_tritonserver, openai_command,
-                                   python_backend_dir, pytriton_dirs, run, server_command, server_env)
+from ..launch.tritonserver import (DEFAULT_MODEL_REPOSITORY, ROLES, endpoints, locate_tritonserver,
+                                   openai_command, ports_in_use, python_backend_dir, pytriton_dirs, run, server_command,
+                                   server_env)
 from ..settings import ServingConfig
 
 
@@ -115,10 +116,14 @@ def main(argv=None) -> int:
     if not (Path(args.model_repository) / "ensemble" / "config.pbtxt").is_file():
         sys.exit(f"qwen3vl-serve: {args.model_repository} is not this project's model repository; "
                  "pass --model-repository or set QWEN3VL_MODEL_REPOSITORY")
+    if clashes := ports_in_use(args):
+        sys.exit("qwen3vl-serve: cannot listen where asked (nothing started): " + "; ".join(clashes)
+                 + ". Choose free ports with the flags named.")
     settings, given = settings_from_args(args)
     binary, backend_dir, libdirs = locate_tritonserver()
     env = server_env(settings, given, libdirs)
-    return run(server_command(args, backend_dir, binary), env, openai_command(args) if args.openai_port else None)
+    return run(server_command(args, backend_dir, binary), env, openai_command(args) if args.openai_port else None,
+               endpoints(args))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ tensors, and raw requests to one model of the ensemble (tests, benchmarks, the d
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +18,7 @@ from .. import contract, errors
 from ..grpc_stream import StreamError, stream_infer
 from .cancel import cancel_generation, new_token, token_parameters
 from .inputs import build_inputs, encode_inputs, generate_body, infer_input
-from .responses import Chunk, ServerError, chunk_of, chunk_of_json
+from .responses import Chunk, NoServer, ServerError, chunk_of, chunk_of_json, no_server
 
 
 @dataclass
@@ -48,6 +49,8 @@ def stream_results(url: str, model: str, inputs_for, timeout_s: float = 600, can
                                 on_unfinished=(lambda: cancel_generation(url, token)) if token else None,
                                 parameters=token_parameters(token) if token else None)
     except StreamError as e:
+        if (detail := no_server(e.error)) is not None:
+            raise NoServer(url, "gRPC", detail) from None
         raise ServerError(str(e.error), errors.code_of(e.error)) from None
     finally:
         client.close()
@@ -97,6 +100,10 @@ def infer(url: str, protocol: str = "http", model: str = "ensemble", timeout_s: 
     except urllib.error.HTTPError as e:
         message = json.loads(e.read() or b"{}").get("error", str(e))
         raise ServerError(message, errors.code_of(message), e.code) from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (ConnectionRefusedError, socket.gaierror)):
+            raise NoServer(url, "HTTP", e.reason.strerror or str(e.reason)) from None
+        raise
     return chunk_of_json(out)
 
 

@@ -1,9 +1,10 @@
 """The ensemble's responses as the clients see them: `Chunk` (one response: new text, its token
 ids, the finish reason on the last), parsed from a tritonclient InferResult or from the JSON of
-Triton's HTTP generate endpoint; `ServerError`, an error answer."""
+Triton's HTTP generate endpoint; `ServerError`, an error answer; `NoServer`, no answer at all."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .. import contract
@@ -25,6 +26,28 @@ class ServerError(RuntimeError):
     def __init__(self, message: str, code: str | None = None, http_status: int | None = None):
         super().__init__(message)
         self.code, self.http_status = code, http_status
+
+
+class NoServer(ConnectionError):
+    """Nothing answers at the address: no server runs there (or not on that port)."""
+
+    PORT_FLAGS = {"gRPC": "--grpc-port", "HTTP": "--http-port"}
+
+    def __init__(self, url: str, protocol: str, detail: str):
+        super().__init__(f"no server answers at {url} over {protocol} ({detail}): is a server running there, "
+                         f"and is {url.rpartition(':')[2]} its {protocol} port (qwen3vl-serve {self.PORT_FLAGS[protocol]})?")
+
+
+# How grpc words a connection that could not be made (tritonclient passes its text on).
+_NO_CONNECTION = re.compile(r"failed to connect to all addresses|DNS resolution failed|errors resolving")
+
+
+def no_server(error: BaseException) -> str | None:
+    """What a gRPC error says went wrong, when it is a connection that could not be made."""
+    text = str(error)
+    if not _NO_CONNECTION.search(text):
+        return None
+    return text.rsplit(": ", 1)[-1].strip().rstrip(".]") or "no connection"
 
 
 def chunk_of(result) -> Chunk:

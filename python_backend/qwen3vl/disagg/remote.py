@@ -60,4 +60,4 @@ class RemoteEncoder:
         """Free the shared-memory regions and close the gRPC clients."""
         self.regions.close()
         self.clients.close()
-        self.pool.shutdown(wait=False)
+        self.pool.shutdown(wait=False, cancel_futures=True)  # queued fetches: nobody waits for them

@@ -26,6 +26,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .. import contract
 from ..errors import SharedMemoryUnavailable
 from ..features import VisualFeatures, WireFeatures
 from ..tensors import numpy_dtype
@@ -33,7 +34,7 @@ from ..tensors import numpy_dtype
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory objects (shm_open names)
 # Only objects named like this are ever opened by an encoder: a request cannot make it write
 # into anything else on the host.
-PREFIX = "qwen3vl-transfer-"
+PREFIX = contract.SHM_REGION_PREFIX
 
 
 def token_bytes(hidden: int, layers: int, element_size: int) -> int:

@@ -103,6 +103,8 @@ class Admission:
         # built once, by the language model, which checks the context window the same way.
         if text is not None and self.prompts is not None and len(grids) == len(files) and (files or videos):
             prompt_tokens = len(self.prompts.expanded_ids(text, tokens, layouts))
-            generated = max_tokens if max_tokens is not None else self.default_max_tokens
+            # No max_tokens: the checkpoint's default, or what the window leaves (the engine's rule).
+            left = max(1, self.max_model_len - prompt_tokens)
+            generated = max_tokens if max_tokens is not None else min(self.default_max_tokens, left)
             check_context_window(prompt_tokens, generated, self.max_model_len, visual_tokens=sum(all_tokens))
         return Estimate(grids, all_tokens, prompt_tokens, sum(all_tokens) * self.bytes_per_token)

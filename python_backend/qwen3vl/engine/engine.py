@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -122,7 +122,7 @@ class Engine:
         """Request parameters over the checkpoint's defaults; None means not given. Raises
         InvalidInput naming a parameter that is out of range or not finite."""
         values = {k: v for k, v in given.items() if v is not None}
-        p = SamplingParams(**{**self.defaults.__dict__, **values})
+        p = SamplingParams(**{**self.defaults.__dict__, **values, "fits_window": "max_tokens" not in values})
         p.validate()
         return p
 
@@ -164,6 +164,9 @@ class Engine:
         request longer than max_model_len)."""
         prompt = self.prepare(text, features)
         features = self.in_prompt_order(prompt, features)
+        left = self.max_model_len - len(prompt.input_ids)
+        if params.fits_window and 0 < left < params.max_tokens:
+            params = replace(params, max_tokens=left)
         check_context_window(len(prompt.input_ids), params.max_tokens, self.max_model_len)
         generator = None
         if not params.greedy:

@@ -24,6 +24,9 @@ class SamplingParams:
     top_k: int = 0            # 0 = no top-k filter
     seed: int | None = None   # None = a fresh random seed
     ignore_eos: bool = False  # generate max_tokens, stop tokens or not (vLLM's ignore_eos; benchmarks)
+    # max_tokens is the checkpoint's default, not the request's: a prompt near the end of the
+    # context window gets what the window leaves instead of a refusal (as OpenAI's API and vLLM)
+    fits_window: bool = False
 
     def validate(self) -> None:
         """Raises InvalidInput naming the parameter that is out of range or not finite."""

@@ -5,12 +5,19 @@ does (`python -m qwen3vl.cli.serve`), so that what is tested is what is deployed
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+from .processes import ModelProcess, model_processes, process_table
+
+
+PROGRESS_S = 10.0
 
 
 def free_ports(n: int) -> list[int]:
@@ -30,7 +37,7 @@ class Server:
 
     def __init__(self, checkpoint: str | Path, log_path: str | Path, role: str = "aggregated",
                  models: tuple[str, ...] = ("ensemble",), ready_timeout_s: float = 600, extra: list[str] = (),
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, progress: Callable[[str], None] | None = None):
         self.checkpoint, self.log_path, self.role = Path(checkpoint), Path(log_path), role
         self.models, self.ready_timeout_s, self.extra = models, ready_timeout_s, list(extra)
         self.env = {**os.environ, **(env or {})}
@@ -39,6 +46,7 @@ class Server:
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.proc: subprocess.Popen | None = None
+        self.progress = progress  # told every PROGRESS_S while the server loads (the demo, tools)
 
     def start(self, append: bool = False) -> "Server":
         if self.alive():
@@ -55,8 +63,13 @@ class Server:
     def wait_ready(self) -> None:
         import tritonclient.http as httpclient
 
-        deadline = time.monotonic() + self.ready_timeout_s
+        start = time.monotonic()
+        deadline, said = start + self.ready_timeout_s, 0.0
         while time.monotonic() < deadline:
+            if self.progress and (waited := time.monotonic() - start) - said >= PROGRESS_S:
+                said = waited
+                self.progress(f"waiting for the server to load the models: {waited:.0f} s"
+                              + (f" (last: {line})" if (line := self.last_model_line()) else ""))
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.proc.returncode}; log:\n{self.tail()}")
             # A fresh, closed client each poll: an open keep-alive connection would hold up the
@@ -72,6 +85,15 @@ class Server:
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"server not ready within {self.ready_timeout_s} s; log:\n{self.tail()}")
+
+    def last_model_line(self) -> str:
+        """The log's last line from the models themselves (loading shards, KV blocks), not Triton's."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        ours = [ln for ln in lines if ln.strip() and not re.match(r"[IWE]\d{4} |[+|]|qwen3vl-serve:", ln)]
+        return ours[-1].strip() if ours else ""
 
     def tail(self, n: int = 60) -> str:
         try:
@@ -95,6 +117,18 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+    def tritonserver_pid(self) -> int | None:
+        """The launcher's tritonserver child, while it runs."""
+        if not self.alive():
+            return None
+        return next((pid for pid, (ppid, name, _) in process_table().items()
+                     if ppid == self.proc.pid and name == "tritonserver"), None)
+
+    def model_processes(self) -> list[ModelProcess]:
+        """Its tritonserver's model processes (one per model instance), while it runs."""
+        pid = self.tritonserver_pid()
+        return model_processes(pid) if pid else []
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -13,16 +13,22 @@ them (qwen3vl.cli.serve.build_parser).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 from ..paths import PACKAGE_ROOT, REPO_ROOT
 from ..settings import ServingConfig
+from .processes import end_model_processes
 
 DEFAULT_MODEL_REPOSITORY = os.environ.get("QWEN3VL_MODEL_REPOSITORY") or str(REPO_ROOT / "model_repository")
 
@@ -89,7 +95,20 @@ def server_command(args, backend_dir: Path | None, binary: str) -> list[str]:
     cmd += [f"--load-model={m}" for m in models]
     if config_name:
         cmd.append(f"--model-config-name={config_name}")
+    if not gpu_present():
+        cmd += CPU_HOST_FLAGS
     return cmd + args.extra
+
+
+# On a host without a GPU: no GPU metrics (no NVML and DCGM errors at start) and no pinned
+# memory pool (no CUDA warning about it); those features need a GPU. What tritonserver 2.51
+# still logs on a CPU host is in the README's Troubleshooting.
+CPU_HOST_FLAGS = ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"]
+
+
+def gpu_present() -> bool:
+    """Whether this host has an NVIDIA driver (its control device; without importing torch)."""
+    return Path("/dev/nvidiactl").exists()
 
 
 def server_env(settings: ServingConfig, given: set[str], libdirs: list[str] = ()) -> dict[str, str]:
@@ -112,11 +131,35 @@ def server_env(settings: ServingConfig, given: set[str], libdirs: list[str] = ()
 
 
 def openai_command(args) -> list[str]:
-    """qwen3vl-openai in front of this server's ensemble; the model's name is the checkpoint
-    directory's (`--openai-arg=--model-name=NAME` overrides it)."""
+    """qwen3vl-openai in front of this server's ensemble, serving the model under qwen3vl-openai's
+    own default name, as everywhere (`--openai-arg=--model-name=NAME` changes it)."""
     return [sys.executable, "-m", "qwen3vl.cli.openai_server", "--triton-url", f"127.0.0.1:{args.grpc_port}",
-            "--host", args.openai_host, "--port", str(args.openai_port),
-            "--model-name", Path(args.checkpoint).resolve().name, *args.openai_arg]
+            "--host", args.openai_host, "--port", str(args.openai_port), *args.openai_arg]
+
+
+def ports_in_use(args) -> list[str]:
+    """What stands in the way of the ports tritonserver (and the OpenAI API) will listen on: a port
+    given twice, or one another program listens on. Checked before tritonserver starts, so a clash
+    shows at once, not after the models have loaded (minutes for a large checkpoint)."""
+    wanted = [("--http-port", args.host, args.http_port), ("--grpc-port", args.host, args.grpc_port),
+              ("--metrics-port", args.host, args.metrics_port)]
+    if args.openai_port:
+        wanted.append(("--openai-port", args.openai_host, args.openai_port))
+    problems, seen = [], {}
+    for flag, host, port in wanted:
+        if port in seen:
+            problems.append(f"{flag} {port} is also {seen[port]}'s port")
+            continue
+        seen[port] = flag
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            # As the servers bind: a listener in the way is refused, a closed connection's TIME_WAIT is not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                why = "another program listens on it" if e.errno == errno.EADDRINUSE else e.strerror
+                problems.append(f"{flag} {port} on {host}: {why}")
+    return problems
 
 
 def _die_with_parent() -> None:
@@ -143,10 +186,46 @@ def locate_tritonserver() -> tuple[str, Path | None, list[str]]:
     return str(server_dir / "bin" / "tritonserver"), python_backend_dir(server_dir), [*libdirs, str(libs)]
 
 
-def run(server_cmd: list[str], env: dict[str, str], api_cmd: list[str] | None = None) -> int:
+def endpoints(args) -> tuple[str, str]:
+    """(the URL that answers 200 once every model is ready, where the server listens: for people)."""
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(args.host, f"[{args.host}]" if ":" in args.host else args.host)
+    where = f"HTTP {local}:{args.http_port}, gRPC {local}:{args.grpc_port}, metrics http://{local}:{args.metrics_port}/metrics"
+    if args.openai_port:
+        host = {"0.0.0.0": "127.0.0.1"}.get(args.openai_host, args.openai_host)
+        where += f", OpenAI API http://{host}:{args.openai_port}/v1"
+    return f"http://{local}:{args.http_port}/v2/health/ready", where
+
+
+def announce_ready(server: subprocess.Popen, ready_url: str, where: str, every_s: float = 10.0) -> None:
+    """Say, every `every_s` while the models load, that qwen3vl-serve is waiting (and how long
+    it has), then that the server is ready and where; nothing if it exits first."""
+    start, said = time.monotonic(), 0.0
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    print(f"qwen3vl-serve: tritonserver started (pid {server.pid}); loading the models", file=sys.stderr, flush=True)
+    while server.poll() is None:
+        try:
+            with direct.open(ready_url, timeout=2) as response:
+                if response.status == 200:
+                    print(f"qwen3vl-serve: ready after {time.monotonic() - start:.0f} s: {where}",
+                          file=sys.stderr, flush=True)
+                    return
+        except (OSError, ValueError):  # not listening yet, or not ready (503)
+            pass
+        if (waited := time.monotonic() - start) - said >= every_s:
+            said = waited
+            print(f"qwen3vl-serve: waiting for tritonserver to load the models ({waited:.0f} s)",
+                  file=sys.stderr, flush=True)
+        time.sleep(0.5)
+
+
+def run(server_cmd: list[str], env: dict[str, str], api_cmd: list[str] | None = None,
+        ready: tuple[str, str] | None = None) -> int:
     """Run tritonserver (`server_cmd`) and, with `api_cmd`, the OpenAI API beside it, both dying
-    with this process; SIGTERM and SIGINT are passed on to them. tritonserver's exit status."""
+    with this process; SIGTERM and SIGINT are passed on to them. With `ready` (endpoints()), say
+    when the server is ready. tritonserver's exit status."""
     proc = subprocess.Popen(server_cmd, env=env, preexec_fn=_die_with_parent)
+    if ready:
+        threading.Thread(target=announce_ready, args=(proc, *ready), name="ready", daemon=True).start()
     # The API in its own session: a terminal's Ctrl-C reaches it once, through us.
     api = subprocess.Popen(api_cmd, env=env, preexec_fn=_die_with_parent,
                            start_new_session=True) if api_cmd else None
@@ -162,7 +241,14 @@ def run(server_cmd: list[str], env: dict[str, str], api_cmd: list[str] | None = 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    return _wait(proc, api, lambda: stopping)
+    code = _wait(proc, api, lambda: stopping)
+    # Killed (SIGKILL, the OOM killer) or not, nothing of the server may outlive it.
+    killed = end_model_processes(proc.pid)
+    if killed:
+        print(f"qwen3vl-serve: tritonserver exited ({code}) leaving {len(killed)} model process(es) stuck "
+              f"({', '.join(f'{Path(p.model).parent.parent.name} pid {p.pid}' for p in killed)}): killed, "
+              "their shared memory removed", file=sys.stderr, flush=True)
+    return code
 
 
 def _wait(server: subprocess.Popen, api: subprocess.Popen | None, stopping) -> int:

@@ -13,3 +13,7 @@ front of the Triton `ensemble` over gRPC's stream. One concern per module:
 
 Nothing here imports torch: the service runs beside tritonserver or on its own.
 """
+
+# The served model's name in every deployment (qwen3vl-openai, qwen3vl-serve --openai-port, the
+# compose files and manifests): what clients send as `model`, whatever the checkpoint.
+DEFAULT_MODEL_NAME = "qwen3-vl"

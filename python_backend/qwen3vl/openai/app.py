@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from . import DEFAULT_MODEL_NAME
 from .errors import APIError, invalid, unavailable
 from .handlers import ChatHandler
 from .images import ImageLoader, ImagePolicy
@@ -32,7 +33,7 @@ CHAT_PATH = "/v1/chat/completions"
 @dataclass(frozen=True)
 class ServiceConfig:
     triton_url: str                      # Triton's gRPC HOST:PORT
-    model_name: str = "qwen3-vl"         # the name clients use in `model`
+    model_name: str = DEFAULT_MODEL_NAME  # the name clients use in `model`
     triton_model: str = "ensemble"
     triton_language_model: str = "qwen3_language"  # where a cancel request goes (contract.CANCEL)
     request_timeout_s: float = 600.0     # the whole request, first token to last: 504 past it
@@ -87,6 +88,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         except APIError as e:
             metrics.answered(e.status, stream)
             return _error_response(e)
+        except Exception:  # a bug: the 500 below, counted like every other answer
+            metrics.answered(500, stream)
+            raise
         finally:
             if not streaming:
                 metrics.in_flight.dec()

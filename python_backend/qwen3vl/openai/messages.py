@@ -49,18 +49,29 @@ def to_chat(messages: list[Message]) -> Chat:
                 raise invalid(f"{where}.content: required for {m.role} messages", f"{where}.content")
             content: str | list = ""
         elif isinstance(m.content, str):
-            content = m.content
+            content = _text(m.content, f"{where}.content")
         else:
             content = [_part(chat, role, f"{where}.content[{j}]", part) for j, part in enumerate(m.content)]
         chat.messages.append({"role": role, "content": content})
     return chat
 
 
+def _text(text: str, where: str) -> str:
+    """`text`, if it is Unicode text at all: JSON's `\\ud800` escapes let a string hold half of
+    a surrogate pair, which no UTF-8 text (what the model takes) can. Raises APIError (400)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise invalid(f"{where}: not valid Unicode text: an unpaired surrogate ({text[e.start]!r}) at character "
+                      f"{e.start}", where) from None
+    return text
+
+
 def _part(chat: Chat, role: str, where: str, part) -> dict:
     if part.type == "text":
         if part.text is None:
             raise invalid(f"{where}.text: required for a text part", f"{where}.text")
-        return {"type": "text", "text": part.text}
+        return {"type": "text", "text": _text(part.text, f"{where}.text")}
     if part.type == "image_url":
         if role != "user":
             raise unsupported(where, f"{where}: images are only taken in user messages")

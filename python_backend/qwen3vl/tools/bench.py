@@ -348,10 +348,11 @@ def main(argv=None) -> int:
     if argv[:1] == ["demo-accuracy"]:      # the demo checkpoint's accuracy (qwen3vl.tools.shapes.accuracy)
         from .shapes.accuracy import main as demo_accuracy
         return demo_accuracy(argv[1:])
-    p = argparse.ArgumentParser(prog="qwen3vl-bench", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="qwen3vl-bench", description=__doc__.split("\n\n")[0],
                                 epilog="qwen3vl-bench demo-accuracy --help: the demo checkpoint's accuracy")
     p.add_argument("--quick", action="store_true", help="fewer rounds: under 5 minutes on 2 cores")
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="small",
+                   help="the random checkpoint's size (qwen3vl-make-checkpoint's presets) (default: small)")
     p.add_argument("--out", required=True, help="JSON result file")
     args = p.parse_args(argv)
     started = time.perf_counter()

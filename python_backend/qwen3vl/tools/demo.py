@@ -40,6 +40,11 @@ def demo_questions(seed: int, extra: str | None) -> list[Question]:
     return asked
 
 
+def progress(line: str) -> None:
+    """While the server loads: how long so far, and what the models last said."""
+    print(f"  {line}", flush=True)
+
+
 def stream_answer(url: str, prompt: str, images: list[bytes], max_tokens: int):
     print(f"\nuser: [picture] {prompt}\nassistant: ", end="", flush=True)
     answer = ask(url, "grpc", stream=True, prompt=prompt, images=images, max_tokens=max_tokens,
@@ -67,7 +72,7 @@ def shapes_demo(args) -> int:
     log = out_dir / "demo-server.log"
     print(f"starting tritonserver (log: {log}) ...", flush=True)
     wrong = 0
-    with Server(args.checkpoint, log) as server:
+    with Server(args.checkpoint, log, progress=progress) as server:
         print(f"server ready: gRPC {server.grpc_url}, HTTP {server.http_url}", flush=True)
         for q in questions:
             answer = stream_answer(server.grpc_url, q.text, [scene.png()], MAX_TOKENS)
@@ -96,7 +101,7 @@ def random_checkpoint_demo(args) -> int:
     rng = random.Random(f"{DEMO_STREAM}/{args.seed}")
     buf = BytesIO()
     random_scene(rng).image().save(buf, format="PNG")
-    with Server(checkpoint, log) as server:
+    with Server(checkpoint, log, progress=progress) as server:
         print(f"server ready: gRPC {server.grpc_url}, HTTP {server.http_url}", flush=True)
         answer = stream_answer(server.grpc_url, args.question or "Describe the picture.", [buf.getvalue()],
                                args.max_tokens)

@@ -338,10 +338,13 @@ def write_json(path: Path, obj) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="qwen3vl-make-checkpoint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (created if missing)")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                    help="the model's size: tiny (the tests'), small (benchmarks, load tests: the release's 128 "
+                         "experts, top-8), shapes (the demo model's architecture) (default: tiny)")
+    ap.add_argument("--seed", type=int, default=0, help="the random weights' seed: the same seed, the same bytes "
+                                                         "(default: 0)")
     ap.add_argument("--layout", choices=list(EXPERT_LAYOUTS), default=None,
                     help="expert layout: fused hub [E,H,2I]/[E,I,H] or transformers' [E,2I,H]/[E,H,I], or "
                          "per-expert [out,in] (FP8 only; its default, like the release); default hub")

@@ -104,13 +104,14 @@ def _b(n: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qwen3vl-sizing", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p = argparse.ArgumentParser(prog="qwen3vl-sizing", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="the checkpoint directory (config.json, safetensors)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="the dtype the servers run in (default: bfloat16)")
     p.add_argument("--context", type=int, default=4096, help="tokens of one sequence, for its KV bytes")
     p.add_argument("--visual-tokens", type=int, default=1024,
                    help="visual tokens of one image (1024 for a 1024x1024 image), for its E->L bytes")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = p.parse_args(argv)
     s = sizing(args.checkpoint, args.dtype)
     if args.json:

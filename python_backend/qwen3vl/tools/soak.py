@@ -19,13 +19,15 @@ import json
 import random
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..client import ServerError, infer, stream_grpc
+from ..launch.server import PROGRESS_S, Server
 from ..paths import REPO_ROOT
 
 
@@ -91,8 +93,9 @@ def run_one(url: str, item: dict, timeout_s: float) -> tuple[list[int], str] | N
 
 
 def soak(url: str, requests: int, concurrency: int, images: list[bytes], seed: int = 0,
-         timeout_s: float = 300) -> SoakReport:
-    """Send the mix at `concurrency`; the report lists every unexpected error and mismatch."""
+         timeout_s: float = 300, progress: Callable[[str], None] | None = None) -> SoakReport:
+    """Send the mix at `concurrency`; the report lists every unexpected error and mismatch.
+    `progress` is told how far it is every PROGRESS_S."""
     items = plan(requests, seed, images)
     report = SoakReport(requests=len(items))
     results: dict[int, dict[str, tuple]] = {}
@@ -110,7 +113,12 @@ def soak(url: str, requests: int, concurrency: int, images: list[bytes], seed: i
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, items))
+        pending = [pool.submit(one, item) for item in items]
+        while wait(pending, timeout=PROGRESS_S if progress else None).not_done:
+            progress(f"{sum(f.done() for f in pending)} of {len(items)} requests done, {len(report.errors)} errors, "
+                     f"{time.perf_counter() - start:.0f} s")
+        for f in pending:
+            f.result()
     report.seconds = time.perf_counter() - start
     for pair, got in results.items():
         if len(got) == 2 and got["stream"] != got["whole"]:
@@ -118,52 +126,49 @@ def soak(url: str, requests: int, concurrency: int, images: list[bytes], seed: i
     return report
 
 
-def stub_rss_mib(server_pid: int) -> float:
-    """Resident memory (MiB) of the Python backend stubs under the launcher `server_pid`
-    (its tritonserver child's children), from /proc."""
-    children: dict[int, list[int]] = {}
-    names: dict[int, str] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def stub_rss_mib(server: Server) -> float:
+    """Resident memory (MiB) of the server's Python backend stubs, from /proc."""
+    total_kib = 0
+    for process in server.model_processes():
         try:
-            text = stat.read_text()
+            status = (Path("/proc") / str(process.pid) / "status").read_text()
         except OSError:
             continue
-        pid = int(stat.parent.name)
-        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-        names[pid] = name
-        children.setdefault(int(rest[1]), []).append(pid)
-    total_kib, todo = 0, list(children.get(server_pid, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        if names.get(pid, "").startswith("triton_python"):
-            try:
-                status = (Path("/proc") / str(pid) / "status").read_text()
-            except OSError:
-                continue
-            total_kib += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        total_kib += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
     return total_kib / 1024
 
 
 def main(argv=None) -> int:
-    from ..launch.server import Server
     from .make_checkpoint import make_checkpoint
 
-    p = argparse.ArgumentParser(prog="qwen3vl-soak", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--requests", type=int, default=600)
-    p.add_argument("--concurrency", type=int, default=12)
-    p.add_argument("--max-num-seqs", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="qwen3vl-soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small",
+                   help="the random checkpoint's size (qwen3vl-make-checkpoint's presets) (default: small)")
+    p.add_argument("--requests", type=int, default=600, help="requests in the mix (default: 600)")
+    p.add_argument("--concurrency", type=int, default=12, help="requests in flight at once (default: 12)")
+    p.add_argument("--max-num-seqs", type=int, default=4,
+                   help="the server's running batch, below the concurrency so that requests queue (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="the mix's seed (default: 0)")
     args = p.parse_args(argv)
-    ckpt = make_checkpoint(REPO_ROOT / ".work" / "checkpoints" / args.preset, args.preset)
+    def say(line: str) -> None:  # stderr: stdout is the JSON report
+        print(f"qwen3vl-soak: {line}", file=sys.stderr, flush=True)
+
+    ckpt = REPO_ROOT / ".work" / "checkpoints" / args.preset
+    say(f"the {args.preset} preset's random checkpoint at {ckpt} (made if missing)")
+    ckpt = make_checkpoint(ckpt, args.preset)
     images = [noise_png(w, h, i) for i, (w, h) in enumerate([(96, 96), (200, 130), (64, 300), (320, 240)])]
-    with Server(ckpt, REPO_ROOT / ".work" / "logs" / "soak.log",
-                extra=["--device", "cpu", "--max-num-seqs", str(args.max_num_seqs)]) as server:
+    log = REPO_ROOT / ".work" / "logs" / "soak.log"
+    say(f"starting a server with --max-num-seqs {args.max_num_seqs} (log: {log})")
+    with Server(ckpt, log, extra=["--device", "cpu", "--max-num-seqs", str(args.max_num_seqs)], progress=say) as server:
+        say(f"server ready; warming up: {2 * args.concurrency} requests")
         warm = soak(server.grpc_url, 2 * args.concurrency, args.concurrency, images, seed=args.seed + 1)
-        before = stub_rss_mib(server.proc.pid)
-        report = soak(server.grpc_url, args.requests, args.concurrency, images, seed=args.seed)
-        report.rss_mib_before, report.rss_mib_after = before, stub_rss_mib(server.proc.pid)
+        before = stub_rss_mib(server)
+        say(f"the model processes hold {before:.0f} MiB; sending {args.requests} mixed requests "
+            f"at concurrency {args.concurrency}")
+        report = soak(server.grpc_url, args.requests, args.concurrency, images, seed=args.seed, progress=say)
+        report.rss_mib_before, report.rss_mib_after = before, stub_rss_mib(server)
+        say(f"done in {report.seconds:.0f} s; the model processes hold {report.rss_mib_after:.0f} MiB; "
+            "stopping the server")
     out = {**report.__dict__, "warm_up_errors": warm.errors, "requests_per_s": report.requests / report.seconds,
            "ok": report.ok and not warm.errors}
     print(json.dumps(out, indent=1))

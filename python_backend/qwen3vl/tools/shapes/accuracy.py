@@ -160,13 +160,15 @@ def main(argv=None) -> int:
     from contextlib import ExitStack
 
     p = argparse.ArgumentParser(prog="qwen3vl-bench demo-accuracy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    p.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="the demo checkpoint (default: checkpoints/shapes)")
     p.add_argument("--per-category", type=int, default=200, help="questions (fresh pictures) per category")
     p.add_argument("--seed", type=int, default=1000, help="the pictures' seed (training used another stream)")
-    p.add_argument("--deployments", default=",".join(DEPLOYMENTS))
-    p.add_argument("--no-ablations", action="store_true")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--log-dir", type=Path, default=Path(".work/logs"))
+    p.add_argument("--deployments", default=",".join(DEPLOYMENTS),
+                   help=f"comma separated, of {', '.join(DEPLOYMENTS)} (default: all)")
+    p.add_argument("--no-ablations", action="store_true",
+                   help=f"skip the ablations on the aggregated server ({', '.join(ABLATIONS)})")
+    p.add_argument("--concurrency", type=int, default=8, help="questions in flight at once (default: 8)")
+    p.add_argument("--log-dir", type=Path, default=Path(".work/logs"), help="the servers' logs (default: .work/logs)")
     p.add_argument("--out", type=Path, help="JSON results")
     args = p.parse_args(argv)
     qs = questions(args.per_category, args.seed)

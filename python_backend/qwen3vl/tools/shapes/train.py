@@ -337,10 +337,10 @@ def train(out, steps: int = 5200, seed: int = 0, batch_size: int = 16, lr: float
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qwen3vl-train-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (created if missing)")
-    ap.add_argument("--steps", type=int, default=5200)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=5200, help="training steps (default: 5200, the shipped model's)")
+    ap.add_argument("--seed", type=int, default=0, help="the weights' and pictures' seed (default: 0)")
+    ap.add_argument("--batch-size", type=int, default=16, help="chats per step (default: 16)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 0.002)")
     ap.add_argument("--probe-weight", type=float, default=PROBE_WEIGHT,
                     help="weight of the vision probe's loss (0: train on the answers alone)")
     ap.add_argument("--probe-place-and-number", action="store_true",
