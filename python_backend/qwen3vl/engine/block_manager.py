@@ -87,6 +87,18 @@ class BlockManager:
         table = hits + [self._take() for _ in range(need)]
         return table, len(hits) * self.block_size
 
+    def fork(self, table: list[int], shared: int, total_tokens: int) -> list[int]:
+        """A block table for another choice of the sequence that holds `table`: its first
+        `shared` blocks (the prompt's full blocks) are the same blocks, reference counted (freed
+        when the last choice frees them), the rest fresh, up to `total_tokens` tokens. Raises
+        NoRoom (nothing taken) when the pool cannot hold the fresh ones now."""
+        need = self.blocks_for(total_tokens) - shared
+        if need > self.num_free:
+            raise NoRoom
+        for block_id in table[:shared]:
+            self.blocks[block_id].ref_count += 1
+        return table[:shared] + [self._take() for _ in range(need)]
+
     def _take(self) -> int:
         if self.free_ids:
             block_id = self.free_ids.popleft()

@@ -31,10 +31,11 @@ from ..settings import ServingConfig
 from ..tensors import raw_bytes
 from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer
+from .logprobs import StepLogprobs, TokenBytes, TokenLogprobs
 from .model_runner import ModelRunner, PagedKVCache
 from .sampling import SamplingParams, generation_defaults, sample_batch
 from .scheduler import Scheduler
-from .sequence import Sequence, Step
+from .sequence import Sequence, Status, Step
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Engine:
         self.config, self.model, self.prompts, self.tokenizer = config, model, prompts, tokenizer
         self.defaults, self.stop_ids = defaults, set(stop_ids)
         self.settings = settings
+        self.token_bytes = TokenBytes(tokenizer)  # token id -> its bytes (logprobs' tokens)
         self.max_model_len = settings.context_window(config.text.max_position_embeddings)
         block_bytes = PagedKVCache.bytes_per_block(config.text, settings.block_size, config.dtype)
         num_blocks = max(1, kv_cache_budget(config, settings) // block_bytes)
@@ -168,13 +170,24 @@ class Engine:
         if params.fits_window and 0 < left < params.max_tokens:
             params = replace(params, max_tokens=left)
         check_context_window(len(prompt.input_ids), params.max_tokens, self.max_model_len)
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=self.config.device)
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            generator.manual_seed(seed)
         keys = self._block_keys(prompt, features) if self.settings.enable_prefix_caching else []
-        return Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), generator, keys)
+        seq = Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), self._generator(params), keys)
+        # Choices 1..n-1 (the n choices of one request): the same prompt and visual rows, each its
+        # own detokenizer and generator, seeded with seed + i (mod 2**64): choice i is what the
+        # request alone with that seed gives. They run once choice 0's prefill is done.
+        seq.followers = [Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer),
+                                  self._generator(params, i), keys, index=i, leader=seq) for i in range(1, params.n)]
+        return seq
+
+    def _generator(self, params: SamplingParams, choice: int = 0) -> torch.Generator | None:
+        """Choice `choice`'s generator: seeded with seed + choice (mod 2**64), or a fresh random seed."""
+        if params.greedy:
+            return None
+        generator = torch.Generator(device=self.config.device)
+        seed = ((params.seed + choice) % 2**64 if params.seed is not None
+                else int.from_bytes(os.urandom(8), "little") >> 1)
+        generator.manual_seed(seed)
+        return generator
 
     def _block_keys(self, prompt: Prompt, features: VisualFeatures) -> list[bytes]:
         """features: in prompt order. Each run of visual tokens (an image, a video's frame
@@ -212,24 +225,47 @@ class Engine:
         self.steps += 1
         try:
             logits = self.runner.execute(batch)
-            sampled = sample_batch(logits, [s.seq for s in batch if s.samples])
+            # A leader's last prefill chunk samples its followers' first tokens from its row too.
+            rows = [(row, choice) for row, s in enumerate(s for s in batch if s.samples)
+                    for choice in (s.seq.choices if s.start < s.seq.prompt_len else [s.seq]) if not choice.finished]
+            seqs = [choice for _, choice in rows]
+            if len(rows) != logits.shape[0]:
+                logits = logits.index_select(0, torch.tensor([row for row, _ in rows], device=logits.device))
+            # Taken from the raw logits, before sampling and anything it applies (docs/logprobs-and-n.md).
+            logprobs = StepLogprobs(logits, [seq.params.logprobs for seq in seqs])
+            sampled = sample_batch(logits, seqs)
         except Exception as e:  # noqa: BLE001 - the step's requests fail; the engine goes on
             log.exception("engine step failed (%d sequences)", len(batch))
             for s in batch:
                 self._fail(s.seq, RuntimeError(f"the engine step running this request failed: "
                                                f"{type(e).__name__}: {e}"))
             return self._take_outputs()
-        tokens = iter(sampled)
         for s in batch:
             seq = s.seq
             seq.num_computed = s.end
             if self.settings.enable_prefix_caching and s.start < seq.prompt_len:
                 self._register_prompt_blocks(seq, s.start)
-            if s.samples:
-                if s.start < seq.prompt_len:  # the prompt's last chunk: its prefill is done
-                    self._outputs.prefills.append(PrefillReport(seq.num_cached, seq.prompt_len - seq.num_cached))
-                self._append(seq, next(tokens))
+            if s.samples and s.start < seq.prompt_len:  # the prompt's last chunk: its prefill is done
+                self._outputs.prefills.append(PrefillReport(seq.num_cached, seq.prompt_len - seq.num_cached))
+        for seq in seqs:  # before any choice appends (and maybe frees its blocks)
+            if seq.leader is not None and seq.status is Status.WAITING:
+                self._fork(seq)
+        for i, (seq, token) in enumerate(zip(seqs, sampled)):
+            self._append(seq, token, logprobs.of(i, token))
         return self._take_outputs()
+
+    def _fork(self, follower: Sequence) -> None:
+        """A follower joins the batch after its leader's prefill: the prompt's full blocks are
+        already its own (shared at admission); the partial last block's KV is copied into its
+        own block (the leader's generated tokens go into the leader's copy)."""
+        leader = follower.leader
+        full, tail = divmod(leader.prompt_len, self.blocks.block_size)
+        if tail:
+            self.kv.copy_block(leader.block_table[full], follower.block_table[full], tail)
+        follower.num_computed, follower.num_cached = leader.prompt_len, leader.num_cached
+        follower.admitted = leader.admitted
+        leader.followers.remove(follower)
+        self.scheduler.join(follower)
 
     def _take_outputs(self) -> EngineOutputs:
         out, self._outputs = self._outputs, EngineOutputs()
@@ -242,7 +278,7 @@ class Engine:
             if b < len(seq.block_keys):
                 self.blocks.register(seq.block_table[b], seq.block_keys[b])
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         seq.output_ids.append(token)
         text = seq.detokenizer.push(token)
         reason = ("stop" if token in self.stop_ids and not seq.params.ignore_eos else
@@ -250,19 +286,26 @@ class Engine:
         if reason:
             text += seq.detokenizer.flush()
             self.scheduler.finish(seq, reason)
-        self._outputs.steps[seq.request_id] = Step([token], text, reason)
+        self._outputs.steps[seq.request_id] = Step([token], text, reason, seq.index, logprobs)
 
     def _drop_cancelled(self) -> None:
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            if seq.cancel_requested:
+        for seq in self._in_flight():
+            if seq.cancelled and not seq.finished:
                 text = seq.detokenizer.flush()
                 self.scheduler.finish(seq, "cancelled")
-                self._outputs.steps[seq.request_id] = Step([], text, "cancelled")
+                self._outputs.steps[seq.request_id] = Step([], text, "cancelled", seq.index,
+                                                           None if seq.params.logprobs is None else TokenLogprobs())
+
+    def _in_flight(self) -> list[Sequence]:
+        """Running and waiting sequences, with the followers their leaders still hold."""
+        return [c for seq in [*self.scheduler.running, *self.scheduler.waiting] for c in seq.choices]
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         if not seq.finished:
             self.scheduler.finish(seq, "error")
             self._outputs.failures[seq.request_id] = error
+        for follower in seq.followers:  # choices not yet forked fail with their leader
+            self._fail(follower, error)
 
     def fail_waiting(self, seq: Sequence, error: Exception) -> EngineOutputs:
         """Fail a sequence that has not started (e.g. past its queue deadline); returns its
@@ -273,7 +316,7 @@ class Engine:
     def abort_all(self, error: Exception) -> EngineOutputs:
         """Fail every request in flight (shutdown, a bug in the loop); returns their failures,
         after whatever a step that raised had already produced."""
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+        for seq in self._in_flight():
             self._fail(seq, error)
         return self._take_outputs()
 
@@ -288,16 +331,18 @@ class Engine:
     def generate(self, text: str, features: VisualFeatures, params: SamplingParams,
                  is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
         """Run one request to its end on this thread (no other request may be in flight),
-        yielding its steps. Raises what it fails with."""
+        yielding its steps (of all its choices: Step.index). Raises what it fails with."""
         seq = self.new_sequence(text, features, params)
+        choices = seq.choices
         self.add(seq)
         while True:
             out = self.step()
-            if seq.request_id in out.failures:
-                raise out.failures[seq.request_id]
-            if seq.request_id in out.steps:
-                yield out.steps[seq.request_id]
-            if seq.finished:
+            for choice in choices:
+                if choice.request_id in out.failures:
+                    raise out.failures[choice.request_id]
+                if choice.request_id in out.steps:
+                    yield out.steps[choice.request_id]
+            if all(choice.finished for choice in choices):
                 return
             if is_cancelled():
                 seq.cancel_requested = True

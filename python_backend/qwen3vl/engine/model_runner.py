@@ -42,6 +42,13 @@ class PagedKVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
+    def copy_block(self, src: int, dst: int, tokens: int) -> None:
+        """Copy the KV of the first `tokens` slots of block `src` into block `dst`, every layer
+        (a prompt's partial last block, for another choice of the request)."""
+        a, b = src * self.block_size, dst * self.block_size
+        for pool in (*self.k, *self.v):
+            pool[b:b + tokens].copy_(pool[a:a + tokens])
+
     @staticmethod
     def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()

@@ -14,6 +14,9 @@ from ..errors import InvalidInput
 # A positive temperature below this samples as greedy: dividing logits by it would overflow
 # fp32 to inf, and softmax would give NaN (vLLM's _SAMPLING_EPS).
 MIN_TEMPERATURE = 1e-5
+# Most top alternatives per token (OpenAI's top_logprobs limit) and most choices per request.
+MAX_LOGPROBS = 20
+MAX_CHOICES = 8
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,10 @@ class SamplingParams:
     # max_tokens is the checkpoint's default, not the request's: a prompt near the end of the
     # context window gets what the window leaves instead of a refusal (as OpenAI's API and vLLM)
     fits_window: bool = False
+    # logprobs (logprobs.py): None = none; k >= 0 = each generated token's logprob and its k most
+    # likely alternatives (k <= MAX_LOGPROBS), from the raw logits (before temperature and masks)
+    logprobs: int | None = None
+    n: int = 1                # choices: one prefill, choice i seeded with seed + i (engine.py)
 
     def validate(self) -> None:
         """Raises InvalidInput naming the parameter that is out of range or not finite."""
@@ -44,6 +51,10 @@ class SamplingParams:
             raise InvalidInput(f"top_k must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidInput(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidInput(f"logprobs must be in [0, {MAX_LOGPROBS}] (top alternatives per token), got {self.logprobs}")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise InvalidInput(f"n must be in [1, {MAX_CHOICES}] (choices per request), got {self.n}")
 
     @property
     def greedy(self) -> bool:

@@ -50,6 +50,17 @@ class Scheduler:
             raise InvalidInput(f"prompt ({seq.prompt_len} tokens) + max_tokens ({seq.params.max_tokens}) needs "
                                f"{need} KV blocks of {self.blocks.block_size} tokens; the KV cache has "
                                f"{self.blocks.num_blocks} in all (raise --kv-cache-mb or lower max_tokens)")
+        choices = len(seq.choices)
+        if choices > self.settings.max_num_seqs:
+            raise InvalidInput(f"n={choices} choices need {choices} sequence slots; the engine runs at most "
+                               f"{self.settings.max_num_seqs} (max_num_seqs)")
+        full = seq.prompt_len // self.blocks.block_size  # a follower shares the prompt's full blocks
+        need += sum(self.blocks.blocks_for(f.max_tokens_total) - full for f in seq.followers)
+        if need > self.blocks.num_blocks:
+            raise InvalidInput(f"n={choices} choices of prompt ({seq.prompt_len} tokens) + max_tokens "
+                               f"({seq.params.max_tokens}) need {need} KV blocks of {self.blocks.block_size} tokens; "
+                               f"the KV cache has {self.blocks.num_blocks} in all (raise --kv-cache-mb or lower n or "
+                               "max_tokens)")
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -69,9 +80,10 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
             seq = self.waiting[0]
+            if len(self.running) + len(seq.choices) > self.settings.max_num_seqs:
+                break  # its choices need their slots too
             try:
-                seq.block_table, seq.num_cached = self.blocks.allocate(
-                    seq.block_keys, seq.max_tokens_total, max_cached_tokens=seq.prompt_len - 1)
+                self._allocate(seq)
             except NoRoom:
                 break  # first come, first served: later arrivals wait behind it
             self.waiting.popleft()
@@ -83,6 +95,30 @@ class Scheduler:
             budget -= n
         return out
 
+    def _allocate(self, seq: Sequence) -> None:
+        """Blocks for a sequence and for each of its followers (sharing its prompt's full
+        blocks), all or none (NoRoom)."""
+        seq.block_table, seq.num_cached = self.blocks.allocate(
+            seq.block_keys, seq.max_tokens_total, max_cached_tokens=seq.prompt_len - 1)
+        full, taken = seq.prompt_len // self.blocks.block_size, []
+        try:
+            for f in seq.followers:
+                f.block_table = self.blocks.fork(seq.block_table, full, f.max_tokens_total)
+                taken.append(f)
+        except NoRoom:
+            for f in taken:
+                self.blocks.free(f.block_table)
+                f.block_table = []
+            self.blocks.free(seq.block_table)
+            seq.block_table, seq.num_cached = [], 0
+            raise
+
+    def join(self, follower: Sequence) -> None:
+        """A follower whose leader's prefill is done runs from the next step (its blocks were
+        reserved with the leader's)."""
+        follower.status = Status.RUNNING
+        self.running.append(follower)
+
     def _chunk(self, seq: Sequence, budget: int) -> int:
         remaining = seq.prompt_len - seq.num_computed
         return remaining if not self.settings.enable_chunked_prefill else min(remaining, budget)
@@ -91,6 +127,8 @@ class Scheduler:
         """Take a sequence out (done, cancelled or failed) and give its blocks back."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+            self.blocks.free(seq.block_table)
+        elif seq.leader is not None:  # a follower not yet forked: its reserved blocks
             self.blocks.free(seq.block_table)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)

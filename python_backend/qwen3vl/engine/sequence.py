@@ -13,6 +13,7 @@ import torch
 from ..features import VisualFeatures
 from ..model.prompt import Prompt
 from .detokenize import IncrementalDetokenizer
+from .logprobs import TokenLogprobs
 from .sampling import SamplingParams
 
 
@@ -28,6 +29,16 @@ class Step:
     token_ids: list[int]
     text: str
     finish_reason: str = ""  # "", "stop", "length" or "cancelled"
+    index: int = 0           # the request's choice it belongs to (0..n-1)
+    logprobs: TokenLogprobs | None = None  # of token_ids, when the request asked
+
+    def then(self, later: "Step") -> "Step":
+        """This step followed by `later` of the same choice, as one."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or TokenLogprobs()) + (later.logprobs or TokenLogprobs())
+        return Step(self.token_ids + later.token_ids, self.text + later.text, later.finish_reason, self.index,
+                    logprobs)
 
 
 _ids = itertools.count()
@@ -58,6 +69,12 @@ class Sequence:
     num_cached: int = 0          # prompt tokens restored from the prefix cache
     cancel_requested: bool = False  # set from any thread; the engine drops it at its next step
     finish_reason: str = ""
+    # Choices (params.n > 1): choice 0 (this, the leader) is scheduled and prefilled; the other
+    # choices wait in `followers` (with KV blocks reserved at its admission) until the leader's
+    # prefill ends, then join the batch sharing its prompt's KV (engine.py, block_manager.fork).
+    index: int = 0                          # its choice among the request's n
+    leader: "Sequence | None" = None        # a follower's choice 0
+    followers: list["Sequence"] = field(default_factory=list)  # the leader's choices not yet forked
 
     def __post_init__(self):
         mask = self.prompt.visual_mask.numpy()
@@ -85,3 +102,13 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def choices(self) -> list["Sequence"]:
+        """The leader and the followers it still holds (itself alone once forked or n = 1)."""
+        return [self, *self.followers]
+
+    @property
+    def cancelled(self) -> bool:
+        """Its cancel was asked for, or its leader's (a request's choices leave together)."""
+        return self.cancel_requested or (self.leader is not None and self.leader.cancel_requested)

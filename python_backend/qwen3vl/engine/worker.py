@@ -136,7 +136,7 @@ def _coalesce(items: list) -> list:
         i = pending.get(request.request_id)
         if i is not None and isinstance(item, Step):
             prev = out[i][1]
-            out[i] = (request, Step(prev.token_ids + item.token_ids, prev.text + item.text, item.finish_reason))
+            out[i] = (request, prev.then(item))
         else:
             out.append((request, item))
             i = len(out) - 1
@@ -201,6 +201,8 @@ class EngineLoop:
                 self.responses.submit((request, e))
                 continue
             self.requests[request.request_id] = request
+            for follower in request.seq.followers:  # the request's other choices: the same stream
+                self.requests[follower.request_id] = ServedRequest(follower, request.stream, request.is_cancelled)
 
     def _run(self) -> None:
         try:

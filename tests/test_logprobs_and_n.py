@@ -1,0 +1,223 @@
+"""Logprobs and n choices (docs/logprobs-and-n.md). In the engine, on the tiny checkpoint: a
+token's logprob is the log-softmax of the unbatched reference's logits for the same prefix, the
+top alternatives are sorted and hold the greedy token; n choices run one prefill, share the
+prompt's full KV blocks (given back when all are done), and choice i is the request alone with
+seed + i. Through a real server and the `openai` SDK: the same, in OpenAI's shapes, streamed
+and not, with an image every choice sees; bad values get a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import png, reference_inputs
+from qwen3vl.encoder.encoder import VisionEncoder
+from qwen3vl.engine.engine import Engine
+from qwen3vl.errors import InvalidInput
+from qwen3vl.model.config import ModelConfig
+from qwen3vl.settings import ServingConfig
+
+QUESTION = "What is in the picture? Answer in one sentence."
+IMAGE, OTHER_IMAGE = png(120, 90, 11), png(120, 90, 12)
+
+
+@pytest.fixture(scope="module")
+def parts(checkpoint, reference):
+    config = ModelConfig.load(checkpoint, device="cpu")
+    return config, VisionEncoder(config, reference[1].image_processor)
+
+
+def new_engine(config, **kw) -> Engine:
+    return Engine.from_checkpoint(config, ServingConfig(**{"kv_cache_mb": 64, **kw}))
+
+
+def chat(question: str, images: int) -> str:
+    return json.dumps([{"role": "user", "content": [*({"type": "image"} for _ in range(images)),
+                                                    {"type": "text", "text": question}]}])
+
+
+def run(engine: Engine, text: str, features, **params) -> dict[int, list]:
+    """Each choice's steps, by index."""
+    out: dict[int, list] = {}
+    for step in engine.generate(text, features, engine.params(**params)):
+        out.setdefault(step.index, []).append(step)
+    return out
+
+
+def ids(steps) -> list[int]:
+    return [t for s in steps for t in s.token_ids]
+
+
+# ---- the engine ----------------------------------------------------------------------------
+
+
+def reference_logprobs(reference, question: str, images: list[bytes], tokens: list[int]) -> torch.Tensor:
+    """transformers' log-softmax over the vocabulary for each of `tokens`' prefixes: [len, V]
+    (one forward over the prompt and the tokens but the last)."""
+    model, processor = reference
+    inputs = reference_inputs(processor, question, images)
+    prompt_len = inputs["input_ids"].shape[1]
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([tokens[:-1]])], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "mm_token_type_ids" in inputs:  # the appended tokens are text
+        types = inputs["mm_token_type_ids"]
+        inputs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(tokens) - 1)], dim=1)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, prompt_len - 1:]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_logprobs_are_transformers_log_softmax_of_each_prefix(parts, reference):
+    config, encoder = parts
+    engine = new_engine(config)
+    (steps,) = run(engine, QUESTION, encoder.encode([[IMAGE]])[0], max_tokens=6, temperature=0.0,
+                   logprobs=5).values()
+    tokens = ids(steps)
+    got = [x for s in steps for x in zip(s.logprobs.logprobs, s.logprobs.top_ids, s.logprobs.top_logprobs)]
+    assert len(got) == len(tokens) == 6
+    want = reference_logprobs(reference, QUESTION, [IMAGE], tokens)
+    for i, (token, (chosen, top_ids, top_values)) in enumerate(zip(tokens, got)):
+        assert abs(chosen - float(want[i, token])) < 1e-4
+        assert top_ids[0] == token  # greedy: the most likely token is the one chosen
+        assert top_values == sorted(top_values, reverse=True) and len(top_ids) == 5
+        assert top_values[0] == pytest.approx(chosen, abs=1e-6)
+        assert top_ids == want[i].topk(5).indices.tolist()
+        torch.testing.assert_close(torch.tensor(top_values), want[i, top_ids], rtol=0, atol=1e-4)
+
+
+def test_only_rows_that_ask_get_logprobs_and_they_leave_tokens_alone(parts):
+    config, _ = parts
+    engine = new_engine(config)
+    text = chat("Tell me a story.", 0)
+    features = engine_features(engine)
+    plain = run(engine, text, features, max_tokens=5, temperature=0.8, seed=3)[0]
+    asked = run(engine, text, features, max_tokens=5, temperature=0.8, seed=3, logprobs=0)[0]
+    assert ids(plain) == ids(asked)
+    assert all(s.logprobs is None for s in plain)
+    assert all(len(s.logprobs) == len(s.token_ids) and s.logprobs.top_ids == [[]] for s in asked)
+    # sampled at temperature 0.8, the logprob is still the raw one (temperature-free): <= 0, finite
+    assert all(x <= 0 and x > -1e9 for s in asked for x in s.logprobs.logprobs)
+
+
+def engine_features(engine: Engine):
+    from qwen3vl.features import VisualFeatures
+
+    return VisualFeatures.empty(engine.config)
+
+
+def test_n_choices_share_one_prefill_and_each_equals_its_seed_alone(parts):
+    config, encoder = parts
+    engine = new_engine(config, block_size=16)
+    features = encoder.encode([[IMAGE]])[0]
+    text = QUESTION
+    free = engine.blocks.num_free
+    counted = []
+    step = engine.step
+
+    def counting():
+        out = step()
+        counted.extend(out.prefills)
+        return out
+
+    engine.step = counting
+    choices = run(engine, text, features, max_tokens=8, temperature=1.0, seed=40, n=4, logprobs=2)
+    assert sorted(choices) == [0, 1, 2, 3]
+    assert len(counted) == 1  # one prefill for the four choices
+    assert engine.blocks.num_free == free  # every block back (the shared ones too)
+    answers = [ids(choices[i]) for i in range(4)]
+    assert len({tuple(a) for a in answers}) == 4, answers
+    for i, answer in enumerate(answers):
+        alone = run(engine, text, features, max_tokens=8, temperature=1.0, seed=40 + i, logprobs=2)[0]
+        assert ids(alone) == answer
+        got = [x for s in choices[i] for x in s.logprobs.logprobs]
+        assert got == pytest.approx([x for s in alone for x in s.logprobs.logprobs], abs=1e-5)
+    # The image is in every choice's context: with another image every choice's logprobs move
+    # (the tiny model's sampled tokens may not), so a choice that lost its visual rows shows.
+    others = run(engine, text, encoder.encode([[OTHER_IMAGE]])[0], max_tokens=8, temperature=1.0, seed=40, n=4,
+                 logprobs=0)
+    for i in range(4):
+        mine = [x for s in choices[i] for x in s.logprobs.logprobs]
+        theirs = [x for s in others[i] for x in s.logprobs.logprobs]
+        assert max(abs(a - b) for a, b in zip(mine, theirs)) > 1e-3
+
+
+@pytest.mark.parametrize("partial", [True, False], ids=["prompt-ends-inside-a-block", "prompt-fills-its-blocks"])
+def test_forked_blocks_are_shared_then_freed(parts, partial):
+    """The prompt's full blocks are held once (reference counted by every choice), each choice
+    has its own partial block (its prompt KV copied) and generation blocks, and all come back at
+    the end."""
+    config, _ = parts
+    text = chat("Tell me a story.", 0)
+    prompt_len = len(new_engine(config).prepare(text, engine_features(new_engine(config))).input_ids)
+    bs = next(b for b in range(3, 64) if bool(prompt_len % b) == partial)
+    engine = new_engine(config, block_size=bs, enable_prefix_caching=False)
+    free = engine.blocks.num_free
+    seq = engine.new_sequence(text, engine_features(engine),
+                              engine.params(max_tokens=6, temperature=1.0, seed=1, n=3, ignore_eos=True))
+    choices = seq.choices
+    engine.add(seq)
+    engine.step()  # the whole prompt in one step, then the fork
+    full, tail = divmod(seq.prompt_len, bs)
+    tables = [c.block_table for c in choices]
+    assert all(t[:full] == tables[0][:full] for t in tables)  # shared
+    assert all(engine.blocks.blocks[b].ref_count == 3 for b in tables[0][:full])
+    private = [b for t in tables for b in t[full:]]
+    assert len(set(private)) == len(private)  # the rest is each one's own
+    per_choice = engine.blocks.blocks_for(seq.prompt_len + 6)
+    assert engine.blocks.num_free == free - per_choice - 2 * (per_choice - full)
+    for layer in (0, len(engine.kv.k) - 1):  # the partial block's prompt KV copied into each choice's
+        a, b = tables[0][full] * bs, tables[2][full] * bs
+        assert torch.equal(engine.kv.v[layer][a:a + tail], engine.kv.v[layer][b:b + tail])
+    while engine.has_work():
+        engine.step()
+    assert all(len(c.output_ids) == 6 for c in choices)
+    assert engine.blocks.num_free == free
+
+
+def test_cancelling_a_request_ends_all_its_choices_and_frees_their_blocks(parts):
+    config, _ = parts
+    engine = new_engine(config, block_size=4)
+    free = engine.blocks.num_free
+    seq = engine.new_sequence(chat("Tell me a story.", 0), engine_features(engine),
+                              engine.params(max_tokens=50, temperature=1.0, n=3, ignore_eos=True))
+    choices = seq.choices
+    engine.add(seq)
+    engine.step()
+    engine.step()
+    seq.cancel_requested = True
+    out = engine.step()
+    assert {out.steps[c.request_id].finish_reason for c in choices} == {"cancelled"}
+    assert {out.steps[c.request_id].index for c in choices} == {0, 1, 2}
+    assert not engine.has_work() and engine.blocks.num_free == free
+
+
+def test_a_failed_leader_fails_its_waiting_choices(parts):
+    config, _ = parts
+    engine = new_engine(config)
+    seq = engine.new_sequence(chat("hi", 0), engine_features(engine), engine.params(max_tokens=4, n=2))
+    choices = seq.choices
+    engine.add(seq)
+    out = engine.fail_waiting(seq, RuntimeError("gone"))
+    assert set(out.failures) == {c.request_id for c in choices} and len(choices) == 2
+    assert not engine.has_work()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"logprobs": 21}, "logprobs must be in [0, 20]"),
+    ({"logprobs": -1}, "logprobs must be in [0, 20]"),
+    ({"n": 0}, "n must be in [1, 8]"),
+    ({"n": 9}, "n must be in [1, 8]"),
+])
+def test_out_of_range_logprobs_and_n_are_refused(parts, params, message):
+    engine = new_engine(parts[0])
+    with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("]", r"\]")):
+        engine.params(**params)
+
+
+def test_more_choices_than_slots_is_refused(parts):
+    engine = new_engine(parts[0], max_num_seqs=2)
+    seq = engine.new_sequence(chat("hi", 0), engine_features(engine), engine.params(max_tokens=4, n=3))
+    with pytest.raises(InvalidInput, match="max_num_seqs"):
+        engine.add(seq)
