@@ -7,10 +7,12 @@ and not, with an image every choice sees; bad values get a 400 naming the field.
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import png, reference_inputs
 from qwen3vl.encoder.encoder import VisionEncoder
@@ -221,3 +223,147 @@ def test_more_choices_than_slots_is_refused(parts):
     seq = engine.new_sequence(chat("hi", 0), engine_features(engine), engine.params(max_tokens=4, n=3))
     with pytest.raises(InvalidInput, match="max_num_seqs"):
         engine.add(seq)
+
+
+# ---- through a real server -------------------------------------------------------------------
+# The session's tritonserver and an OpenAI service in front of it (test_openai's fixtures).
+
+from test_openai import MODEL, api, assert_openai_error, client, data_url  # noqa: E402,F401
+
+from qwen3vl.client import stream_grpc  # noqa: E402
+from qwen3vl.client.responses import ServerError  # noqa: E402
+from qwen3vl.engine.logprobs import TokenBytes  # noqa: E402
+
+
+def image_chat(question: str, image: bytes) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                         {"type": "text", "text": question}]}]
+
+
+def openai_logprobs(choice) -> list[tuple[float, list[int], list[tuple[float, list[int]]]]]:
+    """A choice's (logprob, bytes, [(top logprob, top bytes)]) per token."""
+    return [(t.logprob, t.bytes, [(a.logprob, a.bytes) for a in t.top_logprobs]) for t in choice.logprobs.content]
+
+
+def streamed(client, **body) -> tuple[dict[int, str], dict[int, list], dict[int, str], object]:
+    """A streamed completion's text, logprobs entries and finish reason per choice, and its usage."""
+    text, logprobs, reasons, usage = {}, {}, {}, None
+    for event in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **body):
+        usage = event.usage or usage
+        for c in event.choices:
+            text[c.index] = text.get(c.index, "") + (c.delta.content or "")
+            if c.logprobs is not None:
+                logprobs.setdefault(c.index, []).extend(c.logprobs.content)
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    return text, logprobs, reasons, usage
+
+
+def test_openai_logprobs_equal_transformers_log_softmax(client, reference, checkpoint):
+    from transformers import AutoTokenizer
+
+    token_bytes = TokenBytes(AutoTokenizer.from_pretrained(checkpoint))
+    body = dict(model=MODEL, messages=image_chat(QUESTION, IMAGE), max_tokens=6, temperature=0.0, logprobs=True,
+                top_logprobs=4)
+    whole = client.chat.completions.create(**body).choices[0]
+    got = openai_logprobs(whole)
+    assert len(got) == 6
+    model, processor = reference
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.open(io.BytesIO(IMAGE))], return_tensors="pt")
+    with torch.no_grad():
+        greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    want = reference_logprobs_of(model, inputs, greedy)
+    for i, (token, (logprob, raw, top)) in enumerate(zip(greedy, got)):
+        assert raw == list(token_bytes.of(token))
+        assert abs(logprob - float(want[i, token])) < 1e-4
+        values = [v for v, _ in top]
+        assert len(top) == 4 and values == sorted(values, reverse=True)
+        assert top[0] == (logprob, raw)  # greedy: the chosen token is the most likely
+        assert [b for _, b in top] == [list(token_bytes.of(t)) for t in want[i].topk(4).indices.tolist()]
+    # streamed: the same entries, in order, over the chunks (within float rounding: this time the
+    # prompt's blocks come from the prefix cache, a different batch shape)
+    _, streamed_logprobs, _, _ = streamed(client, **body)
+    again = [(t.logprob, t.bytes, [(a.logprob, a.bytes) for a in t.top_logprobs]) for t in streamed_logprobs[0]]
+    assert [(b, [tb for _, tb in top]) for _, b, top in again] == [(b, [tb for _, tb in top]) for _, b, top in got]
+    assert [v for lp, _, top in again for v in (lp, *(v for v, _ in top))] == pytest.approx(
+        [v for lp, _, top in got for v in (lp, *(v for v, _ in top))], abs=1e-5)
+    # without top_logprobs: the chosen tokens only
+    plain = client.chat.completions.create(**{**body, "top_logprobs": None}).choices[0]
+    assert [b for _, b, _ in openai_logprobs(plain)] == [b for _, b, _ in got]
+    assert [lp for lp, _, _ in openai_logprobs(plain)] == pytest.approx([lp for lp, _, _ in got], abs=1e-5)
+    assert all(t.top_logprobs == [] for t in plain.logprobs.content)
+    assert client.chat.completions.create(**{**body, "logprobs": None, "top_logprobs": None}).choices[0].logprobs is None
+
+
+def reference_logprobs_of(model, inputs, tokens: list[int]) -> torch.Tensor:
+    prompt_len = inputs["input_ids"].shape[1]
+    extended = dict(inputs)
+    extended["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([tokens[:-1]])], dim=1)
+    extended["attention_mask"] = torch.ones_like(extended["input_ids"])
+    if "mm_token_type_ids" in inputs:
+        types = inputs["mm_token_type_ids"]
+        extended["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(tokens) - 1)], dim=1)
+    with torch.no_grad():
+        logits = model(**extended).logits[0, prompt_len - 1:]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_openai_n_choices_each_equal_their_seed_alone_and_all_see_the_image(client):
+    body = dict(model=MODEL, messages=image_chat(QUESTION, IMAGE), max_tokens=8, temperature=1.0, seed=1234,
+                logprobs=True)
+    whole = client.chat.completions.create(n=4, **body)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) == 4, texts
+    assert whole.usage.completion_tokens == sum(len(c.logprobs.content) for c in whole.choices)
+    for i, choice in enumerate(whole.choices):
+        alone = client.chat.completions.create(**{**body, "seed": 1234 + i}).choices[0]
+        assert alone.message.content == choice.message.content and alone.finish_reason == choice.finish_reason
+        mine = [t.logprob for t in choice.logprobs.content]
+        assert mine == pytest.approx([t.logprob for t in alone.logprobs.content], abs=1e-4)
+    # Every choice sees the image: another image moves every choice's logprobs.
+    other = client.chat.completions.create(n=4, **{**body, "messages": image_chat(QUESTION, OTHER_IMAGE)})
+    for mine, theirs in zip(whole.choices, other.choices):
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(mine.logprobs.content, theirs.logprobs.content)) > 1e-3
+    # Streamed: every choice's chunks carry its index; the same texts; usage counts all choices.
+    text, logprobs, reasons, usage = streamed(client, n=4, **body)
+    assert [text[i] for i in range(4)] == texts
+    assert [reasons[i] for i in range(4)] == [c.finish_reason for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens == sum(len(v) for v in logprobs.values())
+
+
+def test_n_choices_over_grpc_name_their_index(server):
+    chunks = list(stream_grpc(server.grpc_url, prompt="Tell me a story.", max_tokens=5, temperature=1.0, seed=9,
+                              n=3, logprobs=2))
+    by_index: dict[int, list] = {}
+    for c in chunks:
+        by_index.setdefault(c.index, []).append(c)
+    assert sorted(by_index) == [0, 1, 2]
+    for i, pieces in by_index.items():
+        assert pieces[-1].finish_reason and not any(p.finish_reason for p in pieces[:-1])
+        ids = [t for p in pieces for t in p.token_ids]
+        assert sum(len(p.logprobs.logprobs) for p in pieces) == len(ids)
+        assert all(len(row) == 2 for p in pieces for row in p.logprobs.top_ids)
+        alone = list(stream_grpc(server.grpc_url, prompt="Tell me a story.", max_tokens=5, temperature=1.0,
+                                 seed=9 + i, stream=False))
+        assert [t for c in alone for t in c.token_ids] == ids and alone[0].logprobs is None
+    with pytest.raises(ServerError, match=r"logprobs must be in \[0, 20\]"):
+        list(stream_grpc(server.grpc_url, prompt="hi", max_tokens=2, logprobs=21))
+
+
+def chat_body(**fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+
+
+@pytest.mark.parametrize("body, param, words", [
+    (chat_body(n=0), "n", "[1, 8]"),
+    (chat_body(n=9), "n", "[1, 8]"),
+    (chat_body(logprobs=True, top_logprobs=21), "top_logprobs", "[0, 20]"),
+    (chat_body(logprobs=True, top_logprobs=-1), "top_logprobs", "[0, 20]"),
+    (chat_body(top_logprobs=3), "top_logprobs", "logprobs is true"),
+    (chat_body(logprobs=False, top_logprobs=3), "top_logprobs", "logprobs is true"),
+], ids=["n-0", "n-9", "top-21", "top-negative", "top-without-logprobs", "top-with-logprobs-false"])
+def test_bad_n_and_top_logprobs_get_400_naming_the_field(api, body, param, words):
+    assert_openai_error(api.post(body), 400, param, param, words)

@@ -358,9 +358,6 @@ def with_content(*parts) -> dict:
 
 TEXT = {"type": "text", "text": "hi"}
 REFUSED = [  # (body, the field the 400 names)
-    (chat(n=2), "n"),
-    (chat(logprobs=True), "logprobs"),
-    (chat(top_logprobs=3), "top_logprobs"),
     (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
     (chat(tool_choice="required"), "tool_choice"),
     (chat(functions=[{"name": "f"}]), "functions"),

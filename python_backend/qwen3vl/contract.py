@@ -22,6 +22,16 @@ TEXT_OUTPUT = "text_output"      # BYTES [1]
 OUTPUT_IDS = "output_ids"        # INT32 [-1]
 FINISH_REASON = "finish_reason"  # BYTES [1]: stop, length, cancelled, or empty while streaming
 NUM_INPUT_TOKENS = "num_input_tokens"  # INT32 [1]: the prompt's tokens (visual tokens included)
+# Logprobs and choices (docs/logprobs-and-n.md).
+LOGPROBS = "logprobs"            # INT32 [1], optional: k in [0, 20] = each token's logprob and its top k
+                                 # alternatives (raw logits: before temperature and masks); -1 or absent: none
+N = "n"                          # INT32 [1], optional: choices in [1, 8], one prefill; choice i seeded seed + i
+INDEX = "index"                  # INT32 [1]: the choice a response belongs to (0 when n = 1)
+OUTPUT_LOGPROBS = "output_logprobs"  # FP32 [tokens]: each output id's logprob ([0] unless asked)
+TOP_LOGPROB_IDS = "top_logprob_ids"  # INT32 [tokens, k]: each token's top k alternatives, most likely first
+TOP_LOGPROBS = "top_logprobs"        # FP32 [tokens, k]: their logprobs
+LOGPROB_TOKENS = "logprob_tokens"    # BYTES [tokens, 1 + k]: the bytes of each token, then of its alternatives
+                                     # ([0, 0] when logprobs were not asked for)
 
 # Request parameters (not tensors: Triton hands an ensemble request's parameters to every step).
 # A generation request may carry a secret `cancel_token`; a request to `qwen3_language` with the
@@ -78,6 +88,8 @@ LANGUAGE_REQUEST = [
     _tensor(SEED, "TYPE_UINT64", [1], True),
     _tensor(STREAM, "TYPE_BOOL", [1], True),
     _tensor(IGNORE_EOS, "TYPE_BOOL", [1], True),
+    _tensor(LOGPROBS, "TYPE_INT32", [1], True),
+    _tensor(N, "TYPE_INT32", [1], True),
 ]
 LANGUAGE_REQUEST_INPUTS = tuple(t["name"] for t in LANGUAGE_REQUEST)
 
@@ -92,6 +104,11 @@ LANGUAGE_OUTPUTS = [
     _tensor(OUTPUT_IDS, "TYPE_INT32", [-1]),
     _tensor(FINISH_REASON, "TYPE_STRING", [1]),
     _tensor(NUM_INPUT_TOKENS, "TYPE_INT32", [1]),
+    _tensor(INDEX, "TYPE_INT32", [1]),
+    _tensor(OUTPUT_LOGPROBS, "TYPE_FP32", [-1]),
+    _tensor(TOP_LOGPROB_IDS, "TYPE_INT32", [-1, -1]),
+    _tensor(TOP_LOGPROBS, "TYPE_FP32", [-1, -1]),
+    _tensor(LOGPROB_TOKENS, "TYPE_STRING", [-1, -1]),
 ]
 
 TRANSFER_INPUTS = [

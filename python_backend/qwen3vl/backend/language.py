@@ -18,6 +18,7 @@ import torch
 
 from .. import contract
 from ..engine.engine import Engine, PrefillReport
+from ..engine.logprobs import TokenLogprobs
 from ..engine.sequence import Sequence, Step
 from ..engine.worker import EngineLoop
 from ..errors import InvalidInput, NotFound
@@ -29,22 +30,47 @@ from .metrics import LANGUAGE_COUNTERS, LANGUAGE_GAUGES, LANGUAGE_HISTOGRAMS, Co
 TOKENS_PER_COUNT = 32
 
 
-def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens: int):
+def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens: int, index: int = 0,
+             logprobs: TokenLogprobs | None = None, token_bytes=None):
+    """One response; `logprobs` (of `ids`, when asked for) with `token_bytes` (id -> bytes)."""
     return pb.InferenceResponse(output_tensors=[
         pb.Tensor(contract.TEXT_OUTPUT, np.array([text.encode("utf-8")], dtype=object)),
         pb.Tensor(contract.OUTPUT_IDS, np.array(ids, dtype=np.int32)),
         pb.Tensor(contract.FINISH_REASON, np.array([finish_reason.encode()], dtype=object)),
         pb.Tensor(contract.NUM_INPUT_TOKENS, np.array([num_input_tokens], dtype=np.int32)),
+        pb.Tensor(contract.INDEX, np.array([index], dtype=np.int32)),
+        *(pb.Tensor(name, array) for name, array in logprob_arrays(ids, logprobs, token_bytes)),
     ])
 
 
+def logprob_arrays(ids: list[int], logprobs: TokenLogprobs | None, token_bytes) -> list[tuple[str, np.ndarray]]:
+    """The logprob outputs of a response (contract.py): empty ([0], [0, 0]) when not asked for."""
+    if logprobs is None:
+        return [(contract.OUTPUT_LOGPROBS, np.zeros(0, np.float32)),
+                (contract.TOP_LOGPROB_IDS, np.zeros((0, 0), np.int32)),
+                (contract.TOP_LOGPROBS, np.zeros((0, 0), np.float32)),
+                (contract.LOGPROB_TOKENS, np.zeros((0, 0), dtype=object))]
+    n = len(logprobs)
+    k = len(logprobs.top_ids[0]) if n else 0
+    tokens = np.empty((n, 1 + k), dtype=object)
+    for i, (token, top) in enumerate(zip(ids, logprobs.top_ids)):
+        tokens[i] = [token_bytes(token), *(token_bytes(t) for t in top)]
+    return [(contract.OUTPUT_LOGPROBS, np.array(logprobs.logprobs, np.float32).reshape(n)),
+            (contract.TOP_LOGPROB_IDS, np.array(logprobs.top_ids, np.int32).reshape(n, k)),
+            (contract.TOP_LOGPROBS, np.array(logprobs.top_logprobs, np.float32).reshape(n, k)),
+            (contract.LOGPROB_TOKENS, tokens)]
+
+
 class ResponseStream:
-    """Sends one request's steps: each as it comes when streaming, else one response at the end
-    (engine/worker.py's OutputStream; called on the response thread)."""
+    """Sends one request's steps: each as it comes when streaming, else one response per choice
+    when it ends (engine/worker.py's OutputStream; called on the response thread). With n
+    choices, every response names its choice (`index`) and the last choice's end is FINAL."""
 
     def __init__(self, pb, sender, stream: bool, metrics: Counters, histograms: Histograms | None = None):
         self.pb, self.sender, self.stream, self.metrics, self.histograms = pb, sender, stream, metrics, histograms
-        self.text, self.ids = [], []
+        self.whole: dict[int, Step] = {}  # per choice, what it generated so far (not streaming)
+        self.choices, self.ended, self.closed = 1, 0, False
+        self.token_bytes = None  # token id -> bytes (logprobs' tokens), once built
         self.start, self.first = time.perf_counter(), True
         self.first_token_s = 0.0  # time to first token, once sent
         self.generated = 0
@@ -53,11 +79,16 @@ class ResponseStream:
         self.seq: Sequence | None = None  # once built (its admission time: queue time)
         self.on_done = lambda: None
 
-    def _response(self, text: str, ids: list[int], finish_reason: str):
-        return response(self.pb, text, ids, finish_reason, self.num_input_tokens)
+    def _response(self, step: Step):
+        return response(self.pb, step.text, step.token_ids, step.finish_reason, self.num_input_tokens, step.index,
+                        step.logprobs, self.token_bytes)
 
     def emit(self, step: Step) -> None:
-        done = bool(step.finish_reason)
+        if self.closed:  # the request failed already (another choice's failure)
+            return
+        choice_done = bool(step.finish_reason)
+        self.ended += choice_done
+        done = self.ended == self.choices
         if self.first and step.token_ids:
             self.first_token_s = time.perf_counter() - self.start
             self.metrics.add("ttft", self.first_token_s)
@@ -73,13 +104,13 @@ class ResponseStream:
             self._observe()
             self.on_done()
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        self.closed = done
         if self.stream:
-            self.sender.send(self._response(step.text, step.token_ids, step.finish_reason), flags=final if done else 0)
+            self.sender.send(self._response(step), flags=final if done else 0)
             return
-        self.text.append(step.text)
-        self.ids += step.token_ids
-        if done:
-            self.sender.send(self._response("".join(self.text), self.ids, step.finish_reason), flags=final)
+        whole = self.whole[step.index] = self.whole[step.index].then(step) if step.index in self.whole else step
+        if choice_done:
+            self.sender.send(self._response(whole), flags=final if done else 0)
 
     def _observe(self) -> None:
         """The finished request's histograms (on the response thread, before its last response)."""
@@ -98,6 +129,9 @@ class ResponseStream:
         h.observe("generated_tokens", self.generated)
 
     def fail(self, error: Exception) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.on_done()
         self.metrics.add("failures", 1)
         self.sender.send(error_response(self.pb, error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -187,10 +221,18 @@ class LanguageService:
             top_k=scalar(pb, request, contract.TOP_K, int),
             seed=scalar(pb, request, contract.SEED, int),
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
+            logprobs=self._logprobs(request),
+            n=scalar(pb, request, contract.N, int),
         )
         seq = self.engine.new_sequence(text, self._features(request), params)
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
+        stream.choices, stream.token_bytes = params.n, self.engine.token_bytes.of
         return seq
+
+    def _logprobs(self, request) -> int | None:
+        """The `logprobs` input: top alternatives per token, None (absent or -1) for no logprobs."""
+        k = scalar(self.pb, request, contract.LOGPROBS, int)
+        return None if k is None or k == -1 else k
 
     def _features(self, request) -> VisualFeatures:
         grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)

@@ -26,7 +26,7 @@ def infer_input(module, name: str, array: np.ndarray):
 
 def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None, temperature=None,
                  top_p=None, top_k=None, seed=None, stream=False, ignore_eos=None, videos: list[bytes] = (),
-                 video_fps=None) -> list:
+                 video_fps=None, logprobs=None, n=None) -> list:
     """The InferInputs of one generation request to the ensemble (or `qwen3_language`); a
     parameter left None is not sent, so the server's default applies. `seed` is UINT64 on the
     wire: a negative seed wraps around (two's complement), as the OpenAI API lets clients send."""
@@ -42,7 +42,8 @@ def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None,
     optional = [(contract.VIDEO_FPS, video_fps, np.float32),
                 (contract.MAX_TOKENS, max_tokens, np.int32), (contract.TEMPERATURE, temperature, np.float32),
                 (contract.TOP_P, top_p, np.float32), (contract.TOP_K, top_k, np.int32), (contract.SEED, seed, np.uint64),
-                (contract.IGNORE_EOS, ignore_eos, np.bool_)]
+                (contract.IGNORE_EOS, ignore_eos, np.bool_), (contract.LOGPROBS, logprobs, np.int32),
+                (contract.N, n, np.int32)]
     for name, value, np_type in optional:
         if value is not None:
             inputs.append(tensor(name, np.array([value], dtype=np_type)))

@@ -10,9 +10,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..client.responses import Chunk
+from ..client.responses import Chunk, Logprobs
 from .errors import APIError, unavailable
 from .images import ImageLoader
 from .messages import to_chat
@@ -22,9 +22,12 @@ from .schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     ResponseMessage,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from .stop import StopStrings
@@ -42,16 +45,50 @@ class Prepared:
     image_params: list[str]
 
 
-class Answer:
-    """One request's answer as it arrives: text deltas with stop strings applied, then
-    `finish_reason` and the token counts. Leaving it unfinished cancels the Triton request."""
+@dataclass
+class Piece:
+    """What one response of the model adds to a choice: text (stop strings applied), the
+    logprobs of its tokens (when asked for), and on the choice's last its finish reason."""
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
 
-    def __init__(self, generation: Generation, stops: list[str], metrics: Metrics):
-        self.generation, self.stops, self.metrics = generation, StopStrings(stops), metrics
-        self.finish_reason: str | None = None
+
+@dataclass
+class ChoiceState:
+    stops: StopStrings
+    finish_reason: str | None = None
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+
+def token_logprobs(logprobs: Logprobs) -> list[TokenLogprob]:
+    """The model's logprobs of a response in OpenAI's shape."""
+    def entry(token: bytes, logprob: float) -> dict:
+        return {"token": token.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(token)}
+
+    return [TokenLogprob(**entry(token, logprob),
+                         top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in zip(top_tokens, top_values)])
+            for token, logprob, top_tokens, top_values in zip(logprobs.tokens, logprobs.logprobs,
+                                                              logprobs.top_tokens, logprobs.top_logprobs)]
+
+
+class Answer:
+    """One request's answer as it arrives: its choices' pieces with stop strings applied, each
+    choice's `finish_reason`, and the token counts. Leaving it unfinished cancels the Triton
+    request."""
+
+    def __init__(self, generation: Generation, stops: list[str], metrics: Metrics, choices: int = 1):
+        self.generation, self.metrics = generation, metrics
+        self.choices = [ChoiceState(StopStrings(stops)) for _ in range(choices)]
         self.prompt_tokens = self.completion_tokens = 0
         self.reported = False  # the streamed response recorded its status
         self._first: Chunk | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
 
     async def start(self) -> None:
         """Wait for the model's first response: until then, a failure is the request's status."""
@@ -63,24 +100,36 @@ class Answer:
             raise
 
     async def deltas(self) -> AsyncIterator[str]:
-        piece, reason = self._first, "error"
+        """The text of choice 0 (n = 1) as it arrives."""
+        async for piece in self.pieces():
+            if piece.text:
+                yield piece.text
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """Each choice's pieces as they arrive, ending with one that has its finish reason
+        (nothing empty: a piece has text, logprobs or the end)."""
+        piece, reason, left = self._first, "error", len(self.choices)
         try:
             while True:
-                self.completion_tokens += len(piece.token_ids)
+                choice = self.choices[piece.index]
                 self.prompt_tokens = piece.num_input_tokens or self.prompt_tokens
-                text, stopped = self.stops.feed(piece.text)
-                if stopped or piece.finish_reason:
-                    if piece.finish_reason == "cancelled" and not stopped:
-                        raise unavailable("the model cancelled the request (is the server shutting down?)")
-                    if stopped:
-                        reason = "stop_string"
-                    self.finish_reason = "stop" if stopped else piece.finish_reason
-                    text += "" if stopped else self.stops.flush()
-                    if text:
-                        yield text
-                    return
-                if text:
-                    yield text
+                if choice.finish_reason is None:  # a choice a stop string ended: the rest is dropped
+                    self.completion_tokens += len(piece.token_ids)
+                    text, stopped = choice.stops.feed(piece.text)
+                    logprobs = token_logprobs(piece.logprobs) if piece.logprobs is not None else None
+                    end = None
+                    if stopped or piece.finish_reason:
+                        if piece.finish_reason == "cancelled" and not stopped:
+                            raise unavailable("the model cancelled the request (is the server shutting down?)")
+                        if stopped:
+                            reason = "stop_string"
+                        end = choice.finish_reason = "stop" if stopped else piece.finish_reason
+                        text += "" if stopped else choice.stops.flush()
+                        left -= 1
+                    if text or logprobs or end:
+                        yield Piece(piece.index, text, logprobs, end)
+                    if not left:
+                        return
                 piece = await self.generation.__anext__()
         except BaseException as e:  # the client went away (cancelled), or an error
             if not isinstance(e, Exception):
@@ -113,40 +162,51 @@ class ChatHandler:
             text_input=chat.text_input(), images=images,
             max_tokens=req.completion_limit or self.default_max_tokens,
             temperature=req.temperature, top_p=req.top_p,
-            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed)
+            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed, logprobs=req.logprobs_wanted, n=req.n)
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req, ensemble_request,
                         [ref.param for ref in chat.images])
 
     async def start(self, prepared: Prepared) -> Answer:
         generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params)
-        answer = Answer(generation, prepared.request.stop_list, self.metrics)
+        answer = Answer(generation, prepared.request.stop_list, self.metrics, prepared.request.n or 1)
         await answer.start()
         return answer
 
     async def complete(self, prepared: Prepared) -> ChatCompletion:
         answer = await self.start(prepared)
-        text = "".join([delta async for delta in answer.deltas()])
+        logprobs = prepared.request.logprobs
+        async for piece in answer.pieces():
+            choice = answer.choices[piece.index]
+            choice.text.append(piece.text)
+            if logprobs:
+                choice.logprobs = (choice.logprobs or []) + (piece.logprobs or [])
         self._count(answer)
         return ChatCompletion(id=prepared.id, created=prepared.created, model=self.model_name, usage=answer.usage,
-                              choices=[Choice(message=ResponseMessage(content=text),
-                                              finish_reason=answer.finish_reason)])
+                              choices=[Choice(index=i, message=ResponseMessage(content="".join(c.text)),
+                                              finish_reason=c.finish_reason,
+                                              logprobs=ChoiceLogprobs(content=c.logprobs or []) if logprobs else None)
+                                       for i, c in enumerate(answer.choices)])
 
     async def events(self, prepared: Prepared, answer: Answer, arrival: float) -> AsyncIterator[str]:
         """The server-sent events of a started answer; records the request's status when done."""
-        def chunk(delta: Delta, finish_reason=None) -> str:
+        def chunk(delta: Delta, finish_reason=None, index: int = 0, logprobs=None) -> str:
+            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                                 logprobs=None if logprobs is None else ChoiceLogprobs(content=logprobs))
             return _sse(ChatCompletionChunk(id=prepared.id, created=prepared.created, model=self.model_name,
-                                            choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
-                        .model_dump_json())
+                                            choices=[choice]).model_dump_json())
 
         status, first = 499, True  # 499: the client closed the connection first
         try:
-            yield chunk(Delta(role="assistant", content=""))
-            async for text in answer.deltas():
-                yield chunk(Delta(content=text))
-                if first:
-                    self.metrics.ttft.observe(time.perf_counter() - arrival)
-                    first = False
-            yield chunk(Delta(), answer.finish_reason)
+            for index in range(len(answer.choices)):
+                yield chunk(Delta(role="assistant", content=""), index=index)
+            async for piece in answer.pieces():
+                if piece.text or piece.logprobs:
+                    yield chunk(Delta(content=piece.text), index=piece.index, logprobs=piece.logprobs)
+                    if first and piece.text:
+                        self.metrics.ttft.observe(time.perf_counter() - arrival)
+                        first = False
+                if piece.finish_reason:
+                    yield chunk(Delta(), piece.finish_reason, piece.index)
             if prepared.request.include_usage:
                 yield _sse(ChatCompletionChunk(id=prepared.id, created=prepared.created, model=self.model_name,
                                                choices=[], usage=answer.usage).model_dump_json())

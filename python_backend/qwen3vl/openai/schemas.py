@@ -3,11 +3,12 @@
 
 Fields fall in three groups (the README's table):
 - supported: messages, model, max_tokens / max_completion_tokens, temperature, top_p, seed,
-  stop, stream, stream_options.include_usage, and the extension top_k;
+  stop, stream, stream_options.include_usage, n (<= 8), logprobs / top_logprobs (<= 20), and
+  the extension top_k;
 - accepted and ignored: fields that cannot change the answer here (`user`, `metadata`,
   `store`, ...), `image_url.detail`, a message's `name`, and any field this API does not know;
-- refused with a 400 naming the field: features this server cannot honour (`n` > 1,
-  `logprobs`, `tools`, `logit_bias`, `audio`, ...). Silently ignoring them would return an
+- refused with a 400 naming the field: features this server cannot honour (`tools`,
+  `logit_bias`, `audio`, ...). Silently ignoring them would return an
   answer the client did not ask for.
 """
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from .errors import invalid, unsupported
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES, MAX_TOP_LOGPROBS = 8, 20  # the engine's limits (engine/sampling.py)
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 
 
@@ -74,10 +76,10 @@ class ChatCompletionRequest(_Lenient):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # Refused unless left at their defaults (`refused_fields`).
-    n: int | None = None
+    n: int | None = None                 # choices, 1..MAX_CHOICES (`check`)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = None      # 0..MAX_TOP_LOGPROBS, with logprobs (`check`)
+    # Refused unless left at their defaults (`refused_fields`).
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -101,6 +103,14 @@ class ChatCompletionRequest(_Lenient):
             raise invalid("stop: a stop sequence must not be empty", "stop")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options: only allowed when stream is true", "stream_options")
+        if self.n is not None and not 1 <= self.n <= MAX_CHOICES:
+            raise invalid(f"n: must be in [1, {MAX_CHOICES}], got {self.n}", "n")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise invalid(f"top_logprobs: must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                              "top_logprobs")
+            if not self.logprobs:
+                raise invalid("top_logprobs: only allowed when logprobs is true", "top_logprobs")
         refusal = refused_field(self)
         if refusal is not None:
             raise refusal
@@ -117,6 +127,11 @@ class ChatCompletionRequest(_Lenient):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
+    def logprobs_wanted(self) -> int | None:
+        """The ensemble's `logprobs`: top alternatives per token, None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -124,9 +139,6 @@ class ChatCompletionRequest(_Lenient):
 def refused_field(req: ChatCompletionRequest):
     """The 400 for the first field asking for a feature this server does not have, or None."""
     checks = [
-        ("n", req.n not in (None, 1), "only n=1 is supported (one choice per request)"),
-        ("logprobs", bool(req.logprobs), "logprobs are not supported"),
-        ("top_logprobs", req.top_logprobs is not None, "top_logprobs are not supported (no logprobs)"),
         ("tools", bool(req.tools), "tools (function calling) are not supported"),
         ("tool_choice", req.tool_choice not in (None, "none"), "tool_choice is not supported (no tools)"),
         ("functions", bool(req.functions), "functions (function calling) are not supported"),
@@ -161,6 +173,21 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class TopLogprob(BaseModel):
+    token: str                 # the token's text (its bytes as UTF-8, a partial character replaced)
+    logprob: float
+    bytes: list[int] | None    # the token's own bytes
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -170,7 +197,7 @@ class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -195,7 +222,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

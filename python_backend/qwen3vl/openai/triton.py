@@ -31,12 +31,15 @@ class EnsembleRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None  # UINT64 on the wire: a negative seed wraps around (two's complement)
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs
+    n: int | None = None         # choices (None: 1)
 
 
 def ensemble_inputs(req: EnsembleRequest) -> list[grpcclient.InferInput]:
     """The request's tensors, always streamed (see the module docstring)."""
     return build_inputs(grpcclient, req.text_input, req.images, max_tokens=req.max_tokens,
-                        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=True)
+                        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=True,
+                        logprobs=req.logprobs, n=req.n)
 
 
 class Ensemble:
@@ -59,7 +62,7 @@ class Ensemble:
             return False
 
     def generate(self, req: EnsembleRequest, request_id: str = "", image_params: list[str] = ()) -> Generation:
-        return Generation(self, ensemble_inputs(req), request_id, list(image_params))
+        return Generation(self, ensemble_inputs(req), request_id, list(image_params), req.n or 1)
 
     def cancel(self, token: str, started: bool) -> None:
         """Cancel the generation named by `token` in the language model, in the background.
@@ -76,12 +79,13 @@ class Ensemble:
 
 
 class Generation:
-    """One request's responses (`async for chunk in generation`), until the one with a finish
-    reason. Raises APIError for an error from Triton or the model. `close()` cancels the
-    request if it has not finished (a stop string, a client gone)."""
+    """One request's responses (`async for chunk in generation`), until each of its `choices`
+    has sent one with a finish reason. Raises APIError for an error from Triton or the model.
+    `close()` cancels the request if it has not finished (a stop string, a client gone)."""
 
-    def __init__(self, ensemble: Ensemble, inputs: list, request_id: str, image_params: list[str]):
+    def __init__(self, ensemble: Ensemble, inputs: list, request_id: str, image_params: list[str], choices: int = 1):
         self.ensemble, self.image_params = ensemble, image_params
+        self.choices_left = choices
         self.finished, self.started = False, False
         self.token = new_token()
         self._done = asyncio.Event()  # keeps our side of the stream open until the last response
@@ -114,7 +118,8 @@ class Generation:
             raise await self._error(str(error)) from None
         self.started = True
         chunk = chunk_of(result)
-        if chunk.finish_reason:
+        self.choices_left -= bool(chunk.finish_reason)
+        if not self.choices_left:
             self.finished = True
             self._done.set()
         return chunk
