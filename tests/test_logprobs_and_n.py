@@ -7,12 +7,10 @@ and not, with an image every choice sees; bad values get a 400 naming the field.
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
-from PIL import Image
 
 from conftest import png, reference_inputs
 from qwen3vl.encoder.encoder import VisionEncoder
@@ -71,6 +69,14 @@ def reference_logprobs(reference, question: str, images: list[bytes], tokens: li
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def reference_greedy(reference, question: str, images: list[bytes], max_new_tokens: int) -> list[int]:
+    model, processor = reference
+    inputs = reference_inputs(processor, question, images)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
 def test_logprobs_are_transformers_log_softmax_of_each_prefix(parts, reference):
     config, encoder = parts
     engine = new_engine(config)
@@ -79,6 +85,7 @@ def test_logprobs_are_transformers_log_softmax_of_each_prefix(parts, reference):
     tokens = ids(steps)
     got = [x for s in steps for x in zip(s.logprobs.logprobs, s.logprobs.top_ids, s.logprobs.top_logprobs)]
     assert len(got) == len(tokens) == 6
+    assert tokens == reference_greedy(reference, QUESTION, [IMAGE], 6)
     want = reference_logprobs(reference, QUESTION, [IMAGE], tokens)
     for i, (token, (chosen, top_ids, top_values)) in enumerate(zip(tokens, got)):
         assert abs(chosen - float(want[i, token])) < 1e-4
@@ -268,13 +275,9 @@ def test_openai_logprobs_equal_transformers_log_softmax(client, reference, check
     whole = client.chat.completions.create(**body).choices[0]
     got = openai_logprobs(whole)
     assert len(got) == 6
-    model, processor = reference
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], images=[Image.open(io.BytesIO(IMAGE))], return_tensors="pt")
-    with torch.no_grad():
-        greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
-    want = reference_logprobs_of(model, inputs, greedy)
+    # the same conversation as transformers sees it (conftest.reference_inputs: the image first)
+    greedy = reference_greedy(reference, QUESTION, [IMAGE], 6)
+    want = reference_logprobs(reference, QUESTION, [IMAGE], greedy)
     for i, (token, (logprob, raw, top)) in enumerate(zip(greedy, got)):
         assert raw == list(token_bytes.of(token))
         assert abs(logprob - float(want[i, token])) < 1e-4
@@ -295,19 +298,6 @@ def test_openai_logprobs_equal_transformers_log_softmax(client, reference, check
     assert [lp for lp, _, _ in openai_logprobs(plain)] == pytest.approx([lp for lp, _, _ in got], abs=1e-5)
     assert all(t.top_logprobs == [] for t in plain.logprobs.content)
     assert client.chat.completions.create(**{**body, "logprobs": None, "top_logprobs": None}).choices[0].logprobs is None
-
-
-def reference_logprobs_of(model, inputs, tokens: list[int]) -> torch.Tensor:
-    prompt_len = inputs["input_ids"].shape[1]
-    extended = dict(inputs)
-    extended["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([tokens[:-1]])], dim=1)
-    extended["attention_mask"] = torch.ones_like(extended["input_ids"])
-    if "mm_token_type_ids" in inputs:
-        types = inputs["mm_token_type_ids"]
-        extended["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(tokens) - 1)], dim=1)
-    with torch.no_grad():
-        logits = model(**extended).logits[0, prompt_len - 1:]
-    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def test_openai_n_choices_each_equal_their_seed_alone_and_all_see_the_image(client):

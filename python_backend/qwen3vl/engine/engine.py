@@ -250,8 +250,8 @@ class Engine:
         for seq in seqs:  # before any choice appends (and maybe frees its blocks)
             if seq.leader is not None and seq.status is Status.WAITING:
                 self._fork(seq)
-        for i, (seq, token) in enumerate(zip(seqs, sampled)):
-            self._append(seq, token, logprobs.of(i, token))
+        for seq, token, token_logprobs in zip(seqs, sampled, logprobs.of(sampled)):
+            self._append(seq, token, token_logprobs)
         return self._take_outputs()
 
     def _fork(self, follower: Sequence) -> None:

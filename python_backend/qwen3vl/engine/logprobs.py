@@ -39,7 +39,7 @@ class StepLogprobs:
 
     logits: [B, V] fp32, the raw rows the step samples from; wanted: per row, None (no
     logprobs) or k (top alternatives, 0..MAX_LOGPROBS). Build it before any mask is applied
-    to `logits`; `of(row, token)` once the token is sampled."""
+    to `logits`; `of(tokens)` once the tokens are sampled."""
 
     def __init__(self, logits: torch.Tensor, wanted: list[int | None]):
         self.slot = {row: j for j, row in enumerate(r for r, k in enumerate(wanted) if k is not None)}
@@ -53,13 +53,19 @@ class StepLogprobs:
         values, ids = self.chosen_from.topk(k, dim=-1) if k else (self.chosen_from[:, :0], rows[:, None][:, :0])
         self.top_values, self.top_ids = values.tolist(), ids.tolist()
 
-    def of(self, row: int, token: int) -> TokenLogprobs | None:
-        """The logprobs of `token` sampled from `row`, or None when that row did not ask."""
-        j = self.slot.get(row)
-        if j is None:
-            return None
-        k = self.wanted[row]
-        return TokenLogprobs([float(self.chosen_from[j, token])], [self.top_ids[j][:k]], [self.top_values[j][:k]])
+    def of(self, tokens: list[int]) -> list[TokenLogprobs | None]:
+        """Per row, the logprobs of the token sampled from it (`tokens`, one per row), or None
+        for a row that did not ask. One gather and one copy to the host for all rows."""
+        out: list[TokenLogprobs | None] = [None] * len(tokens)
+        if not self.slot:
+            return out
+        rows = list(self.slot)
+        index = torch.tensor([tokens[r] for r in rows], dtype=torch.int64, device=self.chosen_from.device)
+        chosen = self.chosen_from.gather(1, index[:, None])[:, 0].tolist()
+        for j, row in enumerate(rows):
+            k = self.wanted[row]
+            out[row] = TokenLogprobs([chosen[j]], [self.top_ids[j][:k]], [self.top_values[j][:k]])
+        return out
 
 
 class TokenBytes:
