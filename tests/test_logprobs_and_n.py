@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import png, reference_inputs
+from conftest import png, reference_generate, reference_inputs
 from qwen3vl.encoder.encoder import VisionEncoder
 from qwen3vl.engine.engine import Engine
 from qwen3vl.errors import InvalidInput
@@ -69,14 +69,6 @@ def reference_logprobs(reference, question: str, images: list[bytes], tokens: li
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def reference_greedy(reference, question: str, images: list[bytes], max_new_tokens: int) -> list[int]:
-    model, processor = reference
-    inputs = reference_inputs(processor, question, images)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
 def test_logprobs_are_transformers_log_softmax_of_each_prefix(parts, reference):
     config, encoder = parts
     engine = new_engine(config)
@@ -85,7 +77,7 @@ def test_logprobs_are_transformers_log_softmax_of_each_prefix(parts, reference):
     tokens = ids(steps)
     got = [x for s in steps for x in zip(s.logprobs.logprobs, s.logprobs.top_ids, s.logprobs.top_logprobs)]
     assert len(got) == len(tokens) == 6
-    assert tokens == reference_greedy(reference, QUESTION, [IMAGE], 6)
+    assert tokens == reference_generate(reference, QUESTION, [IMAGE], 6)
     want = reference_logprobs(reference, QUESTION, [IMAGE], tokens)
     for i, (token, (chosen, top_ids, top_values)) in enumerate(zip(tokens, got)):
         assert abs(chosen - float(want[i, token])) < 1e-4
@@ -276,7 +268,7 @@ def test_openai_logprobs_equal_transformers_log_softmax(client, reference, check
     got = openai_logprobs(whole)
     assert len(got) == 6
     # the same conversation as transformers sees it (conftest.reference_inputs: the image first)
-    greedy = reference_greedy(reference, QUESTION, [IMAGE], 6)
+    greedy = reference_generate(reference, QUESTION, [IMAGE], 6)
     want = reference_logprobs(reference, QUESTION, [IMAGE], greedy)
     for i, (token, (logprob, raw, top)) in enumerate(zip(greedy, got)):
         assert raw == list(token_bytes.of(token))
