@@ -177,6 +177,49 @@ def test_forked_blocks_are_shared_then_freed(parts, partial):
     assert engine.blocks.num_free == free
 
 
+def test_choices_beside_other_requests_give_what_each_gives_alone(parts):
+    """A request's choices join a batch that holds other requests (one prefilling beside the
+    fork, one decoding), and nobody's tokens change."""
+    config, encoder = parts
+    engine = new_engine(config, block_size=8)
+    features = encoder.encode([[IMAGE]])[0]
+    requests = [("Tell me a story.", engine_features(engine), dict(max_tokens=10, temperature=0.0)),
+                (QUESTION, features, dict(max_tokens=6, temperature=1.0, seed=5, n=3)),
+                ("Count to ten.", engine_features(engine), dict(max_tokens=6, temperature=0.9, seed=8))]
+    seqs, got = [], {}
+
+    def step():
+        for request_id, out in engine.step().steps.items():
+            got.setdefault(request_id, []).extend(out.token_ids)
+
+    for i, (text, f, params) in enumerate(requests):
+        seq = engine.new_sequence(text, f, engine.params(**params))
+        engine.add(seq)
+        seqs += seq.choices
+        if i == 0:
+            step()  # the first one is decoding when the others arrive
+    while engine.has_work():
+        step()
+    together = [got[seq.request_id] for seq in seqs]
+    alone = [ids(run(engine, text, f, **params)[0]) for text, f, params in requests[:1]]
+    alone += [ids(run(engine, QUESTION, features, **{**requests[1][2], "n": 1, "seed": 5 + i})[0]) for i in range(3)]
+    alone += [ids(run(engine, *requests[2][:2], **requests[2][2])[0])]
+    assert together == alone
+
+
+def test_steps_of_a_choice_merge_with_their_logprobs():
+    from qwen3vl.engine.logprobs import TokenLogprobs
+    from qwen3vl.engine.sequence import Step
+
+    a = Step([1], "a", "", 2, TokenLogprobs([-0.5], [[1, 3]], [[-0.5, -1.0]]))
+    b = Step([4], "b", "stop", 2, TokenLogprobs([-2.0], [[3, 4]], [[-1.0, -2.0]]))
+    merged = a.then(b)
+    assert (merged.token_ids, merged.text, merged.finish_reason, merged.index) == ([1, 4], "ab", "stop", 2)
+    assert merged.logprobs == TokenLogprobs([-0.5, -2.0], [[1, 3], [3, 4]], [[-0.5, -1.0], [-1.0, -2.0]])
+    assert Step([1], "a").then(Step([2], "b")).logprobs is None
+    assert a.then(Step([], "", "cancelled", 2)).logprobs == a.logprobs
+
+
 def test_cancelling_a_request_ends_all_its_choices_and_frees_their_blocks(parts):
     config, _ = parts
     engine = new_engine(config, block_size=4)
@@ -331,6 +374,13 @@ def test_n_choices_over_grpc_name_their_index(server):
         alone = list(stream_grpc(server.grpc_url, prompt="Tell me a story.", max_tokens=5, temperature=1.0,
                                  seed=9 + i, stream=False))
         assert [t for c in alone for t in c.token_ids] == ids and alone[0].logprobs is None
+    # not streamed: one whole response per choice, the same tokens
+    whole = list(stream_grpc(server.grpc_url, prompt="Tell me a story.", max_tokens=5, temperature=1.0, seed=9,
+                             n=3, logprobs=2, stream=False))
+    assert sorted(c.index for c in whole) == [0, 1, 2] and all(c.finish_reason for c in whole)
+    for c in whole:
+        assert c.token_ids == [t for p in by_index[c.index] for t in p.token_ids]
+        assert len(c.logprobs.logprobs) == len(c.token_ids)
     with pytest.raises(ServerError, match=r"logprobs must be in \[0, 20\]"):
         list(stream_grpc(server.grpc_url, prompt="hi", max_tokens=2, logprobs=21))
 
