@@ -60,7 +60,7 @@ class ChoiceState:
     stops: StopStrings
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def token_logprobs(logprobs: Logprobs) -> list[TokenLogprob]:
@@ -86,10 +86,6 @@ class Answer:
         self.reported = False  # the streamed response recorded its status
         self._first: Chunk | None = None
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self.choices[0].finish_reason
-
     async def start(self) -> None:
         """Wait for the model's first response: until then, a failure is the request's status."""
         try:
@@ -98,12 +94,6 @@ class Answer:
             if await self.generation.close() and not isinstance(e, Exception):  # the client went away
                 self.metrics.cancelled.labels("client_disconnected").inc()
             raise
-
-    async def deltas(self) -> AsyncIterator[str]:
-        """The text of choice 0 (n = 1) as it arrives."""
-        async for piece in self.pieces():
-            if piece.text:
-                yield piece.text
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """Each choice's pieces as they arrive, ending with one that has its finish reason
@@ -178,13 +168,12 @@ class ChatHandler:
         async for piece in answer.pieces():
             choice = answer.choices[piece.index]
             choice.text.append(piece.text)
-            if logprobs:
-                choice.logprobs = (choice.logprobs or []) + (piece.logprobs or [])
+            choice.logprobs.extend(piece.logprobs or [])
         self._count(answer)
         return ChatCompletion(id=prepared.id, created=prepared.created, model=self.model_name, usage=answer.usage,
                               choices=[Choice(index=i, message=ResponseMessage(content="".join(c.text)),
                                               finish_reason=c.finish_reason,
-                                              logprobs=ChoiceLogprobs(content=c.logprobs or []) if logprobs else None)
+                                              logprobs=ChoiceLogprobs(content=c.logprobs) if logprobs else None)
                                        for i, c in enumerate(answer.choices)])
 
     async def events(self, prepared: Prepared, answer: Answer, arrival: float) -> AsyncIterator[str]:
