@@ -359,6 +359,23 @@ def test_openai_n_choices_each_equal_their_seed_alone_and_all_see_the_image(clie
     assert usage.completion_tokens == whole.usage.completion_tokens == sum(len(v) for v in logprobs.values())
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_stop_string_ends_each_choice_at_its_own_place(client, stream):
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16,
+                temperature=1.0, seed=77, n=3)
+    free = [c.message.content for c in client.chat.completions.create(**body).choices]
+    stop = free[0][len(free[0]) // 2:][:2]  # from the middle of choice 0: it ends there, the others maybe
+    assert stop.strip(), free
+    want = [(text[:text.find(stop)], "stop") if stop in text else (text, None) for text in free]
+    if stream:
+        text, _, reasons, _ = streamed(client, stop=stop, **body)
+        got = [(text[i], reasons[i]) for i in range(3)]
+    else:
+        got = [(c.message.content, c.finish_reason) for c in client.chat.completions.create(stop=stop, **body).choices]
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [r for _, r in got][0] == "stop" and all(r == (w or r) for (_, r), (_, w) in zip(got, want))
+
+
 def test_n_choices_over_grpc_name_their_index(server):
     chunks = list(stream_grpc(server.grpc_url, prompt="Tell me a story.", max_tokens=5, temperature=1.0, seed=9,
                               n=3, logprobs=2))
