@@ -87,17 +87,26 @@ class Engine:
     enable_prefix_caching, block_size, kv_cache_mb, gpu_memory_utilization."""
 
     def __init__(self, config: ModelConfig, model: LanguageModel, prompts: PromptBuilder, tokenizer,
-                 defaults: SamplingParams, stop_ids: list[int], settings: ServingConfig = ServingConfig()):
+                 defaults: SamplingParams, stop_ids: list[int], settings: ServingConfig = ServingConfig(),
+                 parallel=None):
+        """`parallel`: rank 0's tensor-parallel group (parallel/group.py), `model` its share:
+        the KV pool holds that rank's heads, its block count is agreed with the other ranks,
+        and the group's runner broadcasts each step to them."""
         self.config, self.model, self.prompts, self.tokenizer = config, model, prompts, tokenizer
         self.defaults, self.stop_ids = defaults, set(stop_ids)
         self.settings = settings
         self.max_model_len = settings.context_window(config.text.max_position_embeddings)
-        block_bytes = PagedKVCache.bytes_per_block(config.text, settings.block_size, config.dtype)
+        kv_heads = getattr(model, "num_kv_heads", None)
+        block_bytes = PagedKVCache.bytes_per_block(config.text, settings.block_size, config.dtype, kv_heads)
         num_blocks = max(1, kv_cache_budget(config, settings) // block_bytes)
-        self.kv = PagedKVCache(config.text, num_blocks, settings.block_size, config.dtype, config.device)
+        if parallel is not None:
+            num_blocks = parallel.agree_num_blocks(num_blocks, sum(p.numel() * p.element_size()
+                                                                   for p in model.parameters()))
+        self.kv = PagedKVCache(config.text, num_blocks, settings.block_size, config.dtype, config.device, kv_heads)
         self.blocks = BlockManager(num_blocks, settings.block_size)
         self.scheduler = Scheduler(settings, self.blocks)
-        self.runner = ModelRunner(model, self.kv, config.deepstack_layers, config.kernels)
+        self.runner = (ModelRunner(model, self.kv, config.deepstack_layers, config.kernels) if parallel is None
+                       else parallel.runner(model, self.kv, config.deepstack_layers, config.kernels))
         # Collected as they happen and handed out whole by the next step(), fail_waiting() or
         # abort_all(): outputs of a step that raised part-way go out with abort_all's failures.
         self._outputs = EngineOutputs()
@@ -105,17 +114,20 @@ class Engine:
         self.last_batch_size = 0  # sequences in the last step (a gauge)
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, settings: ServingConfig = ServingConfig()) -> "Engine":
+    def from_checkpoint(cls, config: ModelConfig, settings: ServingConfig = ServingConfig(),
+                        parallel=None) -> "Engine":
+        """With `parallel` (a started tensor-parallel group): rank 0's share of the model."""
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(config.checkpoint)
-        model = LanguageModel.from_checkpoint(config)
+        model = (LanguageModel.from_checkpoint(config) if parallel is None
+                 else LanguageModel.from_checkpoint(config, parallel.shard))
         defaults, stop_ids = generation_defaults(config.checkpoint)
         if not stop_ids and processor.tokenizer.eos_token_id is not None:
             stop_ids = [processor.tokenizer.eos_token_id]
         prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size,
                                 settings.allow_special_tokens_in_prompt)
-        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, settings)
+        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, settings, parallel)
 
     # ---- requests in
     def params(self, **given) -> SamplingParams:
