@@ -9,8 +9,8 @@
   weights;
 - through real tritonservers: greedy tokens equal transformers' and the one-process server's
   for text-only, one and two images, with chunked prefill, concurrent requests too; a worker
-  killed mid-generation fails its request within seconds naming the rank, the model reports
-  not ready, and no process is left behind.
+  killed mid-generation fails its request within seconds naming the rank, the language model,
+  the ensemble and the server report not ready, and no process is left behind.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from qwen3vl.parallel.engine import parallel_engine
 from qwen3vl.parallel.shard import Shard
 from qwen3vl.settings import ServingConfig
 from qwen3vl.tools.make_checkpoint import make_checkpoint
+from qwen3vl.tools.sizing import sizing
 
 # fp32 logits of 2 ranks against one process: the all-reduces sum in another order than one
 # process does (measured max |diff| ~1.5e-6 on logits of magnitude ~4).
@@ -76,6 +77,10 @@ def test_each_rank_loads_only_its_slices_of_the_one_process_model(tmp_path_facto
         assert part.keys() == full.keys()
         held = sum(p.numel() for p in part.values())
         assert held < 0.56 * total     # ~1/2: only norms and routers are whole on every rank
+        if rank == 0:   # qwen3vl-sizing's per-GPU weights are what a rank loads (rank 0 holds the most)
+            s = sizing(ckpt, "float32", 2, ep)
+            assert s.language_weight_bytes_per_gpu == 4 * held
+            assert s.kv_bytes_per_token_per_gpu * 2 == s.kv_bytes_per_token
         q, kv, inter = shard.q_heads(cfg) * cfg.head_dim, shard.kv_heads(cfg) * cfg.head_dim, shard.moe_inter(cfg)
         first, end = shard.experts(cfg)
         col = 0 if ep else rank * inter   # the experts' intermediate columns this rank holds
@@ -184,8 +189,13 @@ def tp_server(checkpoint, name: str, *flags: str) -> Server:
 @pytest.fixture(scope="module")
 def tp_tiny(checkpoint):
     with tp_server(checkpoint, "tensor-parallel") as s:
+        stub, ranks = workers_of(s)
+        assert len(ranks) == 1
         yield s
         assert s.alive(), s.tail()
+    # stopped like an operator stops it: the worker leaves with its model
+    left = [pid for pid in (stub, *ranks) if pid in process_table()]
+    assert not left, f"left behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +258,7 @@ def test_a_killed_worker_fails_its_request_naming_the_rank_and_the_model_goes_no
     def generate():
         try:
             for chunk in stream_grpc(ep_kv1.grpc_url, model="qwen3_language", prompt="Tell me a long story.",
-                                     max_tokens=100_000, ignore_eos=True, temperature=0.0, timeout_s=120):
+                                     max_tokens=20_000, ignore_eos=True, temperature=0.0, timeout_s=120):
                 if chunk.token_ids:
                     started.set()
             outcome["done"] = True
@@ -274,6 +284,7 @@ def test_a_killed_worker_fails_its_request_naming_the_rank_and_the_model_goes_no
             time.sleep(0.25)
         assert not client.is_model_ready("qwen3_language")
         assert not client.is_model_ready("ensemble")
+        assert not client.is_server_ready()   # /v2/health/ready: the probes' endpoint
     finally:
         client.close()
     deadline = time.monotonic() + 30

@@ -97,6 +97,8 @@ def receive_step(cpu_group, device) -> StepInputs | None:
 
 
 def describe_exit(process) -> str:
+    # Its sentinel closes as it exits, a moment before it can be reaped: wait for that.
+    process.join(2.0)
     code = process.exitcode
     if code is None:
         return "is running"
