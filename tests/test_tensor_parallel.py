@@ -293,3 +293,53 @@ def test_a_killed_worker_fails_its_request_naming_the_rank_and_the_model_goes_no
     left = [pid for pid in (stub, *ranks) if pid in process_table()]
     assert not left, f"left behind: {left}"
     assert ep_kv1.alive()
+
+
+# ---- the 8-GPU deployment files (checked offline, as tests/test_docker_files.py and test_k8s.py do)
+def test_the_tensor_parallel_compose_file_gives_the_server_as_many_gpus_as_ranks():
+    import yaml
+
+    from qwen3vl.cli import openai_server, serve
+
+    root = Path(__file__).resolve().parents[1]
+    services = yaml.safe_load((root / "docker" / "docker-compose.tensor-parallel.yml").read_text())["services"]
+    triton, api = services["triton"], services["openai"]
+    args = serve.parse_args(triton["command"][1:])
+    settings = ServingConfig(tensor_parallel_size=args.tensor_parallel_size,
+                             enable_expert_parallel=args.enable_expert_parallel)
+    (device,) = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert len(device["device_ids"]) == settings.tensor_parallel_size == 8 and settings.enable_expert_parallel
+    assert triton["volumes"][0]["target"] == args.checkpoint and triton["shm_size"]
+    assert f"127.0.0.1:{args.http_port}/v2/health/ready" in triton["healthcheck"]["test"][-1]
+    assert openai_server.parse_args(api["command"][1:]).triton_url == f"triton:{args.grpc_port}"
+
+
+def test_the_tensor_parallel_pod_asks_for_as_many_gpus_as_ranks_and_restarts_when_a_rank_dies(checkpoint):
+    from test_k8s import K8S, containers, documents, port, triton
+
+    docs = documents(K8S / "tensor-parallel" / "triton.yaml")
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    c, args = triton(deployment)
+    limits, requests = c["resources"]["limits"], c["resources"]["requests"]
+    assert limits["nvidia.com/gpu"] == requests["nvidia.com/gpu"] == args.tensor_parallel_size == 8
+    assert args.enable_expert_parallel and args.host == "0.0.0.0"
+    # ready while the ensemble is (the server is not once a rank died: the test above); alive
+    # while the language model is loaded, so a pod whose rank died restarts
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/models/qwen3_language/ready"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert port(c, c[probe]["httpGet"]["port"]) == args.http_port
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts[args.checkpoint]["readOnly"] and volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
+    named = {p["name"] for cont in containers(deployment).values() for p in cont["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= named
+    # the 235B model splits this way (64 query heads, 4 KV heads replicated x2, 128 experts)
+    cfg = dataclasses.replace(ModelConfig.load(checkpoint, device="cpu").text,
+                              num_attention_heads=64, num_key_value_heads=4, num_experts=128,
+                              moe_intermediate_size=1536)
+    Shard(0, args.tensor_parallel_size, args.enable_expert_parallel).check(cfg, fp8=True)
