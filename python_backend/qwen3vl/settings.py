@@ -108,6 +108,8 @@ class ServingConfig:
     enable_expert_parallel: bool = _setting(False, "with tensor_parallel_size > 1: each rank holds whole experts "
                                                    "(E / N) instead of a slice of every expert",
                                             "--enable-expert-parallel")
+    vocab_parallel: bool = _setting(True, "tensor parallel: the embedding and LM head split by vocabulary across "
+                                          "the ranks (off: whole on every rank; docs/tensor-parallel.md measures both)")
     distributed_timeout_s: float = _setting(600.0, "tensor parallel: how long the ranks' rendezvous, each rank's "
                                                    "loading and any collective may take before the model fails",
                                             "--distributed-timeout-s")

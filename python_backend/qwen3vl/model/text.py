@@ -180,7 +180,7 @@ class LanguageModel(nn.Module):
         self.cfg, self.kernels, self.shard = cfg, kernels, shard
         self.num_kv_heads = shard.kv_heads(cfg)   # of this rank: the KV pool's heads
         ops = kernel_ops(kernels)
-        vocab = shard.vocab_rows(cfg) if shard.world_size > 1 else cfg.vocab_size
+        vocab = shard.vocab_rows(cfg)
         self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, ops, shard) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -225,7 +225,7 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> [B, T, H]; split by vocabulary, each rank embeds the ids of its
         rows (zeros elsewhere) and the all-reduce completes them (vLLM's VocabParallelEmbedding)."""
-        if self.shard.world_size == 1:
+        if not self.shard.splits_vocab:
             return self.embed_tokens(input_ids)
         local = input_ids - self.shard.vocab_start(self.cfg)
         mine = (local >= 0) & (local < self.embed_tokens.weight.shape[0])
@@ -264,6 +264,8 @@ class LanguageModel(nn.Module):
             x = x[:, logits_rows]
         elif last_only:
             x = x[:, -1:]
+        if self.shard.rank and not self.shard.vocab_parallel:
+            return None   # a replicated head: rank 0's logits are the ones sampled
         return self.shard.gather_vocab(self.lm_head(self.norm(x)).float(), self.cfg.vocab_size)
 
 

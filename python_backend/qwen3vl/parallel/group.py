@@ -117,7 +117,7 @@ class ParallelGroup:
     def __init__(self, config: ModelConfig, settings: ServingConfig):
         self.config, self.settings = config, settings
         self.world_size = settings.tensor_parallel_size
-        self.shard = Shard(0, self.world_size, settings.enable_expert_parallel)
+        self.shard = Shard(0, self.world_size, settings.enable_expert_parallel, settings.vocab_parallel)
         self.device = rank_device(config.device, 0)
         self.backend = backend_for(config.device)
         self.timeout = timedelta(seconds=settings.distributed_timeout_s)

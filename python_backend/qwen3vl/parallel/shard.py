@@ -41,6 +41,7 @@ class Shard:
     rank: int = 0
     world_size: int = 1
     expert_parallel: bool = False
+    vocab_parallel: bool = True   # False: embedding and LM head whole on every rank (measured: docs/tensor-parallel.md)
 
     # ---- sizes (the text config's fields; cfg: model.config.TextConfig)
     def q_heads(self, cfg) -> int:
@@ -71,12 +72,16 @@ class Shard:
     def dense_inter(self, cfg) -> int:
         return cfg.intermediate_size // self.world_size
 
+    @property
+    def splits_vocab(self) -> bool:
+        return self.world_size > 1 and self.vocab_parallel
+
     def vocab_rows(self, cfg) -> int:
         """Rows of the embedding and LM head per rank (vocab padded up to a multiple of N)."""
-        return -(-cfg.vocab_size // self.world_size)
+        return -(-cfg.vocab_size // self.world_size) if self.splits_vocab else cfg.vocab_size
 
     def vocab_start(self, cfg) -> int:
-        return self.rank * self.vocab_rows(cfg)
+        return self.rank * self.vocab_rows(cfg) if self.splits_vocab else 0
 
     # ---- checks
     def check(self, cfg, fp8: bool = False) -> None:
@@ -123,6 +128,8 @@ class Shard:
         None on the other ranks (sampling runs on rank 0 only)."""
         if self.world_size == 1:
             return logits
+        if not self.vocab_parallel:
+            return logits if self.rank == 0 else None
         logits = logits.contiguous()
         parts = [torch.empty_like(logits) for _ in range(self.world_size)] if self.rank == 0 else None
         dist.gather(logits, parts, dst=0)
@@ -147,6 +154,8 @@ class Shard:
             return [tuple(index)]
 
         if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            if not self.vocab_parallel:
+                return None
             start = self.vocab_start(cfg)
             return cut(0, start, max(0, min(self.vocab_rows(cfg), cfg.vocab_size - start)))
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):

@@ -68,7 +68,7 @@ def _serve(spec, conn) -> None:
     store = dist.TCPStore("127.0.0.1", spec.port, world, is_master=False, timeout=timeout)
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo") if backend_for(device) == "nccl" else None
-    shard = Shard(rank, world, settings.enable_expert_parallel)
+    shard = Shard(rank, world, settings.enable_expert_parallel, settings.vocab_parallel)
     model = LanguageModel.from_checkpoint(config, shard)
     conn.send(("loaded", sum(p.numel() * p.element_size() for p in model.parameters())))
     cfg = config.text
