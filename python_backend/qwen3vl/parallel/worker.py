@@ -41,6 +41,7 @@ def worker_main(spec, conn) -> None:
             pass
         sys.stdout.flush()
         os._exit(1)
+    sys.stdout.flush()
     os._exit(0)
 
 
