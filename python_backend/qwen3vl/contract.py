@@ -1,4 +1,4 @@
-"""The tensor contract (the README's API section) in one place: names, and the models' inputs and outputs
+"""The tensor contract (docs/api.md) in one place: names, and the models' inputs and outputs
 as Triton config entries. The `model.py` shells declare these in `auto_complete_config`, so the
 `config.pbtxt` files hold only what an operator changes; the client, the transfer and the tests
 use the same names.

@@ -5,7 +5,7 @@ checkpoint's own template is what runs. The language side never sees pixels: eac
 `<|image_pad|>` is expanded to the token count its grid implies, `t*h*w / merge**2`, exactly
 what the processor does when it has the pixels.
 
-How a prompt places its images and videos (documented in the README):
+How a prompt places its images and videos (documented in docs/api.md):
 - a plain prompt: images go first in one user turn, then videos, then the text; or, if the text
   holds one `<image>` marker per image and one `<video>` marker per video, each goes where its
   marker is;
@@ -19,7 +19,7 @@ A video's `<|video_pad|>` is expanded as transformers 5.24's processor does: per
 each frame group as an image of one frame. The E->L rows come images' first, then videos';
 `Prompt.row_order` puts them in the prompt's order.
 
-Special tokens typed by a user (documented in the README): text inside messages is plain text by
+Special tokens typed by a user (documented in docs/reliability.md): text inside messages is plain text by
 default, so `<|im_end|>` typed in a message is the characters `<`, `|`, `im`, ... and never the
 control token (no forged system turn, no stray `<|image_pad|>`). Only the chat template makes
 control tokens. `allow_special_tokens=True` (the `allow_special_tokens_in_prompt` setting)

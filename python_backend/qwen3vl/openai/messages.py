@@ -1,4 +1,4 @@
-"""OpenAI messages -> the JSON chat the model takes (`text_input`, README "Multi-turn chat"):
+"""OpenAI messages -> the JSON chat the model takes (`text_input`, docs/api.md "Multi-turn chat"):
 each `image_url` part becomes a `{"type": "image"}` item and its URL joins `images`, in order,
 so images keep their places in the conversation. The checkpoint's chat template renders it."""
 

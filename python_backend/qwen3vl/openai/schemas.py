@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI chat completions API (pydantic v2), after
 `openai-python`'s `completion_create_params.py` and `chat_completion_chunk.py`.
 
-Fields fall in three groups (the README's table):
+Fields fall in three groups (docs/openai.md's table):
 - supported: messages, model, max_tokens / max_completion_tokens, temperature, top_p, seed,
   stop, stream, stream_options.include_usage, and the extension top_k;
 - accepted and ignored: fields that cannot change the answer here (`user`, `metadata`,
