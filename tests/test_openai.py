@@ -35,7 +35,7 @@ from qwen3vl.openai import DEFAULT_MODEL_NAME
 from qwen3vl.openai.app import ServiceConfig, create_app
 from qwen3vl.openai.errors import APIError
 from qwen3vl.openai.images import ImagePolicy, decode_data_url, domain_allowed
-from qwen3vl.openai.stop import StopStrings
+from qwen3vl.engine.stop import StopStrings
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "qwen3-vl-tiny"
@@ -293,14 +293,26 @@ def boundary_stop(chunks) -> str:
     raise AssertionError("no two neighbouring pieces of 2 characters or more")
 
 
+def tokens_up_to_stop(checkpoint, ids: list[int], stop: str) -> int:
+    """How many of the answer's tokens it holds when it stops at `stop`: up to and including the
+    token whose text completes the stop string (as vLLM counts), by the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return next(k for k in range(1, len(ids) + 1)
+                if stop in tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_stop_strings_end_the_text_and_the_generation(api, client, server, long_answer, stream):
+def test_stop_strings_end_the_text_and_the_generation(api, client, server, checkpoint, long_answer, stream):
+    """The text ends just before the stop string, and the answer's tokens at the token that
+    completes it: `completion_tokens` is that count, streamed or not, and it is all the model
+    generated (it stops there itself)."""
     chunks, ids = long_answer
     full = "".join(c.text for c in chunks)
     stop = boundary_stop(chunks)
     want = full[:full.index(stop)]
     requests, generated = (metric(server, f"qwen3vl_language_{m}_total") for m in ("requests", "generated_tokens"))
-    cancelled = api.metric("qwen3vl_openai_cancelled_requests_total", reason="stop_string")
     kwargs = {"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": LONG_MAX,
                   "temperature": 0, "stop": ["\x00 never in the text", stop]}
     if stream:
@@ -313,11 +325,24 @@ def test_stop_strings_end_the_text_and_the_generation(api, client, server, long_
                                       completion.usage)
     assert text == want and finish_reason == "stop"
     assert usage.prompt_tokens == chunks[-1].num_input_tokens
-    # The model stops too: far fewer tokens than the whole answer (the generation was cancelled).
+    assert usage.completion_tokens == tokens_up_to_stop(checkpoint, ids, stop) < len(ids) // 2
     wait_for_language_requests(server, requests + 1)
-    spent = metric(server, "qwen3vl_language_generated_tokens_total") - generated
-    assert 0 < usage.completion_tokens <= spent < len(ids) // 2
-    assert api.metric("qwen3vl_openai_cancelled_requests_total", reason="stop_string") == cancelled + 1
+    assert metric(server, "qwen3vl_language_generated_tokens_total") - generated == usage.completion_tokens
+
+
+def test_the_stop_parameter_through_tritons_generate_endpoint(server, long_answer):
+    """Stop strings are the model's (the request parameter `stop`, a JSON array as text), so
+    Triton's own clients have them too; anything else there is refused naming it."""
+    chunks, ids = long_answer
+    full = "".join(c.text for c in chunks)
+    stop = boundary_stop(chunks)
+    url = f"http://{server.http_url}/v2/models/ensemble/generate"
+    body = {"text_input": LONG_PROMPT, "max_tokens": LONG_MAX, "temperature": 0.0}
+    answer = httpx2.post(url, json={**body, "stop": json.dumps([stop])}, timeout=120).json()
+    assert answer["text_output"] == full[:full.index(stop)] and answer["finish_reason"] == "stop"
+    for bad in ("not json", json.dumps(["ok", 3]), json.dumps([""])):
+        r = httpx2.post(url, json={**body, "stop": bad}, timeout=120)
+        assert r.status_code == 400 and "stop" in r.json()["error"], (bad, r.text)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

@@ -30,6 +30,9 @@ NUM_INPUT_TOKENS = "num_input_tokens"  # INT32 [1]: the prompt's tokens (visual 
 # passes an ensemble request's cancellation only to steps not yet started.
 CANCEL_TOKEN = "cancel_token"
 CANCEL = "cancel"
+# A generation request may carry `stop`: a JSON array of strings (as text). The answer ends just
+# before the first of them, at the token that completes it (finish_reason `stop`), in the model.
+STOP = "stop"
 
 # Encoder -> language (inside the ensemble and between servers).
 VISUAL_EMBEDS = "visual_embeds"        # model dtype [N, H]

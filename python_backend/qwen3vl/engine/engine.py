@@ -244,18 +244,29 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
-        text = seq.detokenizer.push(token)
-        reason = ("stop" if token in self.stop_ids and not seq.params.ignore_eos else
+        # A stop string ends the answer at the token that completes it (that token is the
+        # answer's last, as in vLLM): nothing after it is generated, sent or counted.
+        text, stopped = seq.stops.feed(seq.detokenizer.push(token))
+        reason = ("stop" if stopped or (token in self.stop_ids and not seq.params.ignore_eos) else
                   "length" if len(seq.output_ids) >= seq.params.max_tokens else "")
         if reason:
-            text += seq.detokenizer.flush()
+            if not stopped:
+                text += self._rest(seq)
             self.scheduler.finish(seq, reason)
         self._outputs.steps[seq.request_id] = Step([token], text, reason)
+
+    @staticmethod
+    def _rest(seq: Sequence) -> str:
+        """The text still held back when the answer ends without a stop string: the detokenizer's
+        incomplete characters, and text that could have begun a stop string (up to one, if the
+        flushed characters complete it)."""
+        text, stopped = seq.stops.feed(seq.detokenizer.flush())
+        return text if stopped else text + seq.stops.flush()
 
     def _drop_cancelled(self) -> None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             if seq.cancel_requested:
-                text = seq.detokenizer.flush()
+                text = self._rest(seq)
                 self.scheduler.finish(seq, "cancelled")
                 self._outputs.steps[seq.request_id] = Step([], text, "cancelled")
 

@@ -5,7 +5,6 @@ front of the Triton `ensemble` over gRPC's stream. One concern per module:
 - `messages`: OpenAI messages -> the JSON chat the model takes, images in their places;
 - `images`: data URLs, and http(s) URLs of allowed domains within size and time limits;
 - `triton`: the async gRPC stream to the ensemble, cancelled when left unfinished;
-- `stop`: stop strings over streamed text;
 - `handlers`: one chat completion, streamed (server-sent events) or not;
 - `errors`: OpenAI's error body, and the HTTP status of every failure;
 - `metrics`: the service's own Prometheus metrics;

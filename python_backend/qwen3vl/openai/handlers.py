@@ -27,7 +27,6 @@ from .schemas import (
     ResponseMessage,
     Usage,
 )
-from .stop import StopStrings
 from .triton import Ensemble, EnsembleRequest, Generation
 
 log = logging.getLogger(__name__)
@@ -43,11 +42,13 @@ class Prepared:
 
 
 class Answer:
-    """One request's answer as it arrives: text deltas with stop strings applied, then
-    `finish_reason` and the token counts. Leaving it unfinished cancels the Triton request."""
+    """One request's answer as it arrives: text deltas (stop strings applied by the model, which
+    ends the answer at the token completing one), then `finish_reason` and the token counts:
+    the tokens the answer holds, the same streamed or not. Leaving it unfinished cancels the
+    Triton request."""
 
-    def __init__(self, generation: Generation, stops: list[str], metrics: Metrics):
-        self.generation, self.stops, self.metrics = generation, StopStrings(stops), metrics
+    def __init__(self, generation: Generation, metrics: Metrics):
+        self.generation, self.metrics = generation, metrics
         self.finish_reason: str | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.reported = False  # the streamed response recorded its status
@@ -68,19 +69,15 @@ class Answer:
             while True:
                 self.completion_tokens += len(piece.token_ids)
                 self.prompt_tokens = piece.num_input_tokens or self.prompt_tokens
-                text, stopped = self.stops.feed(piece.text)
-                if stopped or piece.finish_reason:
-                    if piece.finish_reason == "cancelled" and not stopped:
+                if piece.finish_reason:
+                    if piece.finish_reason == "cancelled":
                         raise unavailable("the model cancelled the request (is the server shutting down?)")
-                    if stopped:
-                        reason = "stop_string"
-                    self.finish_reason = "stop" if stopped else piece.finish_reason
-                    text += "" if stopped else self.stops.flush()
-                    if text:
-                        yield text
+                    self.finish_reason = piece.finish_reason
+                    if piece.text:
+                        yield piece.text
                     return
-                if text:
-                    yield text
+                if piece.text:
+                    yield piece.text
                 piece = await self.generation.__anext__()
         except BaseException as e:  # the client went away (cancelled), or an error
             if not isinstance(e, Exception):
@@ -113,13 +110,13 @@ class ChatHandler:
             text_input=chat.text_input(), images=images,
             max_tokens=req.completion_limit or self.default_max_tokens,
             temperature=req.temperature, top_p=req.top_p,
-            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed)
+            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed, stop=req.stop_list)
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req, ensemble_request,
                         [ref.param for ref in chat.images])
 
     async def start(self, prepared: Prepared) -> Answer:
         generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params)
-        answer = Answer(generation, prepared.request.stop_list, self.metrics)
+        answer = Answer(generation, self.metrics)
         await answer.start()
         return answer
 
