@@ -25,7 +25,7 @@ import httpx2
 import openai
 import pytest
 import torch
-from conftest import LOG_DIR, metric, png
+from conftest import LOG_DIR, metric, png, video
 from PIL import Image
 from qwen3vl.cli import openai_server, serve
 from qwen3vl.client import infer, stream_grpc
@@ -55,6 +55,7 @@ def image_part(image: bytes) -> dict:
 
 
 IMAGE_A, IMAGE_B = png(200, 130, 1), png(96, 300, 2)
+CLIP = video(20, 5, seed=21)  # 4 s: 8 frames sampled at the default 2 fps, 4 at 1 fps
 
 # (OpenAI messages, the same conversation as the JSON chat the ensemble takes, its images)
 CASES = {
@@ -561,7 +562,7 @@ class ImageHost:
                     return
                 if self.path == "/slow.png":
                     time.sleep(3)
-                body = bytes(big) if self.path == "/big.png" else IMAGE_A
+                body = bytes(big) if self.path == "/big.png" else CLIP if self.path == "/clip.mp4" else IMAGE_A
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 if self.path != "/big.png":  # no length: the limit must hold while reading
@@ -624,6 +625,65 @@ def test_image_urls_are_refused_unless_allowed_without_any_connection(api, serve
         big = data_url(bytes(150_000))
         assert_openai_error(allowed.post(image_request(big)), 400, "messages[0].content[0].image_url.url",
                             "larger than")
+    assert api.http.get("/health").status_code == 200
+
+
+# ---- video parts ---------------------------------------------------------------------------
+
+
+def video_part(url: str, **extra) -> dict:
+    return {"type": "video_url", "video_url": {"url": url, **extra}}
+
+
+@pytest.mark.parametrize("fps", [None, 1.0], ids=["default-rate", "fps-1"])
+def test_a_video_url_gives_the_ensembles_tokens(client, server, fps):
+    """A `video_url` part (vLLM's) in a data URL, with the sampling rate as its `fps`: the answer
+    and usage of the ensemble's `videos` input with `video_fps` for the same conversation."""
+    question = "What happens?"
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [video_part(data_url(CLIP, "video/mp4"), **({"fps": fps} if fps else {})),
+                                             {"type": "text", "text": question}]}]
+    completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_NEW, temperature=0)
+    chat = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    want = infer(server.grpc_url, "grpc", prompt=json.dumps(chat), videos=[CLIP], video_fps=fps, max_tokens=MAX_NEW,
+                 temperature=0.0)
+    assert completion.choices[0].message.content == want.text
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (want.num_input_tokens,
+                                                                                    len(want.token_ids))
+    at_2_fps = infer(server.grpc_url, "grpc", prompt=json.dumps(chat), videos=[CLIP], max_tokens=1).num_input_tokens
+    assert (want.num_input_tokens == at_2_fps) == (fps is None)  # the rate reached the sampling
+
+
+def test_video_parts_errors_name_the_part(api, server, image_host):
+    url = data_url(CLIP, "video/mp4")
+    body = lambda *parts, **kw: chat(messages=[{"role": "user", "content": [*parts, TEXT]}], max_tokens=2, **kw)  # noqa: E731
+    assert_openai_error(api.post(body(video_part(url, fps=1.0), video_part(url, fps=2.0))), 400,
+                        "messages[0].content[1].video_url.fps", "one rate")
+    assert_openai_error(api.post(body(video_part(url, fps=1.0), mm_processor_kwargs={"fps": 2})), 400,
+                        "messages[0].content[0].video_url.fps", "mm_processor_kwargs.fps")
+    assert_openai_error(api.post(body(video_part(url), mm_processor_kwargs={"max_frames": 4})), 400,
+                        "mm_processor_kwargs.max_frames")
+    assert_openai_error(api.post(body(video_part(url, fps=0))), 400, "messages[0].content[0].video_url.fps")
+    assert_openai_error(api.post(body(video_part(data_url(b"not a video at all", "video/mp4")))), 400,
+                        "messages[0].content[0].video_url.url", "not a decodable video")
+    assert_openai_error(api.post(body(video_part(data_url(IMAGE_A, "image/png")))), 400,
+                        "messages[0].content[0].video_url.url", "not a video")
+    assistant = chat(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": [video_part(url)]}])
+    assert_openai_error(api.post(assistant), 400, "messages[1].content[0]", "user messages")
+    # http(s): the image URL hosts and rules
+    error = assert_openai_error(api.post(body(video_part(image_host.url("127.0.0.1", "/clip.mp4")))), 400,
+                                "messages[0].content[0].video_url.url", "--allow-image-url-domains")
+    assert error["code"] == "video_url_not_allowed" and "/clip.mp4" not in image_host.hits
+    policy = ImagePolicy(allowed_domains=("127.0.0.1",), max_bytes=100, max_video_bytes=len(CLIP))
+    with InProcess(ServiceConfig(server.grpc_url, MODEL, images=policy)) as allowed:
+        fetched = allowed.post(body(video_part(image_host.url("127.0.0.1", "/clip.mp4")), temperature=0))
+        inline = api.post(body(video_part(url), temperature=0))
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.json()["choices"] == inline.json()["choices"] and fetched.json()["usage"] == inline.json()["usage"]
+        error = assert_openai_error(allowed.post(body(video_part(image_host.url("127.0.0.1", "/big.png")))), 400,
+                                    "messages[0].content[0].video_url.url", "larger than")
+        assert error["code"] == "video_too_large"
     assert api.http.get("/health").status_code == 200
 
 

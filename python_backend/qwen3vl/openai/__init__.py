@@ -3,7 +3,8 @@ front of the Triton `ensemble` over gRPC's stream. One concern per module:
 
 - `schemas`: the request and response bodies (pydantic v2), and which fields are refused;
 - `messages`: OpenAI messages -> the JSON chat the model takes, images in their places;
-- `images`: data URLs, and http(s) URLs of allowed domains within size and time limits;
+- `images`: data URLs, and http(s) URLs of allowed domains within size and time limits (images
+  and the videos of `video_url` parts);
 - `triton`: the async gRPC stream to the ensemble, cancelled when left unfinished;
 - `handlers`: one chat completion, streamed (server-sent events) or not;
 - `errors`: OpenAI's error body, and the HTTP status of every failure;

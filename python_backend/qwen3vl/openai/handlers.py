@@ -10,12 +10,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..client.responses import Chunk
-from .errors import APIError, unavailable
+from .errors import APIError, invalid, unavailable
 from .images import ImageLoader
-from .messages import to_chat
+from .messages import VideoRef, to_chat
 from .metrics import Metrics
 from .schemas import (
     ChatCompletion,
@@ -39,6 +39,7 @@ class Prepared:
     request: ChatCompletionRequest
     ensemble_request: EnsembleRequest
     image_params: list[str]
+    video_params: list[str] = field(default_factory=list)
 
 
 class Answer:
@@ -105,17 +106,21 @@ class ChatHandler:
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
         chat = to_chat(req.messages)
+        video_fps = sampling_rate(chat.videos, req.processor_fps)
         images = await self.images.load_all(chat.images)
+        videos = await self.images.load_all(chat.videos, "video")
         ensemble_request = EnsembleRequest(
             text_input=chat.text_input(), images=images,
             max_tokens=req.completion_limit or self.default_max_tokens,
             temperature=req.temperature, top_p=req.top_p,
-            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed, stop=req.stop_list)
+            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed, stop=req.stop_list,
+            videos=videos, video_fps=video_fps)
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req, ensemble_request,
-                        [ref.param for ref in chat.images])
+                        [ref.param for ref in chat.images], [ref.param for ref in chat.videos])
 
     async def start(self, prepared: Prepared) -> Answer:
-        generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params)
+        generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params,
+                                            prepared.video_params)
         answer = Answer(generation, self.metrics)
         await answer.start()
         return answer
@@ -172,6 +177,22 @@ class ChatHandler:
     def _count(self, answer: Answer) -> None:
         self.metrics.prompt_tokens.inc(answer.prompt_tokens)
         self.metrics.completion_tokens.inc(answer.completion_tokens)
+
+
+def sampling_rate(videos: list[VideoRef], request_fps: float | None) -> float | None:
+    """The one video sampling rate of a request (the ensemble's video_fps is per request): the
+    parts' `fps` and `mm_processor_kwargs.fps` must agree. None: the server's. Raises APIError
+    (400) naming the part that disagrees."""
+    rate, source = request_fps, "mm_processor_kwargs.fps"
+    for ref in videos:
+        if ref.fps is None:
+            continue
+        param = ref.param.removesuffix(".url") + ".fps"
+        if rate is not None and ref.fps != rate:
+            raise invalid(f"{param}: {ref.fps:g} frames per second, but {source} is {rate:g}: the videos of one "
+                          "request are sampled at one rate", param)
+        rate, source = ref.fps, param
+    return rate
 
 
 def _sse(data: str) -> str:

@@ -35,6 +35,14 @@ class ImageURL(_Lenient):
     detail: str | None = None  # accepted and ignored: the processor's own resizing decides
 
 
+class VideoURL(_Lenient):
+    """A video part's file (not in OpenAI's API; vLLM's `video_url` part). `fps`, an extension:
+    frames sampled per second of this video (the name vLLM and transformers give the rate,
+    vLLM's request-wide `mm_processor_kwargs.fps`); default: the server's video_fps."""
+    url: str
+    fps: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
 class ContentPart(_Lenient):
     """A content part; which types are served is decided in `messages` (so that an audio part
     gets a message that says so, not a schema mismatch)."""
@@ -42,6 +50,7 @@ class ContentPart(_Lenient):
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
 
 
 class Message(_Lenient):
@@ -90,6 +99,8 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: float | None = None
     prediction: Any = None
     web_search_options: Any = None
+    # vLLM's extension: keyword arguments for the processor; only `fps` (the video sampling rate)
+    mm_processor_kwargs: dict[str, Any] | None = None
 
     def check(self) -> None:
         """Raises the 400 for what the schema cannot say: the stop list, stream_options without
@@ -104,6 +115,22 @@ class ChatCompletionRequest(_Lenient):
         refusal = refused_field(self)
         if refusal is not None:
             raise refusal
+        self.processor_fps  # noqa: B018 - checks mm_processor_kwargs
+
+    @property
+    def processor_fps(self) -> float | None:
+        """mm_processor_kwargs.fps (vLLM's request-wide video sampling rate), or None. Raises the
+        400 for another key or a rate that is not a positive number."""
+        kwargs = self.mm_processor_kwargs or {}
+        other = sorted(set(kwargs) - {"fps"})
+        if other:
+            raise unsupported(f"mm_processor_kwargs.{other[0]}",
+                              f"mm_processor_kwargs.{other[0]}: only fps (the video sampling rate) is taken")
+        fps = kwargs.get("fps")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps < float("inf")):
+            raise invalid(f"mm_processor_kwargs.fps: a positive number of frames per second, got {fps!r}",
+                          "mm_processor_kwargs.fps")
+        return None if fps is None else float(fps)
 
     @property
     def stop_list(self) -> list[str]:

@@ -33,12 +33,15 @@ class EnsembleRequest:
     top_k: int | None = None
     seed: int | None = None  # UINT64 on the wire: a negative seed wraps around (two's complement)
     stop: list[str] = field(default_factory=list)  # stop strings, applied by the model (contract.STOP)
+    videos: list[bytes] = field(default_factory=list)
+    video_fps: float | None = None  # frames sampled per second of every video (None: the server's)
 
 
 def ensemble_inputs(req: EnsembleRequest) -> list[grpcclient.InferInput]:
     """The request's tensors, always streamed (see the module docstring)."""
     return build_inputs(grpcclient, req.text_input, req.images, max_tokens=req.max_tokens,
-                        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=True)
+                        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=True,
+                        videos=req.videos, video_fps=req.video_fps)
 
 
 class Ensemble:
@@ -60,8 +63,10 @@ class Ensemble:
         except (InferenceServerException, grpc.aio.AioRpcError, OSError):
             return False
 
-    def generate(self, req: EnsembleRequest, request_id: str = "", image_params: list[str] = ()) -> Generation:
-        return Generation(self, ensemble_inputs(req), request_id, list(image_params), generation_parameters(req.stop))
+    def generate(self, req: EnsembleRequest, request_id: str = "", image_params: list[str] = (),
+                 video_params: list[str] = ()) -> Generation:
+        return Generation(self, ensemble_inputs(req), request_id, list(image_params), generation_parameters(req.stop),
+                          list(video_params))
 
     def cancel(self, token: str, started: bool) -> None:
         """Cancel the generation named by `token` in the language model, in the background.
@@ -83,8 +88,8 @@ class Generation:
     request if it has not finished (a client gone, an error)."""
 
     def __init__(self, ensemble: Ensemble, inputs: list, request_id: str, image_params: list[str],
-                 parameters: dict[str, str] | None = None):
-        self.ensemble, self.image_params = ensemble, image_params
+                 parameters: dict[str, str] | None = None, video_params: list[str] = ()):
+        self.ensemble, self.image_params, self.video_params = ensemble, image_params, list(video_params)
         self.finished, self.started = False, False
         self.token = new_token()
         self._done = asyncio.Event()  # keeps our side of the stream open until the last response
@@ -125,7 +130,7 @@ class Generation:
     async def _error(self, message: str) -> APIError:
         """A marked error is the model's (its code says the status); an unmarked one is Triton's:
         503 when the ensemble is not ready (not loaded, shutting down), else 500."""
-        marked = from_model(message, self.image_params)
+        marked = from_model(message, self.image_params, self.video_params)
         if marked is not None:
             return marked
         if not await self.ensemble.ready():
