@@ -687,6 +687,64 @@ def test_video_parts_errors_name_the_part(api, server, image_host):
     assert api.http.get("/health").status_code == 200
 
 
+# ---- text completions ----------------------------------------------------------------------
+
+
+def raw_reference(reference, prompt: str, max_new_tokens: int) -> list[int]:
+    """transformers' greedy tokens for the prompt tokenized as it is (no chat template)."""
+    model, processor = reference
+    ids = processor.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_text_completions_with_the_openai_sdk(client, reference, stream):
+    """`/v1/completions` on a text prompt: transformers' greedy answer to the prompt as it is
+    (no chat template), in OpenAI's `text_completion` shape, streamed (with usage) or not."""
+    prompt, tokenizer = "The picture shows", reference[1].tokenizer
+    want = raw_reference(reference, prompt, MAX_NEW)
+    kwargs = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0}
+    if stream:
+        events = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+        assert {e.object for e in events} == {"text_completion"} and not events[-1].choices
+        text = "".join(e.choices[0].text for e in events if e.choices)
+        finish_reason, usage = events[-2].choices[0].finish_reason, events[-1].usage
+        assert all(e.choices[0].finish_reason is None for e in events[:-2])
+    else:
+        completion = client.completions.create(**kwargs)
+        assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+        text, finish_reason, usage = completion.choices[0].text, completion.choices[0].finish_reason, completion.usage
+    assert text == tokenizer.decode(want, skip_special_tokens=True)
+    assert finish_reason == ("stop" if len(want) < MAX_NEW else "length")
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(tokenizer(prompt).input_ids), len(want))
+
+
+def test_text_completions_defaults_stop_and_refusals(api, client, reference):
+    prompt = "Once upon a time"
+    # max_tokens defaults to 16 (OpenAI's and vLLM's); a list of one prompt is that prompt
+    default = client.completions.create(model=MODEL, prompt=[prompt], temperature=0)
+    want = raw_reference(reference, prompt, 16)
+    assert default.usage.completion_tokens == len(want) and default.choices[0].finish_reason == (
+        "stop" if len(want) < 16 else "length")
+    text = default.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stopped = client.completions.create(model=MODEL, prompt=prompt, temperature=0, stop=stop)
+    assert stopped.choices[0].text == text[:text.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    refused = [({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"),
+               ({"suffix": "end"}, "suffix"), ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+               ({"prompt": "\ud800"}, "prompt"), ({"stop": [""]}, "stop"), ({"presence_penalty": 1.0}, "presence_penalty")]
+    for fields, param in refused:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, **fields}
+        sent = api.http.post("/v1/completions", content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert_openai_error(sent, 400, param, param)  # json.dumps: "\ud800" escaped as JSON can carry it
+    assert_openai_error(api.http.post("/v1/completions", json={"model": "other", "prompt": "x"}), 404, "model", "other")
+    assert_openai_error(api.http.post("/v1/completions", json={"model": MODEL}), 400, "prompt", "required")
+    assert api.http.get("/health").status_code == 200
+
+
 # ---- Triton's side failing ------------------------------------------------------------------
 
 

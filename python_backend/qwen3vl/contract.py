@@ -33,6 +33,9 @@ CANCEL = "cancel"
 # A generation request may carry `stop`: a JSON array of strings (as text). The answer ends just
 # before the first of them, at the token that completes it (finish_reason `stop`), in the model.
 STOP = "stop"
+# `raw_prompt` true: `text_input` is the whole prompt, tokenized as it is, without the chat template
+# (what a text completion takes); text only.
+RAW_PROMPT = "raw_prompt"
 
 # Encoder -> language (inside the ensemble and between servers).
 VISUAL_EMBEDS = "visual_embeds"        # model dtype [N, H]

@@ -53,6 +53,14 @@ def stop_strings(value) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def switch(params: dict, name: str) -> bool:
+    """A boolean request parameter (absent: False). Raises InvalidInput naming it otherwise."""
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"the request parameter {name} must be a boolean, got {value!r}")
+    return value
+
+
 class ResponseStream:
     """Sends one request's steps: each as it comes when streaming, else one response at the end
     (engine/worker.py's OutputStream; called on the response thread)."""
@@ -165,7 +173,8 @@ class LanguageService:
         stream = ResponseStream(pb, sender, False, self.metrics, self.histograms)
         try:
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
-            seq = self._sequence(request, stream, stop_strings(params.get(contract.STOP)))
+            seq = self._sequence(request, stream, stop_strings(params.get(contract.STOP)),
+                                 switch(params, contract.RAW_PROMPT))
             token = params.get(contract.CANCEL_TOKEN)
             if token:
                 self.cancellable[str(token)] = seq
@@ -187,7 +196,7 @@ class LanguageService:
         seq.cancel_requested = True
         sender.send(response(pb, "", [], "cancelled", 0), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _sequence(self, request, stream: ResponseStream, stop: tuple[str, ...] = ()) -> Sequence:
+    def _sequence(self, request, stream: ResponseStream, stop: tuple[str, ...] = (), raw: bool = False) -> Sequence:
         pb = self.pb
         text = scalar(pb, request, contract.TEXT_INPUT, str)
         if text is None:
@@ -204,7 +213,7 @@ class LanguageService:
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
             stop=stop or None,
         )
-        seq = self.engine.new_sequence(text, self._features(request), params)
+        seq = self.engine.new_sequence(text, self._features(request), params, raw)
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         return seq
 

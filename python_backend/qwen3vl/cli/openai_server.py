@@ -1,5 +1,5 @@
-"""`qwen3vl-openai`: the OpenAI-compatible API (`/v1/chat/completions` with images, `/v1/models`,
-`/health`, `/metrics`) in front of a Triton server's ensemble.
+"""`qwen3vl-openai`: the OpenAI-compatible API (`/v1/chat/completions` with images and videos,
+`/v1/completions`, `/v1/models`, `/health`, `/metrics`) in front of a Triton server's ensemble.
 
     qwen3vl-openai --triton-url localhost:8001 --port 9000
 """

@@ -51,10 +51,14 @@ def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None,
     return inputs
 
 
-def generation_parameters(stop: list[str] = ()) -> dict[str, str]:
+def generation_parameters(stop: list[str] = (), raw_prompt: bool = False) -> dict:
     """A generation request's parameters besides its tensors: the stop strings (contract.STOP, a
-    JSON array as text) when there are any."""
-    return {contract.STOP: json.dumps(list(stop))} if stop else {}
+    JSON array as text) when there are any; contract.RAW_PROMPT when the text is the whole
+    prompt (no chat template)."""
+    params: dict = {contract.STOP: json.dumps(list(stop))} if stop else {}
+    if raw_prompt:
+        params[contract.RAW_PROMPT] = True
+    return params
 
 
 def encode_inputs(module, images: list[bytes], videos: list[bytes] = (), video_fps: float | None = None) -> list:

@@ -126,9 +126,9 @@ class Engine:
         p.validate()
         return p
 
-    def prepare(self, text: str, features: VisualFeatures) -> Prompt:
-        """The prompt's ids and positions. Raises InvalidInput when the text and the visual
-        tensors do not fit together."""
+    def prepare(self, text: str, features: VisualFeatures, raw: bool = False) -> Prompt:
+        """The prompt's ids and positions (`raw`: the text tokenized as it is, no chat template).
+        Raises InvalidInput when the text and the visual tensors do not fit together."""
         merge = self.config.spatial_merge_size
         for name, grids in (("image_grid_thw", features.image_grid_thw), ("video_grid_thw", features.video_grid_thw)):
             if grids.ndim != 2 or grids.shape[1] != 3 or bool((grids < 1).any()):
@@ -138,7 +138,7 @@ class Engine:
         if features.video_timestamps.ndim != 1 or not bool(torch.isfinite(features.video_timestamps).all()):
             raise InvalidInput("video_timestamps must be [frame groups] of finite seconds")
         self.prompts.check_size(text, self.max_model_len)
-        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps)
+        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps, raw)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
             raise InvalidInput(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
@@ -159,10 +159,11 @@ class Engine:
             return features
         return features.rows(features.visual_embeds[prompt.row_order], features.deepstack_embeds[:, prompt.row_order])
 
-    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams) -> Sequence:
-        """A validated sequence, ready for `add`. Raises InvalidInput (bad text, tensors, or a
-        request longer than max_model_len)."""
-        prompt = self.prepare(text, features)
+    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams, raw: bool = False) -> Sequence:
+        """A validated sequence, ready for `add` (`raw`: the text is the whole prompt, see
+        PromptBuilder). Raises InvalidInput (bad text, tensors, or a request longer than
+        max_model_len)."""
+        prompt = self.prepare(text, features, raw)
         features = self.in_prompt_order(prompt, features)
         left = self.max_model_len - len(prompt.input_ids)
         if params.fits_window and 0 < left < params.max_tokens:

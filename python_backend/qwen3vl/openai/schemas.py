@@ -71,11 +71,12 @@ IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifie
                   "verbosity", "moderation")
 
 
-class ChatCompletionRequest(_Lenient):
+class GenerationRequest(_Lenient):
+    """The fields a chat completion and a text completion share: the model, sampling, stop
+    strings and streaming."""
+
     model: str
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for max_completion_tokens
+    max_tokens: int | None = Field(None, ge=1)  # chat: deprecated by OpenAI for max_completion_tokens
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # extension (vLLM's): 0 or -1 = off
@@ -83,6 +84,32 @@ class ChatCompletionRequest(_Lenient):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+
+    def check_generation(self) -> None:
+        """Raises the 400 for what the schema cannot say: the stop list, stream_options without
+        stream."""
+        stops = self.stop_list
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise invalid(f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}", "stop")
+        if any(s == "" for s in stops):
+            raise invalid("stop: a stop sequence must not be empty", "stop")
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options: only allowed when stream is true", "stream_options")
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     # Refused unless left at their defaults (`refused_fields`).
     n: int | None = None
     logprobs: bool | None = None
@@ -105,13 +132,7 @@ class ChatCompletionRequest(_Lenient):
     def check(self) -> None:
         """Raises the 400 for what the schema cannot say: the stop list, stream_options without
         stream, and the first field asking for a feature this server does not have."""
-        stops = self.stop_list
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise invalid(f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}", "stop")
-        if any(s == "" for s in stops):
-            raise invalid("stop: a stop sequence must not be empty", "stop")
-        if self.stream_options is not None and not self.stream:
-            raise invalid("stream_options: only allowed when stream is true", "stream_options")
+        self.check_generation()
         refusal = refused_field(self)
         if refusal is not None:
             raise refusal
@@ -133,19 +154,9 @@ class ChatCompletionRequest(_Lenient):
         return None if fps is None else float(fps)
 
     @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @property
     def completion_limit(self) -> int | None:
         """max_completion_tokens, else max_tokens, else None (the model's default)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 def refused_field(req: ChatCompletionRequest):

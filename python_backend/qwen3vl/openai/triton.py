@@ -35,6 +35,7 @@ class EnsembleRequest:
     stop: list[str] = field(default_factory=list)  # stop strings, applied by the model (contract.STOP)
     videos: list[bytes] = field(default_factory=list)
     video_fps: float | None = None  # frames sampled per second of every video (None: the server's)
+    raw_prompt: bool = False  # text_input is the whole prompt: no chat template (a text completion)
 
 
 def ensemble_inputs(req: EnsembleRequest) -> list[grpcclient.InferInput]:
@@ -65,7 +66,7 @@ class Ensemble:
 
     def generate(self, req: EnsembleRequest, request_id: str = "", image_params: list[str] = (),
                  video_params: list[str] = ()) -> Generation:
-        return Generation(self, ensemble_inputs(req), request_id, list(image_params), generation_parameters(req.stop),
+        return Generation(self, ensemble_inputs(req), request_id, list(image_params), generation_parameters(req.stop, req.raw_prompt),
                           list(video_params))
 
     def cancel(self, token: str, started: bool) -> None:
