@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -38,6 +39,28 @@ def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens
         pb.Tensor(contract.FINISH_REASON, np.array([finish_reason.encode()], dtype=object)),
         pb.Tensor(contract.NUM_INPUT_TOKENS, np.array([num_input_tokens], dtype=np.int32)),
     ])
+
+
+def stop_strings(value) -> tuple[str, ...]:
+    """The request parameter `stop` (contract.STOP): a JSON array of strings, as text. Raises
+    InvalidInput naming it when it is anything else."""
+    if value is None:
+        return ()
+    try:
+        stops = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        stops = None
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise InvalidInput(f"the request parameter {contract.STOP} must be a JSON array of strings, got {value!r}")
+    return tuple(stops)
+
+
+def switch(params: dict, name: str) -> bool:
+    """A boolean request parameter (absent: False). Raises InvalidInput naming it otherwise."""
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"the request parameter {name} must be a boolean, got {value!r}")
+    return value
 
 
 class ResponseStream:
@@ -177,7 +200,8 @@ class LanguageService:
             if self.group is not None and self.group.failure:
                 raise Unavailable(self.group.failure)
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
-            seq = self._sequence(request, stream)
+            seq = self._sequence(request, stream, stop_strings(params.get(contract.STOP)),
+                                 switch(params, contract.RAW_PROMPT))
             token = params.get(contract.CANCEL_TOKEN)
             if token:
                 self.cancellable[str(token)] = seq
@@ -199,7 +223,7 @@ class LanguageService:
         seq.cancel_requested = True
         sender.send(response(pb, "", [], "cancelled", 0), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _sequence(self, request, stream: ResponseStream) -> Sequence:
+    def _sequence(self, request, stream: ResponseStream, stop: tuple[str, ...] = (), raw: bool = False) -> Sequence:
         pb = self.pb
         text = scalar(pb, request, contract.TEXT_INPUT, str)
         if text is None:
@@ -214,8 +238,9 @@ class LanguageService:
             top_k=scalar(pb, request, contract.TOP_K, int),
             seed=scalar(pb, request, contract.SEED, int),
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
+            stop=stop or None,
         )
-        seq = self.engine.new_sequence(text, self._features(request), params)
+        seq = self.engine.new_sequence(text, self._features(request), params, raw)
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         return seq
 
