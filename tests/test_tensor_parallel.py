@@ -362,3 +362,50 @@ def test_the_tensor_parallel_pod_asks_for_as_many_gpus_as_ranks_and_restarts_whe
                               num_attention_heads=64, num_key_value_heads=4, num_experts=128,
                               moe_intermediate_size=1536)
     Shard(0, args.tensor_parallel_size, args.enable_expert_parallel).check(cfg, fp8=True)
+
+
+RELEASED = {   # the released configs' text dims (docs/tensor-parallel.md "What fits where")
+    "Qwen3-VL-30B-A3B": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                             moe_intermediate_size=768),
+    "Qwen3-VL-235B-A22B": dict(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+                               moe_intermediate_size=1536),
+}
+
+
+@pytest.mark.parametrize("model,n,ep,row", [
+    ("Qwen3-VL-30B-A3B", 1, False, "| 1 GPU | 56.9 GiB | 29.0 GiB | 96 KiB |"),
+    ("Qwen3-VL-30B-A3B", 2, False, "| TP2 | 28.4 GiB | 14.5 GiB | 48 KiB |"),
+    ("Qwen3-VL-235B-A22B", 4, False, "| TP4 (FP8), EP or not | 109.5 GiB | 55.1 GiB | 47 KiB"),
+    ("Qwen3-VL-235B-A22B", 8, True, "| TP8 bf16, with EP | 54.9 GiB | 27.6 GiB | 47 KiB"),
+])
+def test_the_what_fits_table_is_the_split_of_the_released_shapes(model, n, ep, row):
+    """Each rank's share of the released models' language tensors (their shapes from transformers
+    on the meta device), through Shard.reads as the servers load them: bf16 bytes, FP8 native
+    (1 byte per linear weight, scales left out), KV per token on one rank."""
+    import math
+
+    from qwen3vl.model.config import TextConfig
+    from qwen3vl.tools.make_checkpoint import SPECIAL_TOKENS, hf_configs, hub_shapes
+
+    config = hf_configs("tiny", {t: 151643 + i for i, t in enumerate(SPECIAL_TOKENS)})["config.json"]
+    text = config["text_config"]
+    text.update(RELEASED[model], head_dim=128, num_experts=128, num_experts_per_tok=8, vocab_size=151936)
+    for rope in (text["rope_scaling"], text["rope_parameters"]):
+        rope["mrope_section"] = [24, 20, 20]
+    config["vision_config"]["out_hidden_size"] = text["hidden_size"]
+    cfg = TextConfig.from_dict(text)
+    shard = Shard(0, n, ep)
+    shard.check(cfg)
+    held = linear = 0.0
+    for name, shape in hub_shapes(config).items():
+        if not name.startswith(("model.language_model.", "lm_head.")):
+            continue
+        reads = shard.reads(name.removeprefix("model.language_model."), shape, cfg)
+        size = math.prod(shape) if reads is None else sum(
+            math.prod(len(range(*s.indices(d))) for s, d in zip(index, shape)) for index in reads)
+        held += size
+        linear += size if "proj" in name and "norm" not in name else 0
+    kv = 2 * cfg.num_hidden_layers * shard.kv_heads(cfg) * cfg.head_dim * 2
+    got = f"{2 * held / 2**30:.1f} GiB | {(linear + 2 * (held - linear)) / 2**30:.1f} GiB | {kv // 1024} KiB"
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tensor-parallel.md").read_text()
+    assert f"| {model} {row}" in text and got in row, (got, row)
