@@ -40,6 +40,7 @@ from ..errors import Unavailable
 from ..model.config import ModelConfig
 from ..settings import ServingConfig
 from .shard import Shard
+from .worker import worker_main
 
 STOP_WAIT_S = 10.0   # a worker's time to leave after the stop message before it is killed
 
@@ -154,8 +155,7 @@ class ParallelGroup:
             torch.cuda.set_device(self.device)
         store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, timeout=self.timeout,
                               wait_for_workers=False)
-        ctx = mp.get_context("spawn")
-        from .worker import worker_main   # the spawned process imports it by name
+        ctx = mp.get_context("spawn")   # a fresh interpreter: it imports worker_main by name
         for rank in range(1, self.world_size):
             parent, child = ctx.Pipe(duplex=False)
             spec = WorkerSpec(self.config, self.settings, rank, store.port)
