@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import threading
 import time
@@ -56,7 +57,7 @@ def kv1_checkpoint(tmp_path_factory) -> Path:
 # ---- loading: each rank reads its slices, and they are the right ones
 @pytest.mark.parametrize("layout", ["hub", "transformers", "fp8"])
 @pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
-def test_each_rank_loads_only_its_slices_of_the_one_process_model(tmp_path_factory, checkpoint, layout, ep):
+def test_each_rank_loads_only_its_slices_of_the_one_process_model(tmp_path_factory, checkpoint, layout, ep, capsys):
     if layout == "hub":
         ckpt = checkpoint
     else:
@@ -73,9 +74,14 @@ def test_each_rank_loads_only_its_slices_of_the_one_process_model(tmp_path_facto
     held = 0
     for rank in range(2):
         shard = Shard(rank, 2, ep)
+        capsys.readouterr()
         part = dict(LanguageModel.from_checkpoint(config, shard).named_parameters())
         assert part.keys() == full.keys()
         held = sum(p.numel() for p in part.values())
+        # what it read of the files: its share (bf16 in the file), not the model (FP8: whole blocks)
+        read = float(re.search(r"this rank's shares: ([0-9.e-]+) GiB read", capsys.readouterr().out).group(1))
+        if layout != "fp8":
+            assert read * 2**30 == pytest.approx(2 * held, rel=2e-3)
         assert held < 0.56 * total     # ~1/2: only norms and routers are whole on every rank
         if rank == 0:   # qwen3vl-sizing's per-GPU weights are what a rank loads (rank 0 holds the most)
             s = sizing(ckpt, "float32", 2, ep)
