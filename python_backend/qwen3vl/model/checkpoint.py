@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from ..kernels.fp8_reference import dequantize_block_fp8
 from ..parallel.shard import FP8_BLOCK as SCALE_BLOCK
-from ..parallel.shard import SKIP
+from ..parallel.shard import SKIP, Shard
 from .fp8 import fp8_pairs, read_quantization_config
 
 
@@ -129,7 +129,7 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
                 elif parts[0].is_floating_point():
                     parts = [p.to(dtype) for p in parts]
                 t = (parts[0] if len(parts) == 1 else
-                     torch.cat(parts, dim=_split_dim(select(weight, tuple(header[weight]["shape"]))[0])))
+                     torch.cat(parts, dim=Shard.split_dim(select(weight, tuple(header[weight]["shape"]))[0])))
                 t = t.to(device)
                 in_memory += t.numel() * t.element_size()
                 prefix = next(p for p in prefixes if tensor.startswith(p))
@@ -144,10 +144,6 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
              f"({len(wanted)} of the checkpoint's shards, {len(out)} tensors{fp8}; {_gib(in_memory)} GiB as {dtype} "
              f"on {device})")
     return out
-
-
-def _split_dim(index: tuple[slice, ...]) -> int:
-    return next(i for i, s in enumerate(index) if s != slice(None))
 
 
 def _block_cover(index: tuple[slice, ...], shape: tuple[int, ...], scale: bool) -> tuple[slice, ...]:
