@@ -219,8 +219,7 @@ def tp_tiny(checkpoint):
         yield s
         assert s.alive(), s.tail()
     # stopped like an operator stops it: the worker leaves with its model
-    left = [pid for pid in (stub, *ranks) if pid in process_table()]
-    assert not left, f"left behind: {left}"
+    assert not still_running([stub, *ranks], 30), "left behind"
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +260,17 @@ def test_concurrent_mixed_requests_on_the_tp_server_each_give_their_own_tokens(t
 def test_ep_server_with_a_replicated_kv_head_equals_transformers(ep_kv1, kv1_reference):
     for case, images in IMAGE_CASES.items():
         assert tokens(ep_kv1, images) == reference_generate(kv1_reference, PROMPT, images, MAX_NEW), case
+
+
+def still_running(pids: list[int], timeout_s: float) -> list[int]:
+    """Those of `pids` still running (not gone, not a zombie) after up to timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        table = process_table()
+        left = [pid for pid in pids if pid in table and table[pid][2] != "Z"]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.25)
 
 
 def workers_of(server: Server) -> tuple[int, list[int]]:
@@ -313,11 +323,7 @@ def test_a_killed_worker_fails_its_request_naming_the_rank_and_the_model_goes_no
         assert not client.is_server_ready()   # /v2/health/ready: the probes' endpoint
     finally:
         client.close()
-    deadline = time.monotonic() + 30
-    while any(pid in process_table() for pid in (stub, *ranks)) and time.monotonic() < deadline:
-        time.sleep(0.25)
-    left = [pid for pid in (stub, *ranks) if pid in process_table()]
-    assert not left, f"left behind: {left}"
+    assert not still_running([stub, *ranks], 30), "left behind"
     assert ep_kv1.alive()
 
 
