@@ -9,8 +9,8 @@ Each setting is written once, in `ServingConfig` below: its default, what it mea
    language server's `encoder_mode: remote`),
 3. the default here.
 
-The README's settings table is generated from this class (`settings_table()`; a test keeps the
-README equal to it).
+The settings table of docs/serving.md is generated from this class (`settings_table()`; a test
+keeps the document equal to it).
 """
 
 from __future__ import annotations
@@ -102,6 +102,17 @@ class ServingConfig:
                                      "no effect on other checkpoints", "--fp8-mode")
     gpu_memory_utilization: float = _setting(0.9, "share of the GPU's memory the language model may use in all "
                                                   "(with kv_cache_mb 0)", "--gpu-memory-utilization")
+    tensor_parallel_size: int = _setting(1, "processes (GPUs: rank r on cuda:r) the language model is split "
+                                            "across: attention heads, experts and vocabulary (docs/tensor-parallel.md)",
+                                         "--tensor-parallel-size")
+    enable_expert_parallel: bool = _setting(False, "with tensor_parallel_size > 1: each rank holds whole experts "
+                                                   "(E / N) instead of a slice of every expert",
+                                            "--enable-expert-parallel")
+    vocab_parallel: bool = _setting(True, "tensor parallel: the embedding and LM head split by vocabulary across "
+                                          "the ranks (off: whole on every rank; docs/tensor-parallel.md measures both)")
+    distributed_timeout_s: float = _setting(600.0, "tensor parallel: how long the ranks' rendezvous, each rank's "
+                                                   "loading and any collective may take before the model fails",
+                                            "--distributed-timeout-s")
     # -- qwen3_encoder
     encoder_mode: str = _setting("local", "`local`: the vision tower runs here; `remote`: fetch from encoder "
                                           "servers (set by the language role's config variant)")
@@ -204,7 +215,7 @@ def _format(value) -> str:
 
 
 def settings_table() -> str:
-    """The README's table of settings (markdown), generated from ServingConfig."""
+    """docs/serving.md's table of settings (markdown), generated from ServingConfig."""
     rows = ["| setting (`QWEN3VL_*` variable, config.pbtxt parameter) | `qwen3vl-serve` flag | default | meaning |",
             "|---|---|---|---|"]
     for f in dataclasses.fields(ServingConfig):

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import numpy as np
@@ -21,8 +23,9 @@ from ..engine.engine import Engine, PrefillReport
 from ..engine.logprobs import TokenLogprobs
 from ..engine.sequence import Sequence, Step
 from ..engine.worker import EngineLoop
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, NotFound, Unavailable
 from ..features import VisualFeatures
+from ..parallel.engine import parallel_engine
 from ..settings import ServingConfig
 from .io import error_response, model_config, request_parameters, scalar, torch_input
 from .metrics import LANGUAGE_COUNTERS, LANGUAGE_GAUGES, LANGUAGE_HISTOGRAMS, Counters, Gauges, Histograms
@@ -59,6 +62,28 @@ def logprob_arrays(ids: list[int], logprobs: TokenLogprobs | None, token_bytes) 
             (contract.TOP_LOGPROB_IDS, np.array(logprobs.top_ids, np.int32).reshape(n, k)),
             (contract.TOP_LOGPROBS, np.array(logprobs.top_logprobs, np.float32).reshape(n, k)),
             (contract.LOGPROB_TOKENS, tokens)]
+
+
+def stop_strings(value) -> tuple[str, ...]:
+    """The request parameter `stop` (contract.STOP): a JSON array of strings, as text. Raises
+    InvalidInput naming it when it is anything else."""
+    if value is None:
+        return ()
+    try:
+        stops = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        stops = None
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise InvalidInput(f"the request parameter {contract.STOP} must be a JSON array of strings, got {value!r}")
+    return tuple(stops)
+
+
+def switch(params: dict, name: str) -> bool:
+    """A boolean request parameter (absent: False). Raises InvalidInput naming it otherwise."""
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"the request parameter {name} must be a boolean, got {value!r}")
+    return value
 
 
 class ResponseStream:
@@ -154,12 +179,21 @@ class LanguageMetrics:
 
 
 class LanguageService:
-    """The engine, its thread and its response thread, built from the served model's settings."""
+    """The engine, its thread and its response thread, built from the served model's settings.
+    With tensor_parallel_size > 1 the engine's model is rank 0's share and `group` the other
+    ranks (parallel/): when one dies, new requests fail at once naming it, the engine's fail
+    as they reach a step, and the model unloads itself so Triton reports it not ready."""
+
+    MODEL_NAME = "qwen3_language"
 
     def __init__(self, pb, settings: ServingConfig):
         self.pb, self.settings = pb, settings
         self.config = model_config(settings)
-        self.engine = Engine.from_checkpoint(self.config, settings)
+        self.group = None
+        if settings.tensor_parallel_size > 1:
+            self.engine, self.group = parallel_engine(self.config, settings)
+        else:
+            self.engine = Engine.from_checkpoint(self.config, settings)
         blocks = self.engine.blocks
         print(f"qwen3_language: {blocks.num_blocks} KV blocks of {blocks.block_size} tokens "
               f"({blocks.num_blocks * blocks.block_size} tokens), max_num_seqs {settings.max_num_seqs}, "
@@ -172,6 +206,20 @@ class LanguageService:
         self.gauges.set(self.engine.stats())
         self.loop = EngineLoop(self.engine, LanguageMetrics(self.metrics, self.gauges))
         self.cancellable: dict[str, Sequence] = {}  # cancel_token -> its sequence, until it finishes
+        if self.group is not None:
+            self.group.on_failure(self._parallel_failure)
+
+    def _parallel_failure(self, message: str) -> None:
+        """A rank died (on the group's watch thread): the model unloads itself, so its readiness
+        (and the ensemble's, and the server's) says so; Triton 2.51's Python backend has no
+        per-instance readiness hook. Requests meanwhile fail with `message`."""
+        def unload():
+            try:
+                self.pb.unload_model(self.MODEL_NAME)
+            except Exception as e:  # noqa: BLE001 - not in explicit model control: say so, requests still fail
+                print(f"{self.MODEL_NAME}: could not unload itself after the failure: {e}", flush=True)
+
+        threading.Thread(target=unload, name="qwen3vl-tp-unload", daemon=True).start()
 
     def submit(self, request) -> None:
         """Validate and enqueue one request (tokenized here, so bad input fails at once, alone)."""
@@ -183,8 +231,11 @@ class LanguageService:
             return
         stream = ResponseStream(pb, sender, False, self.metrics, self.histograms)
         try:
+            if self.group is not None and self.group.failure:
+                raise Unavailable(self.group.failure)
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
-            seq = self._sequence(request, stream)
+            seq = self._sequence(request, stream, stop_strings(params.get(contract.STOP)),
+                                 switch(params, contract.RAW_PROMPT))
             token = params.get(contract.CANCEL_TOKEN)
             if token:
                 self.cancellable[str(token)] = seq
@@ -206,7 +257,7 @@ class LanguageService:
         seq.cancel_requested = True
         sender.send(response(pb, "", [], "cancelled", 0), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _sequence(self, request, stream: ResponseStream) -> Sequence:
+    def _sequence(self, request, stream: ResponseStream, stop: tuple[str, ...] = (), raw: bool = False) -> Sequence:
         pb = self.pb
         text = scalar(pb, request, contract.TEXT_INPUT, str)
         if text is None:
@@ -223,8 +274,9 @@ class LanguageService:
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
             logprobs=self._logprobs(request),
             n=scalar(pb, request, contract.N, int),
+            stop=stop or None,
         )
-        seq = self.engine.new_sequence(text, self._features(request), params)
+        seq = self.engine.new_sequence(text, self._features(request), params, raw)
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         stream.choices, stream.token_bytes = params.n, self.engine.token_bytes.of
         return seq
@@ -266,3 +318,5 @@ class LanguageService:
 
     def stop(self) -> None:
         self.loop.stop()
+        if self.group is not None:
+            self.group.stop()

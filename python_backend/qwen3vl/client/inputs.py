@@ -10,6 +10,7 @@ service, the thread-based clients and the transfer inside a Triton model all bui
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype
@@ -49,6 +50,16 @@ def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None,
             inputs.append(tensor(name, np.array([value], dtype=np_type)))
     inputs.append(tensor(contract.STREAM, np.array([bool(stream)])))
     return inputs
+
+
+def generation_parameters(stop: list[str] = (), raw_prompt: bool = False) -> dict:
+    """A generation request's parameters besides its tensors: the stop strings (contract.STOP, a
+    JSON array as text) when there are any; contract.RAW_PROMPT when the text is the whole
+    prompt (no chat template)."""
+    params: dict = {contract.STOP: json.dumps(list(stop))} if stop else {}
+    if raw_prompt:
+        params[contract.RAW_PROMPT] = True
+    return params
 
 
 def encode_inputs(module, images: list[bytes], videos: list[bytes] = (), video_fps: float | None = None) -> list:

@@ -88,18 +88,27 @@ class Engine:
     enable_prefix_caching, block_size, kv_cache_mb, gpu_memory_utilization."""
 
     def __init__(self, config: ModelConfig, model: LanguageModel, prompts: PromptBuilder, tokenizer,
-                 defaults: SamplingParams, stop_ids: list[int], settings: ServingConfig = ServingConfig()):
+                 defaults: SamplingParams, stop_ids: list[int], settings: ServingConfig = ServingConfig(),
+                 parallel=None):
+        """`parallel`: rank 0's tensor-parallel group (parallel/group.py), `model` its share:
+        the KV pool holds that rank's heads, its block count is agreed with the other ranks,
+        and the group's runner broadcasts each step to them."""
         self.config, self.model, self.prompts, self.tokenizer = config, model, prompts, tokenizer
         self.defaults, self.stop_ids = defaults, set(stop_ids)
         self.settings = settings
         self.token_bytes = TokenBytes(tokenizer)  # token id -> its bytes (logprobs' tokens)
         self.max_model_len = settings.context_window(config.text.max_position_embeddings)
-        block_bytes = PagedKVCache.bytes_per_block(config.text, settings.block_size, config.dtype)
+        kv_heads = getattr(model, "num_kv_heads", None)
+        block_bytes = PagedKVCache.bytes_per_block(config.text, settings.block_size, config.dtype, kv_heads)
         num_blocks = max(1, kv_cache_budget(config, settings) // block_bytes)
-        self.kv = PagedKVCache(config.text, num_blocks, settings.block_size, config.dtype, config.device)
+        if parallel is not None:
+            num_blocks = parallel.agree_num_blocks(num_blocks, sum(p.numel() * p.element_size()
+                                                                   for p in model.parameters()))
+        self.kv = PagedKVCache(config.text, num_blocks, settings.block_size, config.dtype, config.device, kv_heads)
         self.blocks = BlockManager(num_blocks, settings.block_size)
         self.scheduler = Scheduler(settings, self.blocks)
-        self.runner = ModelRunner(model, self.kv, config.deepstack_layers, config.kernels)
+        self.runner = (ModelRunner(model, self.kv, config.deepstack_layers, config.kernels) if parallel is None
+                       else parallel.runner(model, self.kv, config.deepstack_layers, config.kernels))
         # Collected as they happen and handed out whole by the next step(), fail_waiting() or
         # abort_all(): outputs of a step that raised part-way go out with abort_all's failures.
         self._outputs = EngineOutputs()
@@ -107,17 +116,20 @@ class Engine:
         self.last_batch_size = 0  # sequences in the last step (a gauge)
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, settings: ServingConfig = ServingConfig()) -> "Engine":
+    def from_checkpoint(cls, config: ModelConfig, settings: ServingConfig = ServingConfig(),
+                        parallel=None) -> "Engine":
+        """With `parallel` (a started tensor-parallel group): rank 0's share of the model."""
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(config.checkpoint)
-        model = LanguageModel.from_checkpoint(config)
+        model = (LanguageModel.from_checkpoint(config) if parallel is None
+                 else LanguageModel.from_checkpoint(config, parallel.shard))
         defaults, stop_ids = generation_defaults(config.checkpoint)
         if not stop_ids and processor.tokenizer.eos_token_id is not None:
             stop_ids = [processor.tokenizer.eos_token_id]
         prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size,
                                 settings.allow_special_tokens_in_prompt)
-        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, settings)
+        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, settings, parallel)
 
     # ---- requests in
     def params(self, **given) -> SamplingParams:
@@ -128,9 +140,9 @@ class Engine:
         p.validate()
         return p
 
-    def prepare(self, text: str, features: VisualFeatures) -> Prompt:
-        """The prompt's ids and positions. Raises InvalidInput when the text and the visual
-        tensors do not fit together."""
+    def prepare(self, text: str, features: VisualFeatures, raw: bool = False) -> Prompt:
+        """The prompt's ids and positions (`raw`: the text tokenized as it is, no chat template).
+        Raises InvalidInput when the text and the visual tensors do not fit together."""
         merge = self.config.spatial_merge_size
         for name, grids in (("image_grid_thw", features.image_grid_thw), ("video_grid_thw", features.video_grid_thw)):
             if grids.ndim != 2 or grids.shape[1] != 3 or bool((grids < 1).any()):
@@ -140,7 +152,7 @@ class Engine:
         if features.video_timestamps.ndim != 1 or not bool(torch.isfinite(features.video_timestamps).all()):
             raise InvalidInput("video_timestamps must be [frame groups] of finite seconds")
         self.prompts.check_size(text, self.max_model_len)
-        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps)
+        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps, raw)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
             raise InvalidInput(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
@@ -161,10 +173,11 @@ class Engine:
             return features
         return features.rows(features.visual_embeds[prompt.row_order], features.deepstack_embeds[:, prompt.row_order])
 
-    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams) -> Sequence:
-        """A validated sequence, ready for `add`. Raises InvalidInput (bad text, tensors, or a
-        request longer than max_model_len)."""
-        prompt = self.prepare(text, features)
+    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams, raw: bool = False) -> Sequence:
+        """A validated sequence, ready for `add` (`raw`: the text is the whole prompt, see
+        PromptBuilder). Raises InvalidInput (bad text, tensors, or a request longer than
+        max_model_len)."""
+        prompt = self.prepare(text, features, raw)
         features = self.in_prompt_order(prompt, features)
         left = self.max_model_len - len(prompt.input_ids)
         if params.fits_window and 0 < left < params.max_tokens:
@@ -257,11 +270,13 @@ class Engine:
     def _fork(self, follower: Sequence) -> None:
         """A follower joins the batch after its leader's prefill: the prompt's full blocks are
         already its own (shared at admission); the partial last block's KV is copied into its
-        own block (the leader's generated tokens go into the leader's copy)."""
+        own block (the leader's generated tokens go into the leader's copy). The copy is made at
+        the start of the next step's forward, on every rank of a tensor-parallel group, before
+        anything writes to either block."""
         leader = follower.leader
         full, tail = divmod(leader.prompt_len, self.blocks.block_size)
         if tail:
-            self.kv.copy_block(leader.block_table[full], follower.block_table[full], tail)
+            self.runner.copy_before_next_step(leader.block_table[full], follower.block_table[full], tail)
         follower.num_computed, follower.num_cached = leader.prompt_len, leader.num_cached
         follower.admitted = leader.admitted
         leader.followers.remove(follower)
@@ -280,18 +295,29 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         seq.output_ids.append(token)
-        text = seq.detokenizer.push(token)
-        reason = ("stop" if token in self.stop_ids and not seq.params.ignore_eos else
+        # A stop string ends the answer at the token that completes it (that token is the
+        # answer's last, as in vLLM): nothing after it is generated, sent or counted.
+        text, stopped = seq.stops.feed(seq.detokenizer.push(token))
+        reason = ("stop" if stopped or (token in self.stop_ids and not seq.params.ignore_eos) else
                   "length" if len(seq.output_ids) >= seq.params.max_tokens else "")
         if reason:
-            text += seq.detokenizer.flush()
+            if not stopped:
+                text += self._rest(seq)
             self.scheduler.finish(seq, reason)
         self._outputs.steps[seq.request_id] = Step([token], text, reason, seq.index, logprobs)
+
+    @staticmethod
+    def _rest(seq: Sequence) -> str:
+        """The text still held back when the answer ends without a stop string: the detokenizer's
+        incomplete characters, and text that could have begun a stop string (up to one, if the
+        flushed characters complete it)."""
+        text, stopped = seq.stops.feed(seq.detokenizer.flush())
+        return text if stopped else text + seq.stops.flush()
 
     def _drop_cancelled(self) -> None:
         for seq in self._in_flight():
             if seq.cancelled and not seq.finished:
-                text = seq.detokenizer.flush()
+                text = self._rest(seq)
                 self.scheduler.finish(seq, "cancelled")
                 self._outputs.steps[seq.request_id] = Step([], text, "cancelled", seq.index,
                                                            None if seq.params.logprobs is None else TokenLogprobs())

@@ -33,26 +33,30 @@ from .scheduler import ScheduledSeq
 
 class PagedKVCache:
     """The KV pool: per layer k and v [num_blocks * block_size, Hkv, D]; token slot s of a
-    sequence lives at block_table[s // block_size] * block_size + s % block_size."""
+    sequence lives at block_table[s // block_size] * block_size + s % block_size. Hkv:
+    `num_kv_heads`, the KV heads this process holds (a tensor-parallel rank's; default all)."""
 
-    def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
-        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+    def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device,
+                 num_kv_heads: int | None = None):
+        shape = (num_blocks * block_size, num_kv_heads or cfg.num_key_value_heads, cfg.head_dim)
         # empty, not zeros: untouched pages cost nothing until a block is used
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
-    def copy_block(self, src: int, dst: int, tokens: int) -> None:
-        """Copy the KV of the first `tokens` slots of block `src` into block `dst`, every layer
-        (a prompt's partial last block, for another choice of the request)."""
-        a, b = src * self.block_size, dst * self.block_size
-        for pool in (*self.k, *self.v):
-            pool[b:b + tokens].copy_(pool[a:a + tokens])
+    def copy_blocks(self, copies: tuple[tuple[int, int, int], ...]) -> None:
+        """For each (src, dst, tokens): copy the KV of the first `tokens` slots of block `src`
+        into block `dst`, every layer (a prompt's partial last block, for another choice of the
+        request: engine.py's fork)."""
+        for src, dst, tokens in copies:
+            a, b = src * self.block_size, dst * self.block_size
+            for pool in (*self.k, *self.v):
+                pool[b:b + tokens].copy_(pool[a:a + tokens])
 
     @staticmethod
-    def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * element
+        return 2 * cfg.num_hidden_layers * block_size * (num_kv_heads or cfg.num_key_value_heads) * cfg.head_dim * element
 
 
 @dataclass
@@ -133,11 +137,14 @@ class StepInputs:
     deepstack_embeds: torch.Tensor  # [L, Nv, H]
     logits_rows: torch.Tensor     # [Bs] int64: the rows whose logits are sampled
     attention: AttentionMetadata
+    # (src block, dst block, tokens) KV copies to make before the forward, on every rank (forks)
+    kv_copies: tuple[tuple[int, int, int], ...] = ()
 
     def to(self, device) -> "StepInputs":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return StepInputs(move(self.input_ids), move(self.positions), move(self.visual_index), move(self.visual_embeds),
-                          move(self.deepstack_embeds), move(self.logits_rows), self.attention.to(device))
+                          move(self.deepstack_embeds), move(self.logits_rows), self.attention.to(device),
+                          self.kv_copies)
 
 
 class ModelRunner:
@@ -150,6 +157,16 @@ class ModelRunner:
         self.ops = kernel_ops(kernels) if kernels != "torch" else None
         w = model.embed_tokens.weight
         self.device, self.dtype, self.hidden = w.device, w.dtype, w.shape[1]
+        self.pending_copies: list[tuple[int, int, int]] = []  # KV copies for the next step (forks)
+
+    def copy_before_next_step(self, src: int, dst: int, tokens: int) -> None:
+        """Copy the first `tokens` slots of KV block `src` into block `dst` at the start of the
+        next step's forward (with its inputs: on every rank of a tensor-parallel group)."""
+        self.pending_copies.append((src, dst, tokens))
+
+    def _take_copies(self) -> tuple[tuple[int, int, int], ...]:
+        copies, self.pending_copies = tuple(self.pending_copies), []
+        return copies
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         bs = self.kv.block_size
@@ -196,6 +213,7 @@ class ModelRunner:
                               else torch.empty(layers, 0, h, dtype=self.dtype)),
             logits_rows=torch.tensor(logits_rows, dtype=torch.int64),
             attention=attention,
+            kv_copies=self._take_copies(),
         )
 
     @staticmethod
@@ -237,6 +255,7 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; logits [Bs, V] fp32 of the sequences that sample, in batch order."""
         step = self.prepare(batch).to(self.device)
+        self.kv.copy_blocks(step.kv_copies)
         x = self.model.embed_rows(step.input_ids, step.visual_index, step.visual_embeds)
         cache = (PagedAttention(self.kv, step.attention) if self.ops is None
                  else KernelPagedAttention(self.kv, step.attention, self.ops))

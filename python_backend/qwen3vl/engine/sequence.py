@@ -15,6 +15,7 @@ from ..model.prompt import Prompt
 from .detokenize import IncrementalDetokenizer
 from .logprobs import TokenLogprobs
 from .sampling import SamplingParams
+from .stop import StopStrings
 
 
 class Status(enum.Enum):
@@ -81,6 +82,7 @@ class Sequence:
         # visual_rows_before[i]: how many visual tokens precede prompt token i ([T + 1]), so a
         # chunk [s, e) takes rows [visual_rows_before[s], visual_rows_before[e]) of the features.
         self.visual_rows_before = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
+        self.stops = StopStrings(self.params.stop)  # the answer's text, held back where a stop string may begin
 
     @property
     def prompt_len(self) -> int:

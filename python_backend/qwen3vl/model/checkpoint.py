@@ -20,11 +20,14 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 
 from ..kernels.fp8_reference import dequantize_block_fp8
+from ..parallel.shard import FP8_BLOCK as SCALE_BLOCK
+from ..parallel.shard import SKIP, Shard
 from .fp8 import fp8_pairs, read_quantization_config
 
 
@@ -64,7 +67,8 @@ def _print(line: str) -> None:
 
 
 def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch.dtype,
-                 device: str = "cpu", name: str = "", progress=_print) -> dict[str, torch.Tensor]:
+                 device: str = "cpu", name: str = "", progress=_print,
+                 select: Callable[[str, tuple[int, ...]], object] | None = None) -> dict[str, torch.Tensor]:
     """{name without its matched prefix: tensor} for every checkpoint tensor under `prefixes`,
     floating ones in `dtype` on `device`.
 
@@ -73,6 +77,12 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     then one cast. Raises ValueError (model/fp8.fp8_pairs, read_quantization_config) naming the
     tensor or field of an FP8 layout we do not run, before any tensor is read; ValueError when
     no tensor is under `prefixes`.
+
+    select(name, shape) (a tensor-parallel rank's; parallel/shard.py Shard.reads) says what to
+    read of each tensor: None (all of it), SKIP (nothing), or a list of index tuples read with
+    safetensors' get_slice and concatenated along the dimension they cut: a rank never holds
+    more of a tensor than its share. An FP8 weight's share is read on whole 128x128 scale blocks,
+    dequantized and cropped.
 
     Prints (`progress`) one line per shard with the bytes read so far out of the total, then
     once "<name>: loaded N GiB in S s" (N: the checkpoint's bytes read for these tensors)."""
@@ -90,24 +100,36 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     scale_of = {scale: weight for weight, scale in pairs.items()}
     total = sum(headers[shard][t]["data_offsets"][1] - headers[shard][t]["data_offsets"][0]
                 for shard, tensors in wanted.items() for t in tensors)
-    start, done, in_memory, out = time.perf_counter(), 0, 0, {}
-    pending: dict[str, torch.Tensor] = {}    # an FP8 weight or a scale whose partner is still unread
+    start, done, read, in_memory, out = time.perf_counter(), 0, 0, 0, {}
+    pending: dict[str, list[torch.Tensor]] = {}   # an FP8 weight or a scale whose partner is still unread
     for i, (shard, tensors) in enumerate(sorted(wanted.items()), 1):
         with safe_open(checkpoint / shard, "pt", device="cpu") as f:
             for tensor in tensors:
-                t = f.get_tensor(tensor)
                 done += headers[shard][tensor]["data_offsets"][1] - headers[shard][tensor]["data_offsets"][0]
                 weight = scale_of.get(tensor, tensor)
+                index = select(weight, tuple(header[weight]["shape"])) if select else None
+                if index == SKIP:
+                    continue
+                if weight in pairs and index is not None:
+                    index = [_block_cover(ix, tuple(header[weight]["shape"]), tensor != weight) for ix in index]
+                parts = [f.get_tensor(tensor)] if index is None else [f.get_slice(tensor)[ix] for ix in index]
+                read += sum(p.numel() * p.element_size() for p in parts)
                 if weight in pairs:
                     partner = pairs[weight] if tensor == weight else weight
                     if partner not in pending:
-                        pending[tensor] = t
+                        pending[tensor] = parts
                         continue
-                    q, s = (t, pending.pop(partner)) if tensor == weight else (pending.pop(partner), t)
+                    qs, ss = (parts, pending.pop(partner)) if tensor == weight else (pending.pop(partner), parts)
                     # on the device: the fp32 product of one tensor is the only extra memory
-                    t, tensor = dequantize_block_fp8(q.to(device), s.to(device), dtype), weight
-                elif t.is_floating_point():
-                    t = t.to(dtype)
+                    parts = [dequantize_block_fp8(q.to(device), s.to(device), dtype) for q, s in zip(qs, ss)]
+                    if index is not None:
+                        parts = [_crop(p, ix, tuple(header[weight]["shape"])) for p, ix in
+                                 zip(parts, select(weight, tuple(header[weight]["shape"])))]
+                    tensor = weight
+                elif parts[0].is_floating_point():
+                    parts = [p.to(dtype) for p in parts]
+                t = (parts[0] if len(parts) == 1 else
+                     torch.cat(parts, dim=Shard.split_dim(select(weight, tuple(header[weight]["shape"]))[0])))
                 t = t.to(device)
                 in_memory += t.numel() * t.element_size()
                 prefix = next(p for p in prefixes if tensor.startswith(p))
@@ -116,10 +138,36 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
                  f"{_gib(done)}/{_gib(total)} GiB ({100 * done / max(total, 1):.0f}%), "
                  f"{time.perf_counter() - start:.1f} s")
     fp8 = f", {len(pairs)} FP8 tensors dequantized" if pairs else ""
+    if select is not None:
+        fp8 += f"; this rank's shares: {_gib(read)} GiB read"
     progress(f"{name}: loaded {_gib(total)} GiB in {time.perf_counter() - start:.1f} s "
              f"({len(wanted)} of the checkpoint's shards, {len(out)} tensors{fp8}; {_gib(in_memory)} GiB as {dtype} "
              f"on {device})")
     return out
+
+
+def _block_cover(index: tuple[slice, ...], shape: tuple[int, ...], scale: bool) -> tuple[slice, ...]:
+    """`index` into an FP8 weight of `shape` widened, in its last two dims, to whole scale
+    blocks: the weight's rows/columns (scale False) or the scale's (True)."""
+    out = list(index)
+    for dim in (len(shape) - 2, len(shape) - 1):
+        s = index[dim]
+        if s == slice(None):
+            continue
+        first, end = s.start // SCALE_BLOCK, -(-s.stop // SCALE_BLOCK)
+        out[dim] = slice(first, end) if scale else slice(first * SCALE_BLOCK, min(shape[dim], end * SCALE_BLOCK))
+    return tuple(out)
+
+
+def _crop(t: torch.Tensor, index: tuple[slice, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    """A dequantized block cover (_block_cover) cut back to `index`."""
+    out = [slice(None)] * t.dim()
+    for dim in (len(shape) - 2, len(shape) - 1):
+        s = index[dim]
+        if s != slice(None):
+            base = (s.start // SCALE_BLOCK) * SCALE_BLOCK
+            out[dim] = slice(s.start - base, s.stop - base)
+    return t[tuple(out)].contiguous()
 
 
 def _quantization(checkpoint: Path, header: dict[str, dict]):

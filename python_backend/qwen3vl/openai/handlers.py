@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..client.responses import Chunk, Logprobs
-from .errors import APIError, unavailable
+from .errors import APIError, invalid, unavailable
 from .images import ImageLoader
-from .messages import to_chat
+from .messages import VideoRef, to_chat
 from .metrics import Metrics
 from .schemas import (
     ChatCompletion,
@@ -25,12 +25,12 @@ from .schemas import (
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    GenerationRequest,
     ResponseMessage,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
-from .stop import StopStrings
 from .triton import Ensemble, EnsembleRequest, Generation
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,14 @@ class Prepared:
     request: ChatCompletionRequest
     ensemble_request: EnsembleRequest
     image_params: list[str]
+    video_params: list[str] = field(default_factory=list)
+    shape: type | None = None  # the response bodies' maker (ChatShape; completions.CompletionShape)
 
 
 @dataclass
 class Piece:
-    """What one response of the model adds to a choice: text (stop strings applied), the
-    logprobs of its tokens (when asked for), and on the choice's last its finish reason."""
+    """What one response of the model adds to a choice: text, the logprobs of its tokens (when
+    asked for), and on the choice's last its finish reason."""
     index: int
     text: str
     logprobs: list[TokenLogprob] | None = None
@@ -57,7 +59,8 @@ class Piece:
 
 @dataclass
 class ChoiceState:
-    stops: StopStrings
+    """One choice of an answer: its finish reason once ended; its text and logprobs as a whole
+    answer collects them."""
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -75,13 +78,14 @@ def token_logprobs(logprobs: Logprobs) -> list[TokenLogprob]:
 
 
 class Answer:
-    """One request's answer as it arrives: its choices' pieces with stop strings applied, each
-    choice's `finish_reason`, and the token counts. Leaving it unfinished cancels the Triton
-    request."""
+    """One request's answer as it arrives: each choice's pieces (stop strings applied by the
+    model, which ends a choice at the token completing one), each choice's `finish_reason`,
+    and the token counts: the tokens the answer holds (every choice's), the same streamed or
+    not. Leaving it unfinished cancels the Triton request."""
 
-    def __init__(self, generation: Generation, stops: list[str], metrics: Metrics, choices: int = 1):
+    def __init__(self, generation: Generation, metrics: Metrics, choices: int = 1):
         self.generation, self.metrics = generation, metrics
-        self.choices = [ChoiceState(StopStrings(stops)) for _ in range(choices)]
+        self.choices = [ChoiceState() for _ in range(choices)]
         self.prompt_tokens = self.completion_tokens = 0
         self.reported = False  # the streamed response recorded its status
         self._first: Chunk | None = None
@@ -95,31 +99,29 @@ class Answer:
                 self.metrics.cancelled.labels("client_disconnected").inc()
             raise
 
+    @property
+    def finish_reason(self) -> str | None:
+        """Choice 0's (the only one unless n > 1)."""
+        return self.choices[0].finish_reason
+
     async def pieces(self) -> AsyncIterator[Piece]:
-        """Each choice's pieces as they arrive, ending with one that has its finish reason
-        (nothing empty: a piece has text, logprobs or the end)."""
+        """Each choice's pieces as they arrive, its last with its finish reason (no piece is
+        empty: it has text, logprobs or the end)."""
         piece, reason, left = self._first, "error", len(self.choices)
         try:
             while True:
-                choice = self.choices[piece.index]
+                self.completion_tokens += len(piece.token_ids)
                 self.prompt_tokens = piece.num_input_tokens or self.prompt_tokens
-                if choice.finish_reason is None:  # a choice a stop string ended: the rest is dropped
-                    self.completion_tokens += len(piece.token_ids)
-                    text, stopped = choice.stops.feed(piece.text)
-                    logprobs = token_logprobs(piece.logprobs) if piece.logprobs is not None else None
-                    end = None
-                    if stopped or piece.finish_reason:
-                        if piece.finish_reason == "cancelled" and not stopped:
-                            raise unavailable("the model cancelled the request (is the server shutting down?)")
-                        if stopped:
-                            reason = "stop_string"
-                        end = choice.finish_reason = "stop" if stopped else piece.finish_reason
-                        text += "" if stopped else choice.stops.flush()
-                        left -= 1
-                    if text or logprobs or end:
-                        yield Piece(piece.index, text, logprobs, end)
-                    if not left:
-                        return
+                logprobs = token_logprobs(piece.logprobs) if piece.logprobs is not None else None
+                if piece.finish_reason:
+                    if piece.finish_reason == "cancelled":
+                        raise unavailable("the model cancelled the request (is the server shutting down?)")
+                    self.choices[piece.index].finish_reason = piece.finish_reason
+                    left -= 1
+                if piece.text or logprobs or piece.finish_reason:
+                    yield Piece(piece.index, piece.text, logprobs, piece.finish_reason or None)
+                if not left:
+                    return
                 piece = await self.generation.__anext__()
         except BaseException as e:  # the client went away (cancelled), or an error
             if not isinstance(e, Exception):
@@ -140,65 +142,66 @@ class ChatHandler:
         self.ensemble, self.images, self.metrics = ensemble, images, metrics
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
 
+    def check_model(self, model: str) -> None:
+        """Raises the 404 for a model name this service does not serve."""
+        if model != self.model_name:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         """Raises APIError: 400 for the request's faults, 404 for another model's name."""
         req.check()
-        if req.model != self.model_name:
-            raise APIError(404, f"The model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+        self.check_model(req.model)
         chat = to_chat(req.messages)
+        video_fps = sampling_rate(chat.videos, req.processor_fps)
         images = await self.images.load_all(chat.images)
+        videos = await self.images.load_all(chat.videos, "video")
         ensemble_request = EnsembleRequest(
             text_input=chat.text_input(), images=images,
-            max_tokens=req.completion_limit or self.default_max_tokens,
-            temperature=req.temperature, top_p=req.top_p,
-            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed, logprobs=req.logprobs_wanted, n=req.n)
+            max_tokens=req.completion_limit or self.default_max_tokens, **sampling_fields(req),
+            videos=videos, video_fps=video_fps, **choice_fields(req))
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req, ensemble_request,
-                        [ref.param for ref in chat.images])
+                        [ref.param for ref in chat.images], [ref.param for ref in chat.videos])
 
     async def start(self, prepared: Prepared) -> Answer:
-        generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params)
-        answer = Answer(generation, prepared.request.stop_list, self.metrics, prepared.request.n or 1)
+        generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params,
+                                            prepared.video_params)
+        answer = Answer(generation, self.metrics, prepared.request.n or 1)
         await answer.start()
         return answer
 
-    async def complete(self, prepared: Prepared) -> ChatCompletion:
+    def shape(self, prepared: Prepared):
+        return (prepared.shape or ChatShape)(prepared, self.model_name)
+
+    async def complete(self, prepared: Prepared):
+        """The whole answer's body (a ChatCompletion, or what the request's shape makes)."""
         answer = await self.start(prepared)
-        logprobs = prepared.request.logprobs
         async for piece in answer.pieces():
             choice = answer.choices[piece.index]
             choice.text.append(piece.text)
             choice.logprobs.extend(piece.logprobs or [])
         self._count(answer)
-        return ChatCompletion(id=prepared.id, created=prepared.created, model=self.model_name, usage=answer.usage,
-                              choices=[Choice(index=i, message=ResponseMessage(content="".join(c.text)),
-                                              finish_reason=c.finish_reason,
-                                              logprobs=ChoiceLogprobs(content=c.logprobs) if logprobs else None)
-                                       for i, c in enumerate(answer.choices)])
+        return self.shape(prepared).whole(answer)
 
     async def events(self, prepared: Prepared, answer: Answer, arrival: float) -> AsyncIterator[str]:
         """The server-sent events of a started answer; records the request's status when done."""
-        def chunk(delta: Delta, finish_reason=None, index: int = 0, logprobs=None) -> str:
-            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
-                                 logprobs=None if logprobs is None else ChoiceLogprobs(content=logprobs))
-            return _sse(ChatCompletionChunk(id=prepared.id, created=prepared.created, model=self.model_name,
-                                            choices=[choice]).model_dump_json())
-
+        shape = self.shape(prepared)
         status, first = 499, True  # 499: the client closed the connection first
         try:
             for index in range(len(answer.choices)):
-                yield chunk(Delta(role="assistant", content=""), index=index)
+                opening = shape.opening(index)
+                if opening is not None:
+                    yield _sse(opening.model_dump_json())
             async for piece in answer.pieces():
                 if piece.text or piece.logprobs:
-                    yield chunk(Delta(content=piece.text), index=piece.index, logprobs=piece.logprobs)
+                    yield _sse(shape.delta(piece.text, piece.index, piece.logprobs).model_dump_json())
                     if first and piece.text:
                         self.metrics.ttft.observe(time.perf_counter() - arrival)
                         first = False
                 if piece.finish_reason:
-                    yield chunk(Delta(), piece.finish_reason, piece.index)
+                    yield _sse(shape.finish(piece.finish_reason, piece.index).model_dump_json())
             if prepared.request.include_usage:
-                yield _sse(ChatCompletionChunk(id=prepared.id, created=prepared.created, model=self.model_name,
-                                               choices=[], usage=answer.usage).model_dump_json())
+                yield _sse(shape.usage(answer.usage).model_dump_json())
             self._count(answer)
             status = 200
         except APIError as e:
@@ -224,6 +227,67 @@ class ChatHandler:
     def _count(self, answer: Answer) -> None:
         self.metrics.prompt_tokens.inc(answer.prompt_tokens)
         self.metrics.completion_tokens.inc(answer.completion_tokens)
+
+
+class ChatShape:
+    """A chat completion's bodies: `chat.completion`, and the `chat.completion.chunk` events (per
+    choice: the role first, content deltas with their logprobs, the finish reason; then the
+    usage)."""
+
+    def __init__(self, prepared: Prepared, model: str):
+        self.head = {"id": prepared.id, "created": prepared.created, "model": model}
+        self.logprobs = bool(prepared.request.logprobs)
+
+    def whole(self, answer: Answer) -> ChatCompletion:
+        return ChatCompletion(**self.head, usage=answer.usage, choices=[
+            Choice(index=i, message=ResponseMessage(content="".join(c.text)), finish_reason=c.finish_reason,
+                   logprobs=ChoiceLogprobs(content=c.logprobs) if self.logprobs else None)
+            for i, c in enumerate(answer.choices)])
+
+    def chunk(self, delta: Delta, finish_reason=None, index: int = 0, logprobs=None) -> ChatCompletionChunk:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                             logprobs=None if logprobs is None else ChoiceLogprobs(content=logprobs))
+        return ChatCompletionChunk(**self.head, choices=[choice])
+
+    def opening(self, index: int = 0) -> ChatCompletionChunk:
+        return self.chunk(Delta(role="assistant", content=""), index=index)
+
+    def delta(self, text: str, index: int = 0, logprobs: list[TokenLogprob] | None = None) -> ChatCompletionChunk:
+        return self.chunk(Delta(content=text), index=index, logprobs=logprobs)
+
+    def finish(self, finish_reason: str, index: int = 0) -> ChatCompletionChunk:
+        return self.chunk(Delta(), finish_reason, index)
+
+    def usage(self, usage: Usage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.head, choices=[], usage=usage)
+
+
+def sampling_fields(req: GenerationRequest) -> dict:
+    """The EnsembleRequest fields of a request's sampling and stop strings (chat and text
+    completions alike)."""
+    return {"temperature": req.temperature, "top_p": req.top_p, "top_k": 0 if req.top_k == -1 else req.top_k,
+            "seed": req.seed, "stop": req.stop_list}
+
+
+def choice_fields(req: ChatCompletionRequest) -> dict:
+    """The EnsembleRequest fields of a chat request's choices and logprobs."""
+    return {"logprobs": req.logprobs_wanted, "n": req.n}
+
+
+def sampling_rate(videos: list[VideoRef], request_fps: float | None) -> float | None:
+    """The one video sampling rate of a request (the ensemble's video_fps is per request): the
+    parts' `fps` and `mm_processor_kwargs.fps` must agree. None: the server's. Raises APIError
+    (400) naming the part that disagrees."""
+    rate, source = request_fps, "mm_processor_kwargs.fps"
+    for ref in videos:
+        if ref.fps is None:
+            continue
+        param = ref.param.removesuffix(".url") + ".fps"
+        if rate is not None and ref.fps != rate:
+            raise invalid(f"{param}: {ref.fps:g} frames per second, but {source} is {rate:g}: the videos of one "
+                          "request are sampled at one rate", param)
+        rate, source = ref.fps, param
+    return rate
 
 
 def _sse(data: str) -> str:
