@@ -417,3 +417,27 @@ def chat_body(**fields) -> dict:
 ], ids=["n-0", "n-9", "top-21", "top-negative", "top-without-logprobs", "top-with-logprobs-false"])
 def test_bad_n_and_top_logprobs_get_400_naming_the_field(api, body, param, words):
     assert_openai_error(api.post(body), 400, param, param, words)
+
+
+def test_choices_on_two_tensor_parallel_ranks_equal_one_process(parts):
+    """The partial prompt block each choice copies is copied on every rank (rank 1 holds its own
+    share of the KV pool): two ranks give one process's choices and logprobs."""
+    from qwen3vl.parallel.engine import parallel_engine
+
+    config, encoder = parts
+    features = encoder.encode([[IMAGE]])[0]
+    prompt_len = len(new_engine(config).prepare(QUESTION, features).input_ids)
+    bs = next(b for b in range(5, 64) if prompt_len % b)
+    settings = dict(kv_cache_mb=16, block_size=bs)
+    params = dict(max_tokens=6, temperature=1.0, seed=21, n=3, logprobs=0)
+    one = run(Engine.from_checkpoint(config, ServingConfig(**settings)), QUESTION, features, **params)
+    engine, group = parallel_engine(config, ServingConfig(**settings, tensor_parallel_size=2))
+    try:
+        two = run(engine, QUESTION, features, **params)
+    finally:
+        group.stop()
+    assert sorted(two) == [0, 1, 2]
+    for i in range(3):
+        assert ids(two[i]) == ids(one[i])
+        assert [x for s in two[i] for x in s.logprobs.logprobs] == pytest.approx(
+            [x for s in one[i] for x in s.logprobs.logprobs], abs=1e-4)
