@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from .. import contract
 from ..engine.engine import Engine, PrefillReport
 from ..engine.sequence import Sequence, Step
+from ..engine.structured import StructuredOutputs
 from ..engine.worker import EngineLoop
 from ..errors import InvalidInput, NotFound
 from ..features import VisualFeatures
@@ -188,9 +190,27 @@ class LanguageService:
             seed=scalar(pb, request, contract.SEED, int),
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
         )
-        seq = self.engine.new_sequence(text, self._features(request), params)
+        structured = scalar(pb, request, contract.STRUCTURED_OUTPUTS, str)
+        seq = self.engine.new_sequence(text, self._features(request), params,
+                                       structured=StructuredOutputs.parse(structured) if structured else None,
+                                       tools=self._tools(request))
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         return seq
+
+    def _tools(self, request) -> list | None:
+        """The `tools` input: a JSON list of OpenAI function definitions, or None. Raises
+        InvalidInput naming what is wrong."""
+        text = scalar(self.pb, request, contract.TOOLS, str)
+        if not text:
+            return None
+        try:
+            tools = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InvalidInput(f"{contract.TOOLS} is not valid JSON: {e}") from None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise InvalidInput(f"{contract.TOOLS} must be a JSON list of tool objects "
+                               "({\"type\": \"function\", \"function\": {...}})")
+        return tools or None
 
     def _features(self, request) -> VisualFeatures:
         grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)
