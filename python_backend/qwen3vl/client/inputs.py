@@ -95,5 +95,8 @@ def generate_body(prompt: str, images: list[bytes] = (), stream: bool = False, v
         body[contract.IMAGES] = ["data:image;base64," + base64.b64encode(b).decode() for b in images]
     if videos:
         body[contract.VIDEOS] = ["data:video;base64," + base64.b64encode(b).decode() for b in videos]
+    for name in (contract.STRUCTURED_OUTPUTS, contract.TOOLS):  # BYTES inputs: JSON text
+        if params.get(name) is not None and not isinstance(params[name], str):
+            params[name] = json.dumps(params[name], ensure_ascii=False)
     body.update({k: v for k, v in params.items() if v is not None})
     return body

@@ -101,6 +101,41 @@ class StructuredOutputs:
         return cls(kind, value)
 
 
+# What a JSON string may hold unescaped (RFC 8259: no quote, backslash or control character).
+_STRING_CHARACTER = '[^\\x00-\\x1f"\\\\]'
+# Schema keywords whose values are data, not schemas.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "required"})
+
+
+def json_safe_schema(schema):
+    """`schema` with every string bounded by minLength/maxLength (and without its own pattern
+    or format) given the equivalent `pattern` instead. xgrammar 0.2.8 (and 0.2.9) compiles a
+    length-bounded string to characters `[^"\\\r\n]`, which lets raw control characters
+    (U+0000-U+001F) into it: not valid JSON, and a random model writes them. The pattern keeps the
+    bounds and JSON's character rule (no escapes inside such a string)."""
+    if isinstance(schema, list):
+        return [json_safe_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in _DATA_KEYWORDS else json_safe_schema(v)) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and "pattern" not in out and "format" not in out:
+        low, high = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        out["pattern"] = f"^{_STRING_CHARACTER}{{{low},{'' if high is None else int(high)}}}$"
+    return out
+
+
+def _json_safe_tag(tag):
+    """A structural tag with the JSON schemas of its json_schema formats made json-safe."""
+    if isinstance(tag, list):
+        return [_json_safe_tag(t) for t in tag]
+    if not isinstance(tag, dict):
+        return tag
+    if tag.get("type") == "json_schema" and "json_schema" in tag:
+        return {**tag, "json_schema": json_safe_schema(tag["json_schema"])}
+    return {k: _json_safe_tag(v) for k, v in tag.items()}
+
+
 @dataclass(eq=False)
 class GrammarState:
     """A sequence's grammar: its compile (a future) until it is ready, then its matcher."""
@@ -193,7 +228,8 @@ class GrammarCompiler:
         try:
             # JSON compact (`{"a": 1, "b": [2]}`): no free whitespace, which a model could emit forever
             if spec.kind == "json":
-                return compiler.compile_json_schema(spec.spec, any_whitespace=False)
+                return compiler.compile_json_schema(json.dumps(json_safe_schema(json.loads(spec.spec))),
+                                                    any_whitespace=False)
             if spec.kind == "json_object":
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if spec.kind == "regex":
@@ -204,7 +240,7 @@ class GrammarCompiler:
                                                                          for c in choices))
             if spec.kind == "grammar":
                 return compiler.compile_grammar(spec.spec)
-            return compiler.compile_structural_tag(spec.spec)
+            return compiler.compile_structural_tag(json.dumps(_json_safe_tag(json.loads(spec.spec))))
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError, ValueError and its own
             what = {"json": "the JSON schema", "regex": "the regex", "grammar": "the EBNF grammar",
                     "structural_tag": "the structural tag"}.get(spec.kind, "the constraint")

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..client.responses import Chunk
-from .errors import APIError, unavailable
+from .errors import APIError, invalid, unavailable
 from .images import ImageLoader
 from .messages import to_chat
 from .metrics import Metrics
@@ -28,6 +28,14 @@ from .schemas import (
     Usage,
 )
 from .stop import StopStrings
+from .structured import (
+    ToolCallParser,
+    forced_tools,
+    parse_tool_calls,
+    parse_tools,
+    response_format_constraint,
+    tool_call_grammar,
+)
 from .triton import Ensemble, EnsembleRequest, Generation
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ class Prepared:
     request: ChatCompletionRequest
     ensemble_request: EnsembleRequest
     image_params: list[str]
+    tool_calls: bool = False  # the answer is parsed for tool calls (tools given, tool_choice not none)
 
 
 class Answer:
@@ -108,14 +117,36 @@ class ChatHandler:
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
         chat = to_chat(req.messages)
+        tools = parse_tools(req.tools)
+        constraint = self._constraint(req, tools)
         images = await self.images.load_all(chat.images)
         ensemble_request = EnsembleRequest(
             text_input=chat.text_input(), images=images,
             max_tokens=req.completion_limit or self.default_max_tokens,
             temperature=req.temperature, top_p=req.top_p,
-            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed)
+            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed,
+            structured_outputs=constraint, tools=req.tools or None)
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req, ensemble_request,
-                        [ref.param for ref in chat.images])
+                        [ref.param for ref in chat.images], tool_calls=bool(tools) and req.tool_choice != "none")
+
+    @staticmethod
+    def _constraint(req: ChatCompletionRequest, tools) -> dict | None:
+        """The grammar the answer must follow (structured_outputs), from tool_choice required or
+        named, response_format, or the structured_outputs extension: one of them at most."""
+        given = []
+        forced = forced_tools(tools, req.tool_choice)
+        if forced is not None:
+            given.append(("tool_choice", {"structural_tag": tool_call_grammar(forced, req.parallel_tool_calls
+                                                                              is not False)}))
+        fmt = response_format_constraint(req.response_format)
+        if fmt is not None:
+            given.append(("response_format", fmt))
+        if req.structured_outputs is not None:
+            given.append(("structured_outputs", req.structured_outputs))
+        if len(given) > 1:
+            names = " and ".join(name for name, _ in given)
+            raise invalid(f"{names}: each constrains the whole answer; give one of them", given[1][0])
+        return given[0][1] if given else None
 
     async def start(self, prepared: Prepared) -> Answer:
         generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params)
@@ -127,9 +158,14 @@ class ChatHandler:
         answer = await self.start(prepared)
         text = "".join([delta async for delta in answer.deltas()])
         self._count(answer)
+        message, reason = ResponseMessage(content=text), answer.finish_reason
+        if prepared.tool_calls:
+            content, calls = parse_tool_calls(text)
+            if calls:
+                message = ResponseMessage(content=content, tool_calls=[c.as_openai() for c in calls])
+                reason = "tool_calls" if reason == "stop" else reason
         return ChatCompletion(id=prepared.id, created=prepared.created, model=self.model_name, usage=answer.usage,
-                              choices=[Choice(message=ResponseMessage(content=text),
-                                              finish_reason=answer.finish_reason)])
+                              choices=[Choice(message=message, finish_reason=reason)])
 
     async def events(self, prepared: Prepared, answer: Answer, arrival: float) -> AsyncIterator[str]:
         """The server-sent events of a started answer; records the request's status when done."""
@@ -139,14 +175,21 @@ class ChatHandler:
                         .model_dump_json())
 
         status, first = 499, True  # 499: the client closed the connection first
+        parser = ToolCallParser() if prepared.tool_calls else None
         try:
             yield chunk(Delta(role="assistant", content=""))
             async for text in answer.deltas():
-                yield chunk(Delta(content=text))
+                for delta in (_tool_deltas(parser.feed(text), parser) if parser else [Delta(content=text)]):
+                    yield chunk(delta)
                 if first:
                     self.metrics.ttft.observe(time.perf_counter() - arrival)
                     first = False
-            yield chunk(Delta(), answer.finish_reason)
+            reason = answer.finish_reason
+            if parser is not None:
+                for delta in _tool_deltas(parser.finish(), parser):
+                    yield chunk(delta)
+                reason = "tool_calls" if parser.calls and reason == "stop" else reason
+            yield chunk(Delta(), reason)
             if prepared.request.include_usage:
                 yield _sse(ChatCompletionChunk(id=prepared.id, created=prepared.created, model=self.model_name,
                                                choices=[], usage=answer.usage).model_dump_json())
@@ -175,6 +218,21 @@ class ChatHandler:
     def _count(self, answer: Answer) -> None:
         self.metrics.prompt_tokens.inc(answer.prompt_tokens)
         self.metrics.completion_tokens.inc(answer.completion_tokens)
+
+
+def _tool_deltas(events: list[tuple], parser: ToolCallParser) -> list[Delta]:
+    """A parser's events as deltas: content as it is; a tool call as OpenAI streams one, its
+    id, type and name first (arguments ""), then its arguments."""
+    out, index = [], parser.calls - sum(1 for kind, _ in events if kind == "tool_call")
+    for kind, value in events:
+        if kind == "content":
+            out.append(Delta(content=value))
+            continue
+        out.append(Delta(tool_calls=[{"index": index, "id": value.id, "type": "function",
+                                      "function": {"name": value.name, "arguments": ""}}]))
+        out.append(Delta(tool_calls=[{"index": index, "function": {"arguments": value.arguments}}]))
+        index += 1
+    return out
 
 
 def _sse(data: str) -> str:

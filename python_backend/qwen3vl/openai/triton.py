@@ -31,12 +31,15 @@ class EnsembleRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None  # UINT64 on the wire: a negative seed wraps around (two's complement)
+    structured_outputs: dict | None = None  # vLLM's object (engine/structured.py), None: free text
+    tools: list | None = None               # OpenAI's tools, for the chat template
 
 
 def ensemble_inputs(req: EnsembleRequest) -> list[grpcclient.InferInput]:
     """The request's tensors, always streamed (see the module docstring)."""
     return build_inputs(grpcclient, req.text_input, req.images, max_tokens=req.max_tokens,
-                        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=True)
+                        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=True,
+                        structured_outputs=req.structured_outputs, tools=req.tools)
 
 
 class Ensemble:
