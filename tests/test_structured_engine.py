@@ -142,10 +142,10 @@ def test_grammars_compile_off_the_engine_thread_once_per_text(engine, monkeypatc
 
     monkeypatch.setattr(type(engine.grammars), "_compile", recording)
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    # the same schema written with its keys in another order is the same grammar
-    again = {"required": ["ok"], "properties": {"ok": {"type": "boolean"}}, "type": "object"}
+    # the same schema, written with other whitespace, is the same grammar
+    again = json.loads(json.dumps(schema, indent=4))
     got = run(engine, [("A", {"max_tokens": 12}, structured(json=schema)),
-                       ("B", {"max_tokens": 12}, structured(json=again))])
+                       ("B", {"max_tokens": 12}, StructuredOutputs.parse(json.dumps({"json": again}, indent=2)))])
     assert [json.loads(text_of(engine, ids)) for ids in got] and len(compiled_on) == 1
     assert compiled_on[0].startswith("qwen3vl-grammar") and compiled_on[0] != threading.current_thread().name
 
@@ -165,10 +165,31 @@ def test_the_mask_equals_a_slow_reference(engine):
     vocab = engine.config.text.vocab_size
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
     before = logits.clone()
-    assert engine.grammars.mask(logits, [None, state, None]) == {}
+    with torch.inference_mode():  # as in a step
+        assert engine.grammars.mask(logits, [None, state, None]) == {}
     bits = engine.grammars._bitmask[1]  # noqa: SLF001 - the row the step filled
+    # the kernel applies what the row holds: the grammar's tokens that keep the bytes valid UTF-8
     allowed = torch.tensor([(int(bits[j // 32]) >> (j % 32)) & 1 for j in range(vocab)], dtype=torch.bool)
     assert allowed.any() and not allowed.all()
     assert torch.equal(logits[1][allowed], before[1][allowed])
     assert bool((logits[1][~allowed] == float("-inf")).all())
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+
+
+def test_the_utf8_guard_allows_only_bytes_that_continue_valid_utf8():
+    """xgrammar reads an overlong form (E0 96 AD) as a character; the guard keeps such bytes out."""
+    from qwen3vl.engine.structured import Utf8Guard
+
+    tokens = [b"a", b"\xe0", b"\xe0\xa4", b"\x96", b"\xa4", b"\xc3\xa9", b"\xc0", b"\xff", b"<|x|>", b"\xc3"]
+    guard = Utf8Guard(tokens, 40)
+
+    def allowed(state: int) -> set[bytes]:
+        bits = guard.masks[state].tolist()
+        return {t for i, t in enumerate(tokens) if (bits[i // 32] >> (i % 32)) & 1}
+
+    # a lone E0 may not end a token (its next byte decides overlong or not), C0 and FF never come
+    assert allowed(0) == {b"a", b"\xe0\xa4", b"\xc3\xa9", b"<|x|>", b"\xc3"}
+    middle = guard.after(0, tokens.index(b"\xe0\xa4"))
+    assert middle != 0 and allowed(middle) == {b"\x96", b"\xa4"}  # only continuation bytes
+    assert guard.after(middle, tokens.index(b"\xa4")) == 0
+    assert not any(int(w) for w in guard.masks[:, 1:].flatten())  # padded ids never

@@ -31,6 +31,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from cachetools import LRUCache
 
@@ -45,8 +46,9 @@ COMPILE_THREADS = 1
 
 @dataclass(frozen=True)
 class StructuredOutputs:
-    """One request's constraint: `kind` (one of KINDS) and its canonical text (a JSON schema
-    dumped with sorted keys, the regex, the EBNF, the choices as a JSON list, ...): the cache key."""
+    """One request's constraint: `kind` (one of KINDS) and its text (a JSON schema re-dumped
+    compact, keys in their order: a schema's properties are written in the order it gives them;
+    the regex, the EBNF, the choices as a JSON list, ...): the cache key."""
     kind: str
     spec: str
 
@@ -78,7 +80,7 @@ class StructuredOutputs:
                     raise InvalidInput(f"structured_outputs.json: the schema is not valid JSON: {e}") from None
             if not isinstance(value, (dict, bool)):
                 raise InvalidInput("structured_outputs.json: a JSON schema must be an object (or true/false)")
-            return cls(kind, json.dumps(value, sort_keys=True, ensure_ascii=False))
+            return cls(kind, json.dumps(value, ensure_ascii=False))
         if kind == "json_object":
             if value is not True:
                 raise InvalidInput("structured_outputs.json_object: must be true")
@@ -95,7 +97,7 @@ class StructuredOutputs:
                     raise InvalidInput(f"structured_outputs.structural_tag: not valid JSON: {e}") from None
             if not isinstance(value, dict):
                 raise InvalidInput("structured_outputs.structural_tag: must be a JSON object")
-            return cls(kind, json.dumps(value, sort_keys=True, ensure_ascii=False))
+            return cls(kind, json.dumps(value, ensure_ascii=False))
         if not isinstance(value, str) or not value:
             raise InvalidInput(f"structured_outputs.{kind}: must be a non-empty string")
         return cls(kind, value)
@@ -136,6 +138,76 @@ def _json_safe_tag(tag):
     return {k: _json_safe_tag(v) for k, v in tag.items()}
 
 
+# UTF-8 decoding states (RFC 3629's table): continuation bytes still needed, and the range the
+# next one must be in. The first byte after E0, ED, F0 and F4 has a narrower range: that is what
+# rules out overlong forms and surrogates.
+_UTF8_START = (0, 0, 0)
+_UTF8_STATES = [_UTF8_START, (1, 0x80, 0xBF), (2, 0x80, 0xBF), (2, 0xA0, 0xBF), (2, 0x80, 0x9F),
+                (3, 0x80, 0xBF), (3, 0x90, 0xBF), (3, 0x80, 0x8F)]
+_UTF8_INDEX = {state: i for i, state in enumerate(_UTF8_STATES)}
+# The states right after E0, ED, F0 or F4: a token may not end in one (see Utf8Guard).
+_UTF8_NARROW = {(2, 0xA0, 0xBF), (2, 0x80, 0x9F), (3, 0x90, 0xBF), (3, 0x80, 0x8F)}
+
+
+def _utf8_step(state: tuple[int, int, int], byte: int) -> tuple[int, int, int] | None:
+    """The state after `byte`, or None when it cannot come next in valid UTF-8."""
+    need, low, high = state
+    if need:
+        return None if not low <= byte <= high else ((need - 1, 0x80, 0xBF) if need > 1 else _UTF8_START)
+    if byte < 0x80:
+        return _UTF8_START
+    if 0xC2 <= byte <= 0xDF:
+        return (1, 0x80, 0xBF)
+    if 0xE0 <= byte <= 0xEF:
+        return {0xE0: (2, 0xA0, 0xBF), 0xED: (2, 0x80, 0x9F)}.get(byte, (2, 0x80, 0xBF))
+    if 0xF0 <= byte <= 0xF4:
+        return {0xF0: (3, 0x90, 0xBF), 0xF4: (3, 0x80, 0x8F)}.get(byte, (3, 0x80, 0xBF))
+    return None
+
+
+class Utf8Guard:
+    """Which tokens keep a constrained answer valid UTF-8, by the decoding state its bytes so
+    far leave. xgrammar 0.2.8 decodes UTF-8 leniently: it takes an overlong form (E0 96 AD) as the
+    character it spells (U+05AD), so a grammar that allows that character lets the model write
+    bytes that are no text at all (the detokenizer's U+FFFD, three of them where the schema allowed
+    one character). Byte-level vocabularies hold every byte, so a random model does write them.
+
+    So a token is allowed only where its bytes continue valid UTF-8, and only if it does not end
+    right after a lead byte E0, ED, F0 or F4: the byte after those is the one the lenient decoding
+    gets wrong, so it must come in the same token as its lead byte, where the grammar sees both
+    (a model could otherwise pick E0 where the grammar's only ways on are overlong: a dead end).
+    Characters of those lead bytes need such a token in the vocabulary (byte-level BPE
+    vocabularies merge them: Qwen's has them for the scripts and emoji it writes).
+
+    `token_bytes[i]`: token i's bytes (xgrammar's TokenizerInfo.decoded_vocab); `vocab_size`:
+    the logits' width. `masks` [8, ceil(V / 32)] int32: xgrammar's bitmask layout, one row per
+    state. A token of no bytes (a special token) is allowed only between characters."""
+
+    def __init__(self, token_bytes: list[bytes], vocab_size: int):
+        allowed = np.zeros((len(_UTF8_STATES), vocab_size), dtype=bool)
+        self.next_state = np.zeros((len(_UTF8_STATES), vocab_size), dtype=np.int8)
+        for token, data in enumerate(token_bytes[:vocab_size]):
+            for index, state in enumerate(_UTF8_STATES):
+                if index and (not data or data[0] < 0x80 or data[0] > 0xBF):
+                    continue  # a character is unfinished: only a continuation byte may come
+                for byte in data:
+                    state = _utf8_step(state, byte)
+                    if state is None:
+                        break
+                else:
+                    if state not in _UTF8_NARROW:
+                        allowed[index, token] = True
+                        self.next_state[index, token] = _UTF8_INDEX[state]
+        words = -(-vocab_size // 32)
+        padded = np.zeros((len(_UTF8_STATES), words * 32), dtype=np.int64)
+        padded[:, :vocab_size] = allowed
+        packed = (padded.reshape(len(_UTF8_STATES), words, 32) << np.arange(32, dtype=np.int64)).sum(-1)
+        self.masks = torch.from_numpy(packed.astype(np.uint32).view(np.int32))
+
+    def after(self, state: int, token: int) -> int:
+        return int(self.next_state[state, token]) if 0 <= token < self.next_state.shape[1] else state
+
+
 @dataclass(eq=False)
 class GrammarState:
     """A sequence's grammar: its compile (a future) until it is ready, then its matcher."""
@@ -143,6 +215,8 @@ class GrammarState:
     compiled: Future
     matcher: object | None = None  # xgrammar.GrammarMatcher once the compile is done
     error: Exception | None = None
+    utf8_state: int = 0  # where its bytes so far leave UTF-8 decoding (Utf8Guard)
+    guard: Utf8Guard | None = None
 
     @property
     def ready(self) -> bool:
@@ -157,7 +231,8 @@ class GrammarState:
         try:
             import xgrammar as xgr
 
-            self.matcher = xgr.GrammarMatcher(self.compiled.result())
+            compiled, self.guard = self.compiled.result()
+            self.matcher = xgr.GrammarMatcher(compiled)
         except InvalidInput as e:
             self.error = e
         except Exception as e:  # noqa: BLE001 - whatever the library raised, this request fails alone
@@ -168,6 +243,7 @@ class GrammarState:
         """Advance the matcher by the sampled token; an error (the request's) if the grammar
         rejects it, which the mask makes impossible unless something is wrong."""
         if self.matcher.accept_token(token):
+            self.utf8_state = self.guard.after(self.utf8_state, token)
             return None
         return InvalidInput(f"structured_outputs.{self.spec.kind}: the grammar rejected sampled token {token}")
 
@@ -194,6 +270,7 @@ class GrammarCompiler:
     _compiler: object = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _bitmask: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _guard: Utf8Guard | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self._cache = LRUCache(self.cache_size)
@@ -220,11 +297,17 @@ class GrammarCompiler:
                                                           stop_token_ids=sorted(self.stop_ids))
                 # our own LRU holds the results; xgrammar's cache would keep a second copy
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+                self._guard = Utf8Guard(info.decoded_vocab, self.vocab_size)
             return self._compiler
 
     def _compile(self, spec: StructuredOutputs):
-        """The compiled grammar. Raises InvalidInput naming the request's problem."""
+        """(The compiled grammar, the UTF-8 guard). Raises InvalidInput naming the request's
+        problem."""
         compiler = self._xgrammar_compiler()
+        return self._compile_with(compiler, spec), self._guard
+
+    @staticmethod
+    def _compile_with(compiler, spec: StructuredOutputs):
         try:
             # JSON compact (`{"a": 1, "b": [2]}`): no free whitespace, which a model could emit forever
             if spec.kind == "json":
@@ -261,6 +344,9 @@ class GrammarCompiler:
         bitmask = self._bitmask[:len(grammars)]
         for i in rows:
             grammars[i].matcher.fill_next_token_bitmask(bitmask, i)
+        guard = grammars[rows[0]].guard
+        states = torch.tensor([grammars[i].utf8_state for i in rows])
+        bitmask[rows] = bitmask[rows] & guard.masks[states]
         allows = (bitmask[rows] != 0).any(dim=1).tolist()
         failed = {i: InvalidInput(f"structured_outputs.{grammars[i].spec.kind}: the grammar allows no token "
                                   "here (nothing the tokenizer can write continues it)")

@@ -136,8 +136,8 @@ class ChatHandler:
         given = []
         forced = forced_tools(tools, req.tool_choice)
         if forced is not None:
-            given.append(("tool_choice", {"structural_tag": tool_call_grammar(forced, req.parallel_tool_calls
-                                                                              is not False)}))
+            parallel = req.tool_choice == "required" and req.parallel_tool_calls is not False
+            given.append(("tool_choice", {"structural_tag": tool_call_grammar(forced, parallel)}))
         fmt = response_format_constraint(req.response_format)
         if fmt is not None:
             given.append(("response_format", fmt))

@@ -86,7 +86,7 @@ def forced_tools(tools: list[Tool], tool_choice) -> list[Tool] | None:
 def tool_call_grammar(tools: list[Tool], parallel: bool = True) -> dict:
     """The structural tag (xgrammar) of Qwen3's tool-call blocks for `tools`: one or more blocks
     separated by a newline (exactly one when not `parallel`), each call's arguments held to its
-    tool's `parameters`."""
+    tool's `parameters`. A named tool_choice passes its one tool and parallel=False: one call."""
     tags = [{"type": "tag", "begin": _CALL_PREFIX + t.name + _ARGUMENTS_PREFIX,
              "content": {"type": "json_schema", "json_schema": t.parameters,
                          "max_whitespace_cnt": MAX_ARGUMENT_WHITESPACE},
