@@ -11,7 +11,9 @@ no answer completes inside `--tokens` and both batches decode the same number of
 grammar is compiled (and cached) in a warm-up round first. Decode tokens/s counts the tokens
 generated after every sequence of the batch has its first one (prefill excluded). The cost per
 step is the mask fill per constrained row (xgrammar's fill_next_token_bitmask, serial on the
-engine thread), the UTF-8 guard, the bitmask's application and the matcher's advance.
+engine thread), the UTF-8 guard, the bitmask's application and the matcher's advance; that
+work is also timed inside the constrained steps themselves (`grammar_share_of_step`), which a
+loaded machine disturbs less than the two rates.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python_backend"))
 
 from qwen3vl.engine.engine import Engine  # noqa: E402
-from qwen3vl.engine.structured import StructuredOutputs  # noqa: E402
+from qwen3vl.engine.structured import GrammarState, StructuredOutputs  # noqa: E402
 from qwen3vl.features import VisualFeatures  # noqa: E402
 from qwen3vl.model.config import ModelConfig  # noqa: E402
 from qwen3vl.settings import ServingConfig  # noqa: E402
@@ -38,7 +40,28 @@ SCHEMA = {"type": "object", "properties": {"items": {
     "type": "array", "minItems": 400, "items": {"enum": ["red", "green", "blue"]}}}, "required": ["items"]}
 
 
-def decode_rate(engine: Engine, batch: int, tokens: int, constrained: bool) -> tuple[float, int]:
+class GrammarClock:
+    """Seconds spent in the grammar's work (masks, the matchers' advance) and decode steps seen,
+    wrapped around the engine's own calls: the share of a step the grammar takes, measured in
+    the same steps (less sensitive to a loaded machine than two separate rates)."""
+
+    def __init__(self, engine: Engine):
+        self.seconds, self.steps, self.step_seconds = 0.0, 0, 0.0
+        engine.grammars.mask = self.timed(engine.grammars.mask)
+        GrammarState.accept = self.timed(GrammarState.accept)
+
+    def timed(self, fn):
+        def timed_fn(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed_fn
+
+
+def decode_rate(engine: Engine, batch: int, tokens: int, constrained: bool,
+                clock: GrammarClock | None = None) -> tuple[float, int]:
     """(decode tokens/s, decode tokens) of one batch run to `tokens` tokens each."""
     so = StructuredOutputs.parse(json.dumps({"json": SCHEMA})) if constrained else None
     params = engine.params(max_tokens=tokens, temperature=0.0, ignore_eos=not constrained)
@@ -48,7 +71,13 @@ def decode_rate(engine: Engine, batch: int, tokens: int, constrained: bool) -> t
         engine.add(seq)
     start, counted = None, 0
     while engine.has_work():
+        before, step_start = (clock.seconds if clock else 0.0), time.perf_counter()
         out = engine.step()
+        if clock is not None and start is not None:
+            clock.steps += 1
+            clock.step_seconds += time.perf_counter() - step_start
+        elif clock is not None:
+            clock.seconds = before  # prefill steps are not counted
         if out.failures:
             raise RuntimeError(f"a request failed: {next(iter(out.failures.values()))}")
         if start is None:
@@ -80,16 +109,22 @@ def main(argv=None) -> None:
         decode_rate(engine, args.batch, 8, True)  # warm-up: the grammar's compile, the first steps
         decode_rate(engine, args.batch, 8, False)
         rates: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
+        clock = GrammarClock(engine)
         for _ in range(args.rounds):
             for kind in rates:
-                rates[kind].append(decode_rate(engine, args.batch, args.tokens, kind == "constrained")[0])
+                constrained = kind == "constrained"
+                rates[kind].append(decode_rate(engine, args.batch, args.tokens, constrained,
+                                               clock if constrained else None)[0])
         engine.grammars.close()
     median = {kind: statistics.median(values) for kind, values in rates.items()}
     result = {"checkpoint": str(args.checkpoint or f"random {args.preset}"), "device": args.device,
               "batch": args.batch, "tokens": args.tokens, "rounds": args.rounds,
               "decode_tokens_per_s": {k: [round(v, 1) for v in vals] for k, vals in rates.items()},
               "median_tokens_per_s": {k: round(v, 1) for k, v in median.items()},
-              "ratio_constrained_over_unconstrained": round(median["constrained"] / median["unconstrained"], 3)}
+              "ratio_constrained_over_unconstrained": round(median["constrained"] / median["unconstrained"], 3),
+              "constrained_decode_step_ms": round(1000 * clock.step_seconds / clock.steps, 2),
+              "grammar_ms_per_step": round(1000 * clock.seconds / clock.steps, 3),
+              "grammar_share_of_step": round(clock.seconds / clock.step_seconds, 4)}
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
