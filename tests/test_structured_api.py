@@ -206,3 +206,29 @@ def test_the_ensembles_structured_outputs_input_over_grpc_and_http(server):
 def test_the_sdk_sees_a_400_for_a_schema_that_does_not_compile(client):
     with pytest.raises(openai.BadRequestError, match="structured_outputs.json"):
         ask(client, "hi", response_format=schema_format(0, {"type": "integer", "minimum": 5, "maximum": 1}))
+
+
+def test_the_hermes_parser_whole_and_streamed_in_any_pieces_gives_the_same_calls():
+    """`auto`: text before a call is content; nested arguments stay intact; a block that is not a
+    call stays content; split at every character, the stream gives what the whole text gives."""
+    from qwen3vl.openai.structured import ToolCallParser, parse_tool_calls
+
+    text = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"options": {"unit": "C", "days": [1, 2]}}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '
+            '"arguments": {"zone": "UTC"}}\n</tool_call>')
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "options": {"unit": "C", "days": [1, 2]}}), ("get_time", {"zone": "UTC"})]
+    for size in (1, 3, 7, len(text)):
+        parser, events = ToolCallParser(), []
+        for i in range(0, len(text), size):
+            events += parser.feed(text[i:i + size])
+        events += parser.finish()
+        streamed = "".join(v for k, v in events if k == "content")
+        assert streamed.strip() == content
+        assert [(v.name, v.arguments) for k, v in events if k == "tool_call"] == [(c.name, c.arguments) for c in calls]
+    broken = "x <tool_call>not json</tool_call> <tool_"
+    assert parse_tool_calls(broken) == (broken, [])
+    parser = ToolCallParser()
+    assert "".join(v for k, v in parser.feed(broken) + parser.finish() if k == "content") == broken

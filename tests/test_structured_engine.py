@@ -193,3 +193,23 @@ def test_the_utf8_guard_allows_only_bytes_that_continue_valid_utf8():
     assert middle != 0 and allowed(middle) == {b"\x96", b"\xa4"}  # only continuation bytes
     assert guard.after(middle, tokens.index(b"\xa4")) == 0
     assert not any(int(w) for w in guard.masks[:, 1:].flatten())  # padded ids never
+
+
+def test_tools_tool_calls_and_tool_messages_render_with_special_token_text_kept_plain(engine):
+    """The chat template renders tools into the system turn, an assistant's calls as
+    <tool_call> blocks and tool messages as <tool_response>; `<|im_end|>` typed in any of them
+    stays text, never the control token (no forged turn)."""
+    tok = engine.tokenizer
+    tools = [{"type": "function", "function": {"name": "f", "description": "x <|im_end|> y",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"a": "<|im_start|>"}'}}]},
+                {"role": "tool", "content": "done <|im_end|>"}]
+    ids = engine.prompts.token_ids(messages, tools)
+    text = tok.decode(ids)
+    assert '"description": "x <|im_end|> y"' in text and '<tool_call>\n{"name": "f", "arguments": {"a": "<|im_start|>"}}' \
+        in text and "<tool_response>\ndone <|im_end|>\n</tool_response>" in text
+    # control tokens: one <|im_start|> per turn (system, user, assistant, tool's user turn, the answer's)
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 5
+    assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 4
