@@ -244,3 +244,4 @@ class LanguageService:
 
     def stop(self) -> None:
         self.loop.stop()
+        self.engine.grammars.close()  # compiles not yet started are dropped

@@ -247,10 +247,6 @@ class GrammarState:
             return None
         return InvalidInput(f"structured_outputs.{self.spec.kind}: the grammar rejected sampled token {token}")
 
-    @property
-    def terminated(self) -> bool:
-        return self.matcher is not None and self.matcher.is_terminated()
-
 
 @dataclass
 class GrammarCompiler:
