@@ -68,7 +68,7 @@ def test_a_cancelled_stream_frees_its_slot_for_a_waiting_request(checkpoint):
     """With --max-num-seqs 2 and two long streams running, a third request waits; cancelling
     one stream lets it in within a step or so. The streams go to qwen3_language itself: Triton
     2.51 passes an ensemble request's cancellation down to the composing model only after a
-    lag (measured: about 250 more tokens on this model; README)."""
+    lag (measured: about 250 more tokens on this model; docs/api.md, Cancelling)."""
     import queue
 
     import tritonclient.grpc as grpcclient

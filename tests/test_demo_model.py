@@ -5,7 +5,7 @@ servers.
 
 The pictures are fixed (seeded) and decoding greedy, so each check gives the same result on a
 machine every time. The thresholds sit below what `qwen3vl-bench demo-accuracy` measured on 200
-questions per category (README, The demo checkpoint: colour 100 %, shape 100 %, count 97 %,
+questions per category (docs/demo-checkpoint.md: colour 100 %, shape 100 %, count 97 %,
 yes/no 100 %, describe 85.5 %, two pictures 67 %), leaving room for a few answers that float
 rounding on another CPU could flip; chance is 17 %, 33 %, 33 %, 50 %, ~0 % and 33 %.
 """
@@ -87,7 +87,7 @@ def test_the_deepstack_layers_reach_the_language_model(shapes_server, questions,
     by_question = {id(r.question): r.reply for r in aggregated}
     assert [r.reply for r in control] == [by_question[id(q)] for q in one_picture]
     # On 200 per category the zeroed layers cost 3 to 10 points on colour, count and describe
-    # (README); if they never reached the model, no answer would change.
+    # (docs/demo-checkpoint.md); if they never reached the model, no answer would change.
     changed = sum(a.reply != b.reply for a, b in zip(control, zeroed))
     assert changed >= len(one_picture) // 30, f"{changed} of {len(one_picture)} answers changed"
 

@@ -262,7 +262,7 @@ def test_disaggregated_compose_commands_parse_and_wire_encoders_to_the_language_
     assert sorted(language.encoder_urls) == sorted(f"{n}:{roles[n].grpc_port}" for n in encoders)
     for s in services.values():
         assert s["build"]["dockerfile"] == "docker/Dockerfile"
-    # One GPU per server, none shared: the language model runs on one device (README, Sizing).
+    # One GPU per server, none shared: the language model runs on one device (docs/operating.md, Sizing).
     gpus = [d["device_ids"] for n in roles for d in services[n]["deploy"]["resources"]["reservations"]["devices"]]
     assert all(len(ids) == 1 for ids in gpus) and len({i for ids in gpus for i in ids}) == len(gpus), gpus
 

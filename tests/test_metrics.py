@@ -166,7 +166,7 @@ def test_engine_gauges_are_exposed_and_settle_when_idle(server):
 
 
 def test_every_declared_metric_is_exposed(server):
-    """The tables (which the dashboard and the README are checked against) are what the server
+    """The tables (which the dashboard and docs/operating.md are checked against) are what the server
     exposes; the mode-specific encoder histograms exist as families even before an observation."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}

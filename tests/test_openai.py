@@ -25,7 +25,7 @@ import httpx2
 import openai
 import pytest
 import torch
-from conftest import LOG_DIR, metric, png
+from conftest import LOG_DIR, metric, png, video
 from PIL import Image
 from qwen3vl.cli import openai_server, serve
 from qwen3vl.client import infer, stream_grpc
@@ -35,7 +35,7 @@ from qwen3vl.openai import DEFAULT_MODEL_NAME
 from qwen3vl.openai.app import ServiceConfig, create_app
 from qwen3vl.openai.errors import APIError
 from qwen3vl.openai.images import ImagePolicy, decode_data_url, domain_allowed
-from qwen3vl.openai.stop import StopStrings
+from qwen3vl.engine.stop import StopStrings
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "qwen3-vl-tiny"
@@ -55,6 +55,7 @@ def image_part(image: bytes) -> dict:
 
 
 IMAGE_A, IMAGE_B = png(200, 130, 1), png(96, 300, 2)
+CLIP = video(20, 5, seed=21)  # 4 s: 8 frames sampled at the default 2 fps, 4 at 1 fps
 
 # (OpenAI messages, the same conversation as the JSON chat the ensemble takes, its images)
 CASES = {
@@ -293,14 +294,26 @@ def boundary_stop(chunks) -> str:
     raise AssertionError("no two neighbouring pieces of 2 characters or more")
 
 
+def tokens_up_to_stop(checkpoint, ids: list[int], stop: str) -> int:
+    """How many of the answer's tokens it holds when it stops at `stop`: up to and including the
+    token whose text completes the stop string (as vLLM counts), by the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return next(k for k in range(1, len(ids) + 1)
+                if stop in tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_stop_strings_end_the_text_and_the_generation(api, client, server, long_answer, stream):
+def test_stop_strings_end_the_text_and_the_generation(api, client, server, checkpoint, long_answer, stream):
+    """The text ends just before the stop string, and the answer's tokens at the token that
+    completes it: `completion_tokens` is that count, streamed or not, and it is all the model
+    generated (it stops there itself)."""
     chunks, ids = long_answer
     full = "".join(c.text for c in chunks)
     stop = boundary_stop(chunks)
     want = full[:full.index(stop)]
     requests, generated = (metric(server, f"qwen3vl_language_{m}_total") for m in ("requests", "generated_tokens"))
-    cancelled = api.metric("qwen3vl_openai_cancelled_requests_total", reason="stop_string")
     kwargs = {"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": LONG_MAX,
                   "temperature": 0, "stop": ["\x00 never in the text", stop]}
     if stream:
@@ -313,11 +326,24 @@ def test_stop_strings_end_the_text_and_the_generation(api, client, server, long_
                                       completion.usage)
     assert text == want and finish_reason == "stop"
     assert usage.prompt_tokens == chunks[-1].num_input_tokens
-    # The model stops too: far fewer tokens than the whole answer (the generation was cancelled).
+    assert usage.completion_tokens == tokens_up_to_stop(checkpoint, ids, stop) < len(ids) // 2
     wait_for_language_requests(server, requests + 1)
-    spent = metric(server, "qwen3vl_language_generated_tokens_total") - generated
-    assert 0 < usage.completion_tokens <= spent < len(ids) // 2
-    assert api.metric("qwen3vl_openai_cancelled_requests_total", reason="stop_string") == cancelled + 1
+    assert metric(server, "qwen3vl_language_generated_tokens_total") - generated == usage.completion_tokens
+
+
+def test_the_stop_parameter_through_tritons_generate_endpoint(server, long_answer):
+    """Stop strings are the model's (the request parameter `stop`, a JSON array as text), so
+    Triton's own clients have them too; anything else there is refused naming it."""
+    chunks, ids = long_answer
+    full = "".join(c.text for c in chunks)
+    stop = boundary_stop(chunks)
+    url = f"http://{server.http_url}/v2/models/ensemble/generate"
+    body = {"text_input": LONG_PROMPT, "max_tokens": LONG_MAX, "temperature": 0.0}
+    answer = httpx2.post(url, json={**body, "stop": json.dumps([stop])}, timeout=120).json()
+    assert answer["text_output"] == full[:full.index(stop)] and answer["finish_reason"] == "stop"
+    for bad in ("not json", json.dumps(["ok", 3]), json.dumps([""])):
+        r = httpx2.post(url, json={**body, "stop": bad}, timeout=120)
+        assert r.status_code == 400 and "stop" in r.json()["error"], (bad, r.text)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -538,7 +564,7 @@ class ImageHost:
                     return
                 if self.path == "/slow.png":
                     time.sleep(3)
-                body = bytes(big) if self.path == "/big.png" else IMAGE_A
+                body = bytes(big) if self.path == "/big.png" else CLIP if self.path == "/clip.mp4" else IMAGE_A
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 if self.path != "/big.png":  # no length: the limit must hold while reading
@@ -601,6 +627,123 @@ def test_image_urls_are_refused_unless_allowed_without_any_connection(api, serve
         big = data_url(bytes(150_000))
         assert_openai_error(allowed.post(image_request(big)), 400, "messages[0].content[0].image_url.url",
                             "larger than")
+    assert api.http.get("/health").status_code == 200
+
+
+# ---- video parts ---------------------------------------------------------------------------
+
+
+def video_part(url: str, **extra) -> dict:
+    return {"type": "video_url", "video_url": {"url": url, **extra}}
+
+
+@pytest.mark.parametrize("fps", [None, 1.0], ids=["default-rate", "fps-1"])
+def test_a_video_url_gives_the_ensembles_tokens(client, server, fps):
+    """A `video_url` part (vLLM's) in a data URL, with the sampling rate as its `fps`: the answer
+    and usage of the ensemble's `videos` input with `video_fps` for the same conversation."""
+    question = "What happens?"
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [video_part(data_url(CLIP, "video/mp4"), **({"fps": fps} if fps else {})),
+                                             {"type": "text", "text": question}]}]
+    completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_NEW, temperature=0)
+    chat = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    want = infer(server.grpc_url, "grpc", prompt=json.dumps(chat), videos=[CLIP], video_fps=fps, max_tokens=MAX_NEW,
+                 temperature=0.0)
+    assert completion.choices[0].message.content == want.text
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (want.num_input_tokens,
+                                                                                    len(want.token_ids))
+    at_2_fps = infer(server.grpc_url, "grpc", prompt=json.dumps(chat), videos=[CLIP], max_tokens=1).num_input_tokens
+    assert (want.num_input_tokens == at_2_fps) == (fps is None)  # the rate reached the sampling
+
+
+def test_video_parts_errors_name_the_part(api, server, image_host):
+    url = data_url(CLIP, "video/mp4")
+    body = lambda *parts, **kw: chat(messages=[{"role": "user", "content": [*parts, TEXT]}], max_tokens=2, **kw)  # noqa: E731
+    assert_openai_error(api.post(body(video_part(url, fps=1.0), video_part(url, fps=2.0))), 400,
+                        "messages[0].content[1].video_url.fps", "one rate")
+    assert_openai_error(api.post(body(video_part(url, fps=1.0), mm_processor_kwargs={"fps": 2})), 400,
+                        "messages[0].content[0].video_url.fps", "mm_processor_kwargs.fps")
+    assert_openai_error(api.post(body(video_part(url), mm_processor_kwargs={"max_frames": 4})), 400,
+                        "mm_processor_kwargs.max_frames")
+    assert_openai_error(api.post(body(video_part(url, fps=0))), 400, "messages[0].content[0].video_url.fps")
+    assert_openai_error(api.post(body(video_part(data_url(b"not a video at all", "video/mp4")))), 400,
+                        "messages[0].content[0].video_url.url", "not a decodable video")
+    assert_openai_error(api.post(body(video_part(data_url(IMAGE_A, "image/png")))), 400,
+                        "messages[0].content[0].video_url.url", "not a video")
+    assistant = chat(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": [video_part(url)]}])
+    assert_openai_error(api.post(assistant), 400, "messages[1].content[0]", "user messages")
+    # http(s): the image URL hosts and rules
+    error = assert_openai_error(api.post(body(video_part(image_host.url("127.0.0.1", "/clip.mp4")))), 400,
+                                "messages[0].content[0].video_url.url", "--allow-image-url-domains")
+    assert error["code"] == "video_url_not_allowed" and "/clip.mp4" not in image_host.hits
+    policy = ImagePolicy(allowed_domains=("127.0.0.1",), max_bytes=100, max_video_bytes=len(CLIP))
+    with InProcess(ServiceConfig(server.grpc_url, MODEL, images=policy)) as allowed:
+        fetched = allowed.post(body(video_part(image_host.url("127.0.0.1", "/clip.mp4")), temperature=0))
+        inline = api.post(body(video_part(url), temperature=0))
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.json()["choices"] == inline.json()["choices"] and fetched.json()["usage"] == inline.json()["usage"]
+        error = assert_openai_error(allowed.post(body(video_part(image_host.url("127.0.0.1", "/big.png")))), 400,
+                                    "messages[0].content[0].video_url.url", "larger than")
+        assert error["code"] == "video_too_large"
+    assert api.http.get("/health").status_code == 200
+
+
+# ---- text completions ----------------------------------------------------------------------
+
+
+def raw_reference(reference, prompt: str, max_new_tokens: int) -> list[int]:
+    """transformers' greedy tokens for the prompt tokenized as it is (no chat template)."""
+    model, processor = reference
+    ids = processor.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_text_completions_with_the_openai_sdk(client, reference, stream):
+    """`/v1/completions` on a text prompt: transformers' greedy answer to the prompt as it is
+    (no chat template), in OpenAI's `text_completion` shape, streamed (with usage) or not."""
+    prompt, tokenizer = "The picture shows", reference[1].tokenizer
+    want = raw_reference(reference, prompt, MAX_NEW)
+    kwargs = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0}
+    if stream:
+        events = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+        assert {e.object for e in events} == {"text_completion"} and not events[-1].choices
+        text = "".join(e.choices[0].text for e in events if e.choices)
+        finish_reason, usage = events[-2].choices[0].finish_reason, events[-1].usage
+        assert all(e.choices[0].finish_reason is None for e in events[:-2])
+    else:
+        completion = client.completions.create(**kwargs)
+        assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+        text, finish_reason, usage = completion.choices[0].text, completion.choices[0].finish_reason, completion.usage
+    assert text == tokenizer.decode(want, skip_special_tokens=True)
+    assert finish_reason == ("stop" if len(want) < MAX_NEW else "length")
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(tokenizer(prompt).input_ids), len(want))
+
+
+def test_text_completions_defaults_stop_and_refusals(api, client, reference):
+    prompt = "Once upon a time"
+    # max_tokens defaults to 16 (OpenAI's and vLLM's); a list of one prompt is that prompt
+    default = client.completions.create(model=MODEL, prompt=[prompt], temperature=0)
+    want = raw_reference(reference, prompt, 16)
+    assert default.usage.completion_tokens == len(want) and default.choices[0].finish_reason == (
+        "stop" if len(want) < 16 else "length")
+    text = default.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stopped = client.completions.create(model=MODEL, prompt=prompt, temperature=0, stop=stop)
+    assert stopped.choices[0].text == text[:text.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    refused = [({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"),
+               ({"suffix": "end"}, "suffix"), ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+               ({"prompt": "\ud800"}, "prompt"), ({"stop": [""]}, "stop"), ({"presence_penalty": 1.0}, "presence_penalty")]
+    for fields, param in refused:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, **fields}
+        sent = api.http.post("/v1/completions", content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert_openai_error(sent, 400, param, param)  # json.dumps: "\ud800" escaped as JSON can carry it
+    assert_openai_error(api.http.post("/v1/completions", json={"model": "other", "prompt": "x"}), 404, "model", "other")
+    assert_openai_error(api.http.post("/v1/completions", json={"model": MODEL}), 400, "prompt", "required")
     assert api.http.get("/health").status_code == 200
 
 

@@ -209,7 +209,7 @@ def test_direct_e2l_tensors_that_disagree_are_refused(server, model_config):
 
 def test_clients_that_disconnect_mid_stream_leave_nothing_behind(server):
     """Ten gRPC streams through the ensemble cancelled (the client cancels by token as well,
-    README: Cancelling) and ten HTTP event streams whose socket is closed, each after its first
+    docs/api.md: Cancelling) and ten HTTP event streams whose socket is closed, each after its first
     chunks: the gRPC ones stop generating at once, and afterwards nothing runs or waits and no
     KV block is held."""
     generated = metric(server, "qwen3vl_language_generated_tokens_total")

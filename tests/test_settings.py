@@ -1,4 +1,4 @@
-"""One serving config: environment over model parameters over defaults; the README's table is
+"""One serving config: environment over model parameters over defaults; docs/serving.md's table is
 the one generated from it; qwen3vl-serve's flags are its flags."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from qwen3vl.cli.serve import parse_args, settings_from_args
 from qwen3vl.errors import InvalidInput
 from qwen3vl.settings import ServingConfig, settings_table
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SERVING_DOC = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 
 
 def test_environment_over_parameters_over_defaults():
@@ -60,6 +60,6 @@ def test_serve_flags_are_the_settings_flags(tmp_path):
                      "--max-video-frames", "--max-video-frame-pixels", "--video-fps", "--video-cap-pixels-per-frame"}
 
 
-def test_the_readme_table_is_the_generated_one():
-    assert settings_table() in README.read_text(), \
-        "README's settings table is stale: paste qwen3vl.settings.settings_table() into it"
+def test_the_documented_table_is_the_generated_one():
+    assert settings_table() in SERVING_DOC.read_text(), \
+        "docs/serving.md's settings table is stale: paste qwen3vl.settings.settings_table() into it"

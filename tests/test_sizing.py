@@ -1,4 +1,4 @@
-"""qwen3vl-sizing's numbers (README "Operating it", Sizing) against the real thing on the tiny
+"""qwen3vl-sizing's numbers (docs/operating.md, Sizing) against the real thing on the tiny
 checkpoint: the weights a model loads, the KV pool's bytes per token, and the E->L tensors the
 vision encoder makes per visual token."""
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import metric, png, video
-from qwen3vl.client import ServerError, ask, infer
+from qwen3vl.client import ServerError, ask, encode, infer
 from qwen3vl.encoder.encoder import VisionEncoder
 from qwen3vl.encoder.video import VideoError, VideoPlanner, decode_frames, read_header
 from qwen3vl.engine.engine import Engine
@@ -109,8 +109,8 @@ def test_other_containers_decode(planner, container, codec):
     import av
 
     data = video(12, 6, seed=4, codec=codec, container=container)
-    frames, fps, width, height = read_header(data, 0)
-    assert (frames, width, height) == (12, 64, 48) and abs(fps - 6) < 1e-6
+    frames, fps, width, height, turns = read_header(data, 0)
+    assert (frames, width, height, turns) == (12, 64, 48, 0) and abs(fps - 6) < 1e-6
     plan = planner.plan(data, 0, None)
     with av.open(io.BytesIO(data)) as c:
         every = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -120,6 +120,103 @@ def test_other_containers_decode(planner, container, codec):
 def test_one_frame_clip_is_its_frame_twice(planner):
     plan = planner.plan(video(1, 5, seed=5), 0, None)
     assert plan.indices == (0, 0) and plan.timestamps == (0.0,) and plan.grid[0] == 1
+
+
+# ---- as players show it: edit lists and rotation
+def remux(data: bytes, hide: int) -> bytes:
+    """The file trimmed without re-encoding, as `ffmpeg -ss ... -c copy` does: the same packets,
+    the first `hide` frames presented before 0, so the MP4 muxer writes an edit list hiding them
+    (the header still counts every frame)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(io.BytesIO(data)) as src, av.open(buf, mode="w", format="mp4") as out:
+        stream = src.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        step = int(round(1 / (stream.average_rate * stream.time_base)))
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.pts, packet.dts, packet.stream = packet.pts - hide * step, packet.dts - hide * step, copy
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def lossless_clip(upright: np.ndarray, fps: int = 5, rotation: int | None = None, hide: int = 0) -> bytes:
+    """PNG frames in a MOV file, so that decoding gives them back exactly. With `rotation` (the
+    display matrix, degrees counter-clockwise), the frames are stored turned the other way, as a
+    phone writes them: displayed, they are `upright`. With `hide`, the first frames are presented
+    before 0 (an edit list hides them)."""
+    import fractions
+
+    import av
+
+    turns = (rotation or 0) // 90
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mov") as out:
+        stream = out.add_stream("png", rate=fractions.Fraction(fps))
+        stored = [np.ascontiguousarray(np.rot90(f, -turns)) for f in upright]
+        stream.width, stream.height, stream.pix_fmt = stored[0].shape[1], stored[0].shape[0], "rgb24"
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i, f in enumerate(stored):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = i - hide, fractions.Fraction(1, fps)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def noise_frames(n: int, height: int = 48, width: int = 64, seed: int = 12) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "h264"])
+def test_an_edit_list_hides_lead_in_frames_and_the_clip_is_sampled_over_those_that_play(planner, codec):
+    """30 frames trimmed by 5 without re-encoding: the header says 30, 25 play (FFmpeg drops the
+    first 5 from the index or flags them to discard); sampled and decoded over those 25."""
+    import av
+    from transformers.video_utils import VideoMetadata
+
+    source = video(30, 10, seed=13, codec=codec)
+    trimmed = remux(source, 5)
+    with av.open(io.BytesIO(trimmed)) as c:
+        assert c.streams.video[0].frames == 30
+    with av.open(io.BytesIO(source)) as c:
+        every = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert read_header(trimmed, 0).frames == 25
+    plan = planner.plan(trimmed, 0, None)
+    assert list(plan.indices) == planner.video_processor.sample_frames(VideoMetadata(25, 10.0)).tolist()
+    np.testing.assert_array_equal(decode_frames(trimmed, 0, plan.indices), every[5:][list(plan.indices)])
+
+
+@pytest.mark.parametrize("rotation", [-90, 90, 180])
+def test_a_rotated_clip_reaches_the_model_upright(planner, rotation):
+    """A display matrix (a phone's -90: stored landscape, shown portrait) is applied: the header's
+    size, the grid and the frames are the displayed ones."""
+    upright = noise_frames(6, height=64, width=48)
+    rotated, plain = lossless_clip(upright, rotation=rotation), lossless_clip(upright)
+    header = read_header(rotated, 0)
+    assert (header.width, header.height) == (48, 64) and header.quarter_turns == (rotation // 90) % 4
+    plan = planner.plan(rotated, 0, None)
+    assert plan.grid == planner.plan(plain, 0, None).grid
+    np.testing.assert_array_equal(decode_frames(rotated, 0, plan.indices, plan.quarter_turns),
+                                  upright[list(plan.indices)])
+
+
+def test_trimmed_and_rotated_clips_are_encoded_as_the_frames_they_show(server):
+    """Through the server's encoder: a phone-rotated clip gives the E->L tensors and the answer of
+    the same frames stored upright; a clip whose edit list hides 5 of 30 frames those of a file
+    holding only the 25 that play."""
+    frames = noise_frames(30, height=64, width=48)
+    for shown, stored in [(lossless_clip(frames[:8]), lossless_clip(frames[:8], rotation=-90)),
+                          (lossless_clip(frames[5:]), lossless_clip(frames, hide=5))]:
+        want, got = encode(server.grpc_url, [], videos=[shown]), encode(server.grpc_url, [], videos=[stored])
+        for name in ("video_grid_thw", "video_timestamps", "visual_embeds", "deepstack_embeds"):
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        answers = [ask(server.grpc_url, "grpc", False, prompt="What happens?", videos=[v], max_tokens=4,
+                       temperature=0.0).token_ids for v in (shown, stored)]
+        assert answers[0] == answers[1]
 
 
 # ---- limits

@@ -1,4 +1,4 @@
-"""The tensor contract (the README's API section) in one place: names, and the models' inputs and outputs
+"""The tensor contract (docs/api.md) in one place: names, and the models' inputs and outputs
 as Triton config entries. The `model.py` shells declare these in `auto_complete_config`, so the
 `config.pbtxt` files hold only what an operator changes; the client, the transfer and the tests
 use the same names.
@@ -34,6 +34,12 @@ NUM_INPUT_TOKENS = "num_input_tokens"  # INT32 [1]: the prompt's tokens (visual 
 # passes an ensemble request's cancellation only to steps not yet started.
 CANCEL_TOKEN = "cancel_token"
 CANCEL = "cancel"
+# A generation request may carry `stop`: a JSON array of strings (as text). The answer ends just
+# before the first of them, at the token that completes it (finish_reason `stop`), in the model.
+STOP = "stop"
+# `raw_prompt` true: `text_input` is the whole prompt, tokenized as it is, without the chat template
+# (what a text completion takes); text only.
+RAW_PROMPT = "raw_prompt"
 
 # Encoder -> language (inside the ensemble and between servers).
 VISUAL_EMBEDS = "visual_embeds"        # model dtype [N, H]

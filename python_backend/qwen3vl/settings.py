@@ -9,8 +9,8 @@ Each setting is written once, in `ServingConfig` below: its default, what it mea
    language server's `encoder_mode: remote`),
 3. the default here.
 
-The README's settings table is generated from this class (`settings_table()`; a test keeps the
-README equal to it).
+The settings table of docs/serving.md is generated from this class (`settings_table()`; a test
+keeps the document equal to it).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def _format(value) -> str:
 
 
 def settings_table() -> str:
-    """The README's table of settings (markdown), generated from ServingConfig."""
+    """docs/serving.md's table of settings (markdown), generated from ServingConfig."""
     rows = ["| setting (`QWEN3VL_*` variable, config.pbtxt parameter) | `qwen3vl-serve` flag | default | meaning |",
             "|---|---|---|---|"]
     for f in dataclasses.fields(ServingConfig):

@@ -40,6 +40,28 @@ def response(pb, text: str, ids: list[int], finish_reason: str, num_input_tokens
     ])
 
 
+def stop_strings(value) -> tuple[str, ...]:
+    """The request parameter `stop` (contract.STOP): a JSON array of strings, as text. Raises
+    InvalidInput naming it when it is anything else."""
+    if value is None:
+        return ()
+    try:
+        stops = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        stops = None
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise InvalidInput(f"the request parameter {contract.STOP} must be a JSON array of strings, got {value!r}")
+    return tuple(stops)
+
+
+def switch(params: dict, name: str) -> bool:
+    """A boolean request parameter (absent: False). Raises InvalidInput naming it otherwise."""
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"the request parameter {name} must be a boolean, got {value!r}")
+    return value
+
+
 class ResponseStream:
     """Sends one request's steps: each as it comes when streaming, else one response at the end
     (engine/worker.py's OutputStream; called on the response thread)."""
@@ -152,7 +174,8 @@ class LanguageService:
         stream = ResponseStream(pb, sender, False, self.metrics, self.histograms)
         try:
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
-            seq = self._sequence(request, stream)
+            seq = self._sequence(request, stream, stop_strings(params.get(contract.STOP)),
+                                 switch(params, contract.RAW_PROMPT))
             token = params.get(contract.CANCEL_TOKEN)
             if token:
                 self.cancellable[str(token)] = seq
@@ -174,7 +197,7 @@ class LanguageService:
         seq.cancel_requested = True
         sender.send(response(pb, "", [], "cancelled", 0), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _sequence(self, request, stream: ResponseStream) -> Sequence:
+    def _sequence(self, request, stream: ResponseStream, stop: tuple[str, ...] = (), raw: bool = False) -> Sequence:
         pb = self.pb
         text = scalar(pb, request, contract.TEXT_INPUT, str)
         if text is None:
@@ -189,11 +212,15 @@ class LanguageService:
             top_k=scalar(pb, request, contract.TOP_K, int),
             seed=scalar(pb, request, contract.SEED, int),
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
+            stop=stop or None,
         )
         structured = scalar(pb, request, contract.STRUCTURED_OUTPUTS, str)
-        seq = self.engine.new_sequence(text, self._features(request), params,
+        tools = self._tools(request)
+        if raw and tools:
+            raise InvalidInput(f"{contract.TOOLS} are rendered by the chat template; a raw prompt has none")
+        seq = self.engine.new_sequence(text, self._features(request), params, raw,
                                        structured=StructuredOutputs.parse(structured) if structured else None,
-                                       tools=self._tools(request))
+                                       tools=tools)
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         return seq
 

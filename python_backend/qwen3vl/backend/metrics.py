@@ -1,5 +1,5 @@
 """The models' metrics on Triton's metrics endpoint (`pb_utils.MetricFamily`): every table
-declared here, once, for both shells (and for the dashboard and the README, which are checked
+declared here, once, for both shells (and for the dashboard and docs/operating.md, which are checked
 against these tables); the classes that update them.
 
 Each set, increment or observe is an IPC from the stub to the server: the language model
@@ -137,7 +137,7 @@ def _buckets(b: list[float]) -> str:
 
 
 def metrics_table() -> str:
-    """The README's list of the models' metrics (markdown), generated from the tables."""
+    """docs/operating.md's list of the models' metrics (markdown), generated from the tables."""
     rows = ["| metric | kind | model (labels) | meaning | buckets |", "|---|---|---|---|---|"]
     for model, tables in TABLES.items():
         labels = "`model`, `mode`" if model == "qwen3_encoder" else "`model`"

@@ -1,5 +1,5 @@
-"""`qwen3vl-openai`: the OpenAI-compatible API (`/v1/chat/completions` with images, `/v1/models`,
-`/health`, `/metrics`) in front of a Triton server's ensemble.
+"""`qwen3vl-openai`: the OpenAI-compatible API (`/v1/chat/completions` with images and videos,
+`/v1/completions`, `/v1/models`, `/health`, `/metrics`) in front of a Triton server's ensemble.
 
     qwen3vl-openai --triton-url localhost:8001 --port 9000
 """
@@ -28,12 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--default-max-tokens", type=int, default=None, metavar="N",
                    help="max_tokens when a request gives none (default: the model's, 128)")
     p.add_argument("--allow-image-url-domains", action="append", default=[], metavar="DOMAINS",
-                   help="fetch http(s) image URLs of these hosts (comma separated, repeatable; `*.example.com` "
-                        "for subdomains). Default: none, only data URLs")
+                   help="fetch http(s) image and video URLs of these hosts (comma separated, repeatable; "
+                        "`*.example.com` for subdomains). Default: none, only data URLs")
     p.add_argument("--max-image-bytes", type=int, default=20 * 2**20, metavar="N",
                    help="largest image, data URL or fetched (default: 20 MiB)")
     p.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="S",
-                   help="time limit to fetch one image URL (default: 10)")
+                   help="time limit to fetch one image or video URL (default: 10)")
+    p.add_argument("--max-video-bytes", type=int, default=256 * 2**20, metavar="N",
+                   help="largest video of a video_url part, data URL or fetched from the image URL hosts "
+                        "(default: 256 MiB, the model's own max_video_bytes)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the service's and uvicorn's log level (default: info)")
     return p.parse_args(argv)
@@ -48,7 +51,8 @@ def config_from_args(args: argparse.Namespace):
                          triton_language_model=args.triton_language_model,
                          request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
                          images=ImagePolicy(allowed_domains=domains, max_bytes=args.max_image_bytes,
-                                            fetch_timeout_s=args.image_fetch_timeout))
+                                            fetch_timeout_s=args.image_fetch_timeout,
+                                            max_video_bytes=args.max_video_bytes))
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def flags_table() -> str:
-    """The README's table of qwen3vl-serve's own flags (those that are no setting; the settings
+    """docs/serving.md's table of qwen3vl-serve's own flags (those that are no setting; the settings
     table has the rest), generated from the parser."""
     settings = {f.name for f in dataclasses.fields(ServingConfig)}
     rows = ["| `qwen3vl-serve` flag | default | meaning |", "|---|---|---|"]

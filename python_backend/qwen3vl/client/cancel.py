@@ -2,7 +2,7 @@
 
 Closing a request's stream cancels the ensemble request, but Triton passes that on only to
 steps not yet started, so a generation already running in `qwen3_language` would go on to its
-end (README, Cancelling). So a generation request carries a secret token (the request parameter
+end (docs/api.md, Cancelling). So a generation request carries a secret token (the request parameter
 contract.CANCEL_TOKEN), and cancelling it also sends `qwen3_language` a cancel request naming
 that token (contract.CANCEL). This module is the one place that makes tokens and cancel
 requests, for the thread-based clients and for the asyncio client of the OpenAI service.

@@ -57,6 +57,16 @@ def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None,
     return inputs
 
 
+def generation_parameters(stop: list[str] = (), raw_prompt: bool = False) -> dict:
+    """A generation request's parameters besides its tensors: the stop strings (contract.STOP, a
+    JSON array as text) when there are any; contract.RAW_PROMPT when the text is the whole
+    prompt (no chat template)."""
+    params: dict = {contract.STOP: json.dumps(list(stop))} if stop else {}
+    if raw_prompt:
+        params[contract.RAW_PROMPT] = True
+    return params
+
+
 def encode_inputs(module, images: list[bytes], videos: list[bytes] = (), video_fps: float | None = None) -> list:
     """The InferInputs of one request to `qwen3_encoder` for its E->L tensors. The images go as
     a list even when empty: a request that names no images is not an encode."""

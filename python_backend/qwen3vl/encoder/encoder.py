@@ -56,7 +56,7 @@ class VisionEncoder:
         """pixel_values_videos [P, C*t*p*p] and video_grid_thw [v, 3], by the checkpoint's video
         processor on the sampled frames (sampling done: do_sample_frames=False; the per-frame
         pixel cap as configured)."""
-        frames = [decode_frames(v.data, v.index, v.indices) for v in videos]
+        frames = [decode_frames(v.data, v.index, v.indices, v.quarter_turns) for v in videos]
         out = self.video_processor(videos=frames, video_metadata=[metadata(v) for v in videos],
                                    do_sample_frames=False, cap_pixels_per_frame=self.cap_pixels_per_frame,
                                    return_tensors="pt")

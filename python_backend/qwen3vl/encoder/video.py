@@ -14,9 +14,20 @@ What transformers 5.24 does for Qwen3-VL video, and what we do the same way:
 A clip of one frame (the reference raises: `t:1 must be larger than temporal_factor:2`) is given
 its frame twice (indices [0, 0], timestamp 0.0), as vLLM does: a still image sent as a video works.
 
-The frame count a file declares can be 0 (some containers do not say): then the packets of its
-video stream are counted (no decoding). A rate the file does not give: the processor's default
-(24 fps, as `sample_frames` does).
+The frames are those that play, as players show the file: its video packets are counted (no
+decoding), leaving out those before the presentation start. An MP4 trimmed without re-encoding
+declares every frame it holds (30, say) while its edit list hides the lead-in ones (5): FFmpeg
+flags or drops them and the decoder never outputs them, so the clip is sampled over the 25 that
+play, the first of them at 0 s. A file that does not declare its frames (0) is counted the same
+way. A rate the file does not give: the processor's default (24 fps, as `sample_frames` does).
+
+A rotation in the file's display matrix (a phone holding the camera upright writes landscape
+frames and a matrix that turns them; what `ffprobe` shows as "rotation of -90.00 degrees") is
+applied to the decoded frames as players and FFmpeg's CLI apply it, by quarter turns, as images
+get their EXIF orientation (images.py): the model sees the clip upright, and the header's size
+(the grid, the limits) is the displayed one. Other angles and mirrored matrices are left as the
+frames are stored. The reference (transformers' `load_video`) applies neither: on such files it
+is not followed.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,12 +59,13 @@ class VideoFile:
     index: int                 # its place in the request's `videos`
     total_frames: int
     src_fps: float | None      # the file's frame rate (None: the file does not say)
-    width: int
+    width: int                 # as displayed (its rotation applied)
     height: int
     indices: tuple[int, ...]   # sampled frame indices (a 1-frame clip: (0, 0))
     fps: float                 # frames sampled per second (the request's or the checkpoint's)
     timestamps: tuple[float, ...]  # per temporal group, float64 seconds
     grid: tuple[int, int, int]     # video_grid_thw row (patches)
+    quarter_turns: int = 0         # counter-clockwise quarter turns that display its frames upright
 
     def key_bytes(self) -> bytes:
         """The feature cache's key material: the file's SHA-256 and the sampling rate (the
@@ -73,16 +86,24 @@ def _open(data: bytes, index: int):
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.error.FFmpegError, ValueError, OSError) as e:
-        raise VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: "
-                         f"{type(e).__name__}: {e}") from None
+        raise _undecodable(data, index, e) from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: no video stream found")
     return container
 
 
-def read_header(data: bytes, index: int) -> tuple[int, float | None, int, int]:
-    """(frames, frames per second or None, width, height) from the container, no decoding."""
+class VideoHeader(NamedTuple):
+    frames: int            # the frames that play
+    fps: float | None      # frames per second (None: the file does not say)
+    width: int             # as displayed: the stored size, turned by the rotation
+    height: int
+    quarter_turns: int     # counter-clockwise quarter turns from the stored frames to the displayed ones
+
+
+def read_header(data: bytes, index: int) -> VideoHeader:
+    """The video's header: frame rate and size from the container; the frames that play counted
+    over its packets (no decoding); the rotation from its display matrix (the first frame's)."""
     import av
 
     container = _open(data, index)
@@ -90,21 +111,50 @@ def read_header(data: bytes, index: int) -> tuple[int, float | None, int, int]:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else None
-        frames = int(stream.frames or 0)
-        if frames <= 0:  # the container does not say: count the stream's packets
-            try:
-                frames = sum(1 for packet in container.demux(stream) if packet.size)
-            except av.error.FFmpegError as e:
-                raise VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: "
-                                 f"{type(e).__name__}: {e}") from None
-        return frames, fps, int(stream.width or 0), int(stream.height or 0)
+        start = stream.start_time or 0
+        declared = int(stream.frames or 0)
+        try:  # hidden by an edit list: flagged to discard, or presented before the start
+            frames = sum(1 for packet in container.demux(stream)
+                         if packet.size and not packet.is_discard and (packet.pts is None or packet.pts >= start))
+        except av.error.FFmpegError as e:
+            raise _undecodable(data, index, e) from None
+        if declared > 0:
+            frames = min(frames, declared)
+        width, height = int(stream.width or 0), int(stream.height or 0)
     finally:
         container.close()
+    turns = quarter_turns(data, index) if frames else 0
+    if turns % 2:
+        width, height = height, width
+    return VideoHeader(frames, fps, width, height, turns)
 
 
-def decode_frames(data: bytes, index: int, indices) -> np.ndarray:
-    """[n, H, W, 3] uint8 RGB frames at `indices` (sorted, repeats allowed), decoded in order up
-    to the last one, as transformers' `read_video_pyav` does."""
+def quarter_turns(data: bytes, index: int) -> int:
+    """The counter-clockwise quarter turns (0 to 3) of the file's display matrix, read from its
+    first decoded frame (PyAV exposes the matrix on frames: `VideoFrame.rotation`, degrees
+    counter-clockwise, -90 for a phone held upright); 0 for another angle, as FFmpeg's CLI does."""
+    import av
+
+    container = _open(data, index)
+    try:
+        frame = next(iter(container.decode(video=0)), None)
+    except av.error.FFmpegError as e:
+        raise _undecodable(data, index, e) from None
+    finally:
+        container.close()
+    degrees = frame.rotation if frame is not None else 0
+    return (degrees // 90) % 4 if degrees % 90 == 0 else 0
+
+
+def _undecodable(data: bytes, index: int, e: Exception) -> VideoError:
+    return VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: "
+                      f"{type(e).__name__}: {e}")
+
+
+def decode_frames(data: bytes, index: int, indices, turns: int = 0) -> np.ndarray:
+    """[n, H, W, 3] uint8 RGB frames at `indices` (sorted, repeats allowed) of the frames that
+    play, decoded in order up to the last one, as transformers' `read_video_pyav` does; each
+    turned `turns` quarter turns counter-clockwise (the file's rotation, read_header)."""
     import av
 
     wanted = sorted(set(int(i) for i in indices))
@@ -118,15 +168,15 @@ def decode_frames(data: bytes, index: int, indices) -> np.ndarray:
             if i in wanted:
                 found[i] = frame.to_ndarray(format="rgb24")
     except av.error.FFmpegError as e:
-        raise VideoError(f"{contract.VIDEOS}[{index}] ({len(data)} bytes) is not a decodable video: "
-                         f"{type(e).__name__}: {e}") from None
+        raise _undecodable(data, index, e) from None
     finally:
         container.close()
     missing = [i for i in wanted if i not in found]
     if missing:
         raise VideoError(f"{contract.VIDEOS}[{index}]: the file declares frames it does not hold "
                          f"(frame {missing[0]} of {last + 1} is missing)")
-    return np.stack([found[int(i)] for i in indices])
+    frames = np.stack([found[int(i)] for i in indices])
+    return np.ascontiguousarray(np.rot90(frames, turns, axes=(1, 2))) if turns else frames
 
 
 def metadata(video: VideoFile):
@@ -159,7 +209,7 @@ class VideoPlanner:
             raise VideoError(f"{name} is {len(data)} bytes; the limit is {s.max_video_bytes} (max_video_bytes)")
         if fps is not None and not (math.isfinite(fps) and fps > 0):
             raise VideoError(f"{contract.VIDEO_FPS} must be a positive number, got {fps}")
-        total, src_fps, width, height = read_header(data, index)
+        total, src_fps, width, height, turns = read_header(data, index)
         if total < 1 or width < 1 or height < 1:
             raise VideoError(f"{name} ({len(data)} bytes) holds no video frames")
         if width * height > s.max_video_frame_pixels:
@@ -181,7 +231,7 @@ class VideoPlanner:
         timestamps = self.processor._calculate_timestamps(list(indices), rate, vp.temporal_patch_size)
         grid = self.grid(len(indices), height, width, index)
         return VideoFile(data, index, total, src_fps, width, height, tuple(indices),
-                         float(fps if fps is not None else vp.fps), tuple(float(t) for t in timestamps), grid)
+                         float(fps if fps is not None else vp.fps), tuple(float(t) for t in timestamps), grid, turns)
 
     def grid(self, frames: int, height: int, width: int, index: int) -> tuple[int, int, int]:
         """video_grid_thw of `frames` frames of height x width, as the video processor's resize

@@ -135,9 +135,10 @@ class Engine:
         p.validate()
         return p
 
-    def prepare(self, text: str, features: VisualFeatures, tools: list | None = None) -> Prompt:
-        """The prompt's ids and positions (`tools`: for the chat template). Raises InvalidInput
-        when the text and the visual tensors do not fit together."""
+    def prepare(self, text: str, features: VisualFeatures, raw: bool = False, tools: list | None = None) -> Prompt:
+        """The prompt's ids and positions (`raw`: the text tokenized as it is, no chat template;
+        `tools`: for the chat template). Raises InvalidInput when the text and the visual
+        tensors do not fit together."""
         merge = self.config.spatial_merge_size
         for name, grids in (("image_grid_thw", features.image_grid_thw), ("video_grid_thw", features.video_grid_thw)):
             if grids.ndim != 2 or grids.shape[1] != 3 or bool((grids < 1).any()):
@@ -147,7 +148,7 @@ class Engine:
         if features.video_timestamps.ndim != 1 or not bool(torch.isfinite(features.video_timestamps).all()):
             raise InvalidInput("video_timestamps must be [frame groups] of finite seconds")
         self.prompts.check_size(text, self.max_model_len)
-        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps,
+        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps, raw,
                               tools=tools)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
@@ -169,15 +170,16 @@ class Engine:
             return features
         return features.rows(features.visual_embeds[prompt.row_order], features.deepstack_embeds[:, prompt.row_order])
 
-    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams,
+    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams, raw: bool = False,
                      structured: StructuredOutputs | None = None, tools: list | None = None) -> Sequence:
-        """A validated sequence, ready for `add`; `structured`: its grammar (engine/structured.py),
-        `tools`: function definitions the chat template renders into the prompt. Raises
-        InvalidInput (bad text, tensors, or a request longer than max_model_len)."""
+        """A validated sequence, ready for `add` (`raw`: the text is the whole prompt, see
+        PromptBuilder; `structured`: its grammar, engine/structured.py; `tools`: function
+        definitions the chat template renders into the prompt). Raises InvalidInput (bad text,
+        tensors, or a request longer than max_model_len)."""
         if structured is not None and params.ignore_eos:
             raise InvalidInput("ignore_eos cannot be combined with structured output: the grammar's end "
                                "ends the sequence")
-        prompt = self.prepare(text, features, tools)
+        prompt = self.prepare(text, features, raw, tools)
         features = self.in_prompt_order(prompt, features)
         left = self.max_model_len - len(prompt.input_ids)
         if params.fits_window and 0 < left < params.max_tokens:
@@ -288,18 +290,29 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
-        text = seq.detokenizer.push(token)
-        reason = ("stop" if token in self.stop_ids and not seq.params.ignore_eos else
+        # A stop string ends the answer at the token that completes it (that token is the
+        # answer's last, as in vLLM): nothing after it is generated, sent or counted.
+        text, stopped = seq.stops.feed(seq.detokenizer.push(token))
+        reason = ("stop" if stopped or (token in self.stop_ids and not seq.params.ignore_eos) else
                   "length" if len(seq.output_ids) >= seq.params.max_tokens else "")
         if reason:
-            text += seq.detokenizer.flush()
+            if not stopped:
+                text += self._rest(seq)
             self.scheduler.finish(seq, reason)
         self._outputs.steps[seq.request_id] = Step([token], text, reason)
+
+    @staticmethod
+    def _rest(seq: Sequence) -> str:
+        """The text still held back when the answer ends without a stop string: the detokenizer's
+        incomplete characters, and text that could have begun a stop string (up to one, if the
+        flushed characters complete it)."""
+        text, stopped = seq.stops.feed(seq.detokenizer.flush())
+        return text if stopped else text + seq.stops.flush()
 
     def _drop_cancelled(self) -> None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             if seq.cancel_requested:
-                text = seq.detokenizer.flush()
+                text = self._rest(seq)
                 self.scheduler.finish(seq, "cancelled")
                 self._outputs.steps[seq.request_id] = Step([], text, "cancelled")
 

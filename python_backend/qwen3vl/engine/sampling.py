@@ -27,6 +27,7 @@ class SamplingParams:
     # max_tokens is the checkpoint's default, not the request's: a prompt near the end of the
     # context window gets what the window leaves instead of a refusal (as OpenAI's API and vLLM)
     fits_window: bool = False
+    stop: tuple[str, ...] = ()  # stop strings: the text ends just before the first (engine/stop.py)
 
     def validate(self) -> None:
         """Raises InvalidInput naming the parameter that is out of range or not finite."""
@@ -44,6 +45,9 @@ class SamplingParams:
             raise InvalidInput(f"top_k must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidInput(f"seed must be in [0, 2**64), got {self.seed}")
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str) or not s:
+                raise InvalidInput(f"stop[{i}] must be a non-empty string, got {s!r}")
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,7 @@ from ..features import VisualFeatures
 from ..model.prompt import Prompt
 from .detokenize import IncrementalDetokenizer
 from .sampling import SamplingParams
+from .stop import StopStrings
 from .structured import GrammarState, StructuredOutputs
 
 
@@ -67,6 +68,7 @@ class Sequence:
         # visual_rows_before[i]: how many visual tokens precede prompt token i ([T + 1]), so a
         # chunk [s, e) takes rows [visual_rows_before[s], visual_rows_before[e]) of the features.
         self.visual_rows_before = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
+        self.stops = StopStrings(self.params.stop)  # the answer's text, held back where a stop string may begin
 
     @property
     def prompt_len(self) -> int:

@@ -102,7 +102,7 @@ def server_command(args, backend_dir: Path | None, binary: str) -> list[str]:
 
 # On a host without a GPU: no GPU metrics (no NVML and DCGM errors at start) and no pinned
 # memory pool (no CUDA warning about it); those features need a GPU. What tritonserver 2.51
-# still logs on a CPU host is in the README's Troubleshooting.
+# still logs on a CPU host is in docs/troubleshooting.md.
 CPU_HOST_FLAGS = ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"]
 
 

@@ -5,10 +5,13 @@ checkpoint's own template is what runs. The language side never sees pixels: eac
 `<|image_pad|>` is expanded to the token count its grid implies, `t*h*w / merge**2`, exactly
 what the processor does when it has the pixels.
 
-How a prompt places its images and videos (documented in the README):
+How a prompt places its images and videos (documented in docs/api.md):
 - a plain prompt: images go first in one user turn, then videos, then the text; or, if the text
   holds one `<image>` marker per image and one `<video>` marker per video, each goes where its
   marker is;
+- a raw prompt (the request parameter `raw_prompt`, what `/v1/completions` sends): the text
+  tokenized as it is, no chat template, as vLLM's completions do (special-token text in it is the
+  token: the client writes the whole prompt); text only;
 - a chat: `text_input` is a JSON list of messages (`[{"role": "system", "content": "..."},
   {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]`);
   the `{"type": "image"}` items take the request's images in order, `{"type": "video"}` its videos.
@@ -19,7 +22,7 @@ A video's `<|video_pad|>` is expanded as transformers 5.24's processor does: per
 each frame group as an image of one frame. The E->L rows come images' first, then videos';
 `Prompt.row_order` puts them in the prompt's order.
 
-Special tokens typed by a user (documented in the README): text inside messages is plain text by
+Special tokens typed by a user (documented in docs/reliability.md): text inside messages is plain text by
 default, so `<|im_end|>` typed in a message is the characters `<`, `|`, `im`, ... and never the
 control token (no forged system turn, no stray `<|image_pad|>`). Only the chat template makes
 control tokens. `allow_special_tokens=True` (the `allow_special_tokens_in_prompt` setting)
@@ -182,13 +185,26 @@ class PromptBuilder:
         return layouts
 
     def __call__(self, text: str, image_grid_thw: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
-                 video_timestamps: torch.Tensor | None = None, tools: list | None = None) -> Prompt:
+                 video_timestamps: torch.Tensor | None = None, raw: bool = False, tools: list | None = None) -> Prompt:
         """image_grid_thw [k, 3]: one row per image, in prompt order; video_grid_thw [v, 3] and
-        video_timestamps [sum of t] (float64) the same for videos; `tools`: function definitions
-        (OpenAI's `tools`) the chat template renders. Raises PromptError when the text and the
-        images and videos do not fit together."""
+        video_timestamps [sum of t] (float64) the same for videos. `raw`: the text is the whole
+        prompt, tokenized as it is (no chat template, no images or videos); `tools`: function
+        definitions (OpenAI's `tools`) the chat template renders. Raises PromptError when the text
+        and the images and videos do not fit together."""
         counts = (image_grid_thw.prod(-1) // self.merge**2).tolist()
         videos = self.video_layouts(video_grid_thw, video_timestamps)
+        if raw:
+            if counts or videos:
+                raise PromptError("a raw prompt (raw_prompt) takes no images or videos")
+            ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+            if len(ids) == 0:
+                raise PromptError("a raw prompt (raw_prompt) must hold at least one token")
+            if bool(((ids == self.image_token_id) | (ids == self.video_token_id)).any()):
+                raise PromptError("a raw prompt (raw_prompt) holds an image or video placeholder token; it takes "
+                                  "no images or videos")
+            return Prompt(input_ids=ids, positions=self.mrope_positions(ids, torch.empty(0, 3, dtype=torch.long)),
+                          rope_delta=0, visual_mask=torch.zeros(len(ids), dtype=torch.bool), num_visual_tokens=0,
+                          row_order=None, runs=[])
         expanded, items = self._expand(text, counts, videos, tools)
         input_ids = torch.tensor(expanded, dtype=torch.long)
         # Rows: images' in order, then videos'; runs: each image, each frame group, in prompt order.

@@ -1,12 +1,14 @@
-"""The OpenAI-compatible HTTP API (`qwen3vl-openai`): `/v1/chat/completions` with images, in
-front of the Triton `ensemble` over gRPC's stream. One concern per module:
+"""The OpenAI-compatible HTTP API (`qwen3vl-openai`): `/v1/chat/completions` with images and
+videos, and `/v1/completions`, in front of the Triton `ensemble` over gRPC's stream. One concern
+per module:
 
 - `schemas`: the request and response bodies (pydantic v2), and which fields are refused;
 - `messages`: OpenAI messages -> the JSON chat the model takes, images in their places;
-- `images`: data URLs, and http(s) URLs of allowed domains within size and time limits;
+- `images`: data URLs, and http(s) URLs of allowed domains within size and time limits (images
+  and the videos of `video_url` parts);
 - `triton`: the async gRPC stream to the ensemble, cancelled when left unfinished;
-- `stop`: stop strings over streamed text;
 - `handlers`: one chat completion, streamed (server-sent events) or not;
+- `completions`: `/v1/completions` (text prompts) on the handlers' machinery;
 - `errors`: OpenAI's error body, and the HTTP status of every failure;
 - `metrics`: the service's own Prometheus metrics;
 - `app`: the FastAPI application.

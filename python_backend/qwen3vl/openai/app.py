@@ -1,5 +1,5 @@
-"""The FastAPI application: routes, the error shape of every failure, the lifespan of the gRPC
-client. `create_app(ServiceConfig(...))`; `qwen3vl-openai` runs it under uvicorn."""
+"""The FastAPI application: routes (chat completions, text completions, models, health,
+metrics), the error shape of every failure, the lifespan of the gRPC client. `create_app(ServiceConfig(...))`; `qwen3vl-openai` runs it under uvicorn."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from starlette.exceptions import HTTPException
 
 from . import DEFAULT_MODEL_NAME
 from .errors import APIError, invalid, unavailable
+from .completions import COMPLETIONS_PATH, CompletionRequest, prepare_completion
 from .handlers import ChatHandler
 from .images import ImageLoader, ImagePolicy
 from .metrics import Metrics
-from .schemas import IGNORED_FIELDS, ChatCompletionRequest, ModelCard, ModelList
+from .schemas import IGNORED_FIELDS, ChatCompletionRequest, GenerationRequest, ModelCard, ModelList
 from .triton import Ensemble
 
 log = logging.getLogger("qwen3vl.openai")
@@ -63,6 +64,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.post(CHAT_PATH, response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        chat: ChatHandler = request.app.state.chat
+        return await respond(request, req, lambda: chat.prepare(req))
+
+    @app.post(COMPLETIONS_PATH, response_model=None)
+    async def completions(req: CompletionRequest, request: Request):
+        chat: ChatHandler = request.app.state.chat
+        return await respond(request, req, lambda: prepare_completion(chat, req))
+
+    async def respond(request: Request, req: GenerationRequest, prepare):
+        """One chat or text completion, whole or streamed; `prepare()` checks and maps the
+        request (or raises its APIError). Every answer is counted in the metrics."""
         arrival = time.perf_counter()
         chat: ChatHandler = request.app.state.chat
         unknown = sorted(set(req.model_extra or ()) - set(IGNORED_FIELDS))
@@ -71,7 +83,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         stream, streaming = bool(req.stream), False
         metrics.in_flight.inc()
         try:
-            prepared = await chat.prepare(req)
+            prepared = await prepare()
             if not stream:
                 result = await _until_disconnect(request, chat.complete(prepared))
                 metrics.answered(200 if result is not None else 499, False)
@@ -125,7 +137,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         error = _from_validation(e)
-        if request.url.path == CHAT_PATH:
+        if request.url.path in (CHAT_PATH, COMPLETIONS_PATH):
             metrics.answered(error.status, False)
         return _error_response(error)
 

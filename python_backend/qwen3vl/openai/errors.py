@@ -49,6 +49,7 @@ def timeout(message: str) -> APIError:
 
 
 _IMAGE_INDEX = re.compile(r"\bimages\[(\d+)\]")
+_VIDEO_INDEX = re.compile(r"\bvideos\[(\d+)\]")
 
 # gRPC status of a failed call -> (HTTP status, code)
 _RPC_STATUS = {
@@ -60,19 +61,21 @@ _RPC_STATUS = {
 }
 
 
-def from_model(message: str, image_params: list[str]) -> APIError | None:
+def from_model(message: str, image_params: list[str], video_params: list[str] = ()) -> APIError | None:
     """The error for a message the model marked (`[qwen3vl:CODE] ...`), or None when it is not
     marked (Triton's own). An image named by its index (`images[1]`) is named by its place in
-    the request instead (`messages[2].content[0].image_url.url`)."""
+    the request instead (`messages[2].content[0].image_url.url`), and so is a video."""
     code = qerrors.code_of(message)
     if code is None:
         return None
     text = qerrors.message_of(message)
     param = None
-    match = _IMAGE_INDEX.search(text)
-    if match and int(match.group(1)) < len(image_params):
-        param = image_params[int(match.group(1))]
-        text = f"{param}: {_IMAGE_INDEX.sub('image', text, count=1)}"
+    for pattern, params, word in ((_IMAGE_INDEX, image_params, "image"), (_VIDEO_INDEX, video_params, "video")):
+        match = pattern.search(text)
+        if match and int(match.group(1)) < len(params):
+            param = params[int(match.group(1))]
+            text = f"{param}: {pattern.sub(word, text, count=1)}"
+            break
     if code == qerrors.INVALID_ARG:
         return invalid(text, param)
     if code == qerrors.UNAVAILABLE:

@@ -10,12 +10,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..client.responses import Chunk
 from .errors import APIError, invalid, unavailable
 from .images import ImageLoader
-from .messages import to_chat
+from .messages import VideoRef, to_chat
 from .metrics import Metrics
 from .schemas import (
     ChatCompletion,
@@ -24,10 +24,10 @@ from .schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    GenerationRequest,
     ResponseMessage,
     Usage,
 )
-from .stop import StopStrings
 from .structured import (
     ToolCallParser,
     forced_tools,
@@ -48,15 +48,18 @@ class Prepared:
     request: ChatCompletionRequest
     ensemble_request: EnsembleRequest
     image_params: list[str]
-    tool_calls: bool = False  # the answer is parsed for tool calls (tools given, tool_choice not none)
+    video_params: list[str] = field(default_factory=list)
+    shape: type | None = None  # the response bodies' maker (ChatShape, ToolCallShape; completions.CompletionShape)
 
 
 class Answer:
-    """One request's answer as it arrives: text deltas with stop strings applied, then
-    `finish_reason` and the token counts. Leaving it unfinished cancels the Triton request."""
+    """One request's answer as it arrives: text deltas (stop strings applied by the model, which
+    ends the answer at the token completing one), then `finish_reason` and the token counts:
+    the tokens the answer holds, the same streamed or not. Leaving it unfinished cancels the
+    Triton request."""
 
-    def __init__(self, generation: Generation, stops: list[str], metrics: Metrics):
-        self.generation, self.stops, self.metrics = generation, StopStrings(stops), metrics
+    def __init__(self, generation: Generation, metrics: Metrics):
+        self.generation, self.metrics = generation, metrics
         self.finish_reason: str | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.reported = False  # the streamed response recorded its status
@@ -77,19 +80,15 @@ class Answer:
             while True:
                 self.completion_tokens += len(piece.token_ids)
                 self.prompt_tokens = piece.num_input_tokens or self.prompt_tokens
-                text, stopped = self.stops.feed(piece.text)
-                if stopped or piece.finish_reason:
-                    if piece.finish_reason == "cancelled" and not stopped:
+                if piece.finish_reason:
+                    if piece.finish_reason == "cancelled":
                         raise unavailable("the model cancelled the request (is the server shutting down?)")
-                    if stopped:
-                        reason = "stop_string"
-                    self.finish_reason = "stop" if stopped else piece.finish_reason
-                    text += "" if stopped else self.stops.flush()
-                    if text:
-                        yield text
+                    self.finish_reason = piece.finish_reason
+                    if piece.text:
+                        yield piece.text
                     return
-                if text:
-                    yield text
+                if piece.text:
+                    yield piece.text
                 piece = await self.generation.__anext__()
         except BaseException as e:  # the client went away (cancelled), or an error
             if not isinstance(e, Exception):
@@ -110,24 +109,30 @@ class ChatHandler:
         self.ensemble, self.images, self.metrics = ensemble, images, metrics
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
 
+    def check_model(self, model: str) -> None:
+        """Raises the 404 for a model name this service does not serve."""
+        if model != self.model_name:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         """Raises APIError: 400 for the request's faults, 404 for another model's name."""
         req.check()
-        if req.model != self.model_name:
-            raise APIError(404, f"The model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+        self.check_model(req.model)
         chat = to_chat(req.messages)
+        video_fps = sampling_rate(chat.videos, req.processor_fps)
         tools = parse_tools(req.tools)
         constraint = self._constraint(req, tools)
         images = await self.images.load_all(chat.images)
+        videos = await self.images.load_all(chat.videos, "video")
         ensemble_request = EnsembleRequest(
             text_input=chat.text_input(), images=images,
-            max_tokens=req.completion_limit or self.default_max_tokens,
-            temperature=req.temperature, top_p=req.top_p,
-            top_k=0 if req.top_k == -1 else req.top_k, seed=req.seed,
-            structured_outputs=constraint, tools=req.tools or None)
+            max_tokens=req.completion_limit or self.default_max_tokens, **sampling_fields(req),
+            videos=videos, video_fps=video_fps, structured_outputs=constraint, tools=req.tools or None)
+        # with tools the answer is parsed for tool calls (unless tool_choice is none)
+        shape = ToolCallShape if tools and req.tool_choice != "none" else None
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req, ensemble_request,
-                        [ref.param for ref in chat.images], tool_calls=bool(tools) and req.tool_choice != "none")
+                        [ref.param for ref in chat.images], [ref.param for ref in chat.videos], shape=shape)
 
     @staticmethod
     def _constraint(req: ChatCompletionRequest, tools) -> dict | None:
@@ -149,50 +154,40 @@ class ChatHandler:
         return given[0][1] if given else None
 
     async def start(self, prepared: Prepared) -> Answer:
-        generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params)
-        answer = Answer(generation, prepared.request.stop_list, self.metrics)
+        generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params,
+                                            prepared.video_params)
+        answer = Answer(generation, self.metrics)
         await answer.start()
         return answer
 
-    async def complete(self, prepared: Prepared) -> ChatCompletion:
+    def shape(self, prepared: Prepared):
+        return (prepared.shape or ChatShape)(prepared, self.model_name)
+
+    async def complete(self, prepared: Prepared):
+        """The whole answer's body (a ChatCompletion, or what the request's shape makes)."""
         answer = await self.start(prepared)
         text = "".join([delta async for delta in answer.deltas()])
         self._count(answer)
-        message, reason = ResponseMessage(content=text), answer.finish_reason
-        if prepared.tool_calls:
-            content, calls = parse_tool_calls(text)
-            if calls:
-                message = ResponseMessage(content=content, tool_calls=[c.as_openai() for c in calls])
-                reason = "tool_calls" if reason == "stop" else reason
-        return ChatCompletion(id=prepared.id, created=prepared.created, model=self.model_name, usage=answer.usage,
-                              choices=[Choice(message=message, finish_reason=reason)])
+        return self.shape(prepared).whole(text, answer)
 
     async def events(self, prepared: Prepared, answer: Answer, arrival: float) -> AsyncIterator[str]:
         """The server-sent events of a started answer; records the request's status when done."""
-        def chunk(delta: Delta, finish_reason=None) -> str:
-            return _sse(ChatCompletionChunk(id=prepared.id, created=prepared.created, model=self.model_name,
-                                            choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
-                        .model_dump_json())
-
+        shape = self.shape(prepared)
         status, first = 499, True  # 499: the client closed the connection first
-        parser = ToolCallParser() if prepared.tool_calls else None
         try:
-            yield chunk(Delta(role="assistant", content=""))
+            opening = shape.opening()
+            if opening is not None:
+                yield _sse(opening.model_dump_json())
             async for text in answer.deltas():
-                for delta in (_tool_deltas(parser.feed(text), parser) if parser else [Delta(content=text)]):
-                    yield chunk(delta)
+                for body in _bodies(shape.delta(text)):
+                    yield _sse(body.model_dump_json())
                 if first:
                     self.metrics.ttft.observe(time.perf_counter() - arrival)
                     first = False
-            reason = answer.finish_reason
-            if parser is not None:
-                for delta in _tool_deltas(parser.finish(), parser):
-                    yield chunk(delta)
-                reason = "tool_calls" if parser.calls and reason == "stop" else reason
-            yield chunk(Delta(), reason)
+            for body in _bodies(shape.finish(answer.finish_reason)):
+                yield _sse(body.model_dump_json())
             if prepared.request.include_usage:
-                yield _sse(ChatCompletionChunk(id=prepared.id, created=prepared.created, model=self.model_name,
-                                               choices=[], usage=answer.usage).model_dump_json())
+                yield _sse(shape.usage(answer.usage).model_dump_json())
             self._count(answer)
             status = 200
         except APIError as e:
@@ -220,19 +215,98 @@ class ChatHandler:
         self.metrics.completion_tokens.inc(answer.completion_tokens)
 
 
-def _tool_deltas(events: list[tuple], parser: ToolCallParser) -> list[Delta]:
-    """A parser's events as deltas: content as it is; a tool call as OpenAI streams one, its
-    id, type and name first (arguments ""), then its arguments."""
-    out, index = [], parser.calls - sum(1 for kind, _ in events if kind == "tool_call")
-    for kind, value in events:
-        if kind == "content":
-            out.append(Delta(content=value))
+class ChatShape:
+    """A chat completion's bodies: `chat.completion`, and the `chat.completion.chunk` events (the
+    role first, content deltas, the finish reason, the usage)."""
+
+    def __init__(self, prepared: Prepared, model: str):
+        self.head = {"id": prepared.id, "created": prepared.created, "model": model}
+
+    def whole(self, text: str, answer: Answer) -> ChatCompletion:
+        return ChatCompletion(**self.head, usage=answer.usage,
+                              choices=[Choice(message=ResponseMessage(content=text), finish_reason=answer.finish_reason)])
+
+    def chunk(self, delta: Delta, finish_reason=None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.head, choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+
+    def opening(self) -> ChatCompletionChunk:
+        return self.chunk(Delta(role="assistant", content=""))
+
+    def delta(self, text: str) -> ChatCompletionChunk:
+        return self.chunk(Delta(content=text))
+
+    def finish(self, finish_reason: str) -> ChatCompletionChunk:
+        return self.chunk(Delta(), finish_reason)
+
+    def usage(self, usage: Usage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.head, choices=[], usage=usage)
+
+
+def sampling_fields(req: GenerationRequest) -> dict:
+    """The EnsembleRequest fields of a request's sampling and stop strings (chat and text
+    completions alike)."""
+    return {"temperature": req.temperature, "top_p": req.top_p, "top_k": 0 if req.top_k == -1 else req.top_k,
+            "seed": req.seed, "stop": req.stop_list}
+
+
+def sampling_rate(videos: list[VideoRef], request_fps: float | None) -> float | None:
+    """The one video sampling rate of a request (the ensemble's video_fps is per request): the
+    parts' `fps` and `mm_processor_kwargs.fps` must agree. None: the server's. Raises APIError
+    (400) naming the part that disagrees."""
+    rate, source = request_fps, "mm_processor_kwargs.fps"
+    for ref in videos:
+        if ref.fps is None:
             continue
-        out.append(Delta(tool_calls=[{"index": index, "id": value.id, "type": "function",
-                                      "function": {"name": value.name, "arguments": ""}}]))
-        out.append(Delta(tool_calls=[{"index": index, "function": {"arguments": value.arguments}}]))
-        index += 1
-    return out
+        param = ref.param.removesuffix(".url") + ".fps"
+        if rate is not None and ref.fps != rate:
+            raise invalid(f"{param}: {ref.fps:g} frames per second, but {source} is {rate:g}: the videos of one "
+                          "request are sampled at one rate", param)
+        rate, source = ref.fps, param
+    return rate
+
+
+class ToolCallShape(ChatShape):
+    """A chat completion with tools (tool_choice not none): the answer's Qwen3 (hermes)
+    `<tool_call>` blocks become `tool_calls` and `finish_reason` `tool_calls`; streamed, each call
+    goes out once its block is complete, as OpenAI streams one: its index, id, type and name
+    (arguments ""), then its arguments (openai/structured.py)."""
+
+    def __init__(self, prepared: Prepared, model: str):
+        super().__init__(prepared, model)
+        self.parser = ToolCallParser()
+
+    def whole(self, text: str, answer: Answer) -> ChatCompletion:
+        content, calls = parse_tool_calls(text)
+        if not calls:
+            return super().whole(text, answer)
+        reason = "tool_calls" if answer.finish_reason == "stop" else answer.finish_reason
+        message = ResponseMessage(content=content, tool_calls=[c.as_openai() for c in calls])
+        return ChatCompletion(**self.head, usage=answer.usage, choices=[Choice(message=message, finish_reason=reason)])
+
+    def delta(self, text: str) -> list[ChatCompletionChunk]:
+        return self._chunks(self.parser.feed(text))
+
+    def finish(self, finish_reason: str) -> list[ChatCompletionChunk]:
+        rest = self._chunks(self.parser.finish())
+        reason = "tool_calls" if self.parser.calls and finish_reason == "stop" else finish_reason
+        return [*rest, self.chunk(Delta(), reason)]
+
+    def _chunks(self, events: list[tuple]) -> list[ChatCompletionChunk]:
+        out, index = [], self.parser.calls - sum(1 for kind, _ in events if kind == "tool_call")
+        for kind, value in events:
+            if kind == "content":
+                out.append(self.chunk(Delta(content=value)))
+                continue
+            out.append(self.chunk(Delta(tool_calls=[{"index": index, "id": value.id, "type": "function",
+                                                     "function": {"name": value.name, "arguments": ""}}])))
+            out.append(self.chunk(Delta(tool_calls=[{"index": index, "function": {"arguments": value.arguments}}])))
+            index += 1
+        return out
+
+
+def _bodies(made) -> list:
+    """A shape's delta or finish: one body, or (ToolCallShape) a list of them."""
+    return made if isinstance(made, list) else [made]
 
 
 def _sse(data: str) -> str:

@@ -1,6 +1,7 @@
-"""OpenAI messages -> the JSON chat the model takes (`text_input`, README "Multi-turn chat"):
+"""OpenAI messages -> the JSON chat the model takes (`text_input`, docs/api.md "Multi-turn chat"):
 each `image_url` part becomes a `{"type": "image"}` item and its URL joins `images`, in order,
-so images keep their places in the conversation; `tool` messages and an assistant's
+so images keep their places in the conversation; each `video_url` part (vLLM's) a
+`{"type": "video"}` item, its URL joining `videos`; `tool` messages and an assistant's
 `tool_calls` ({"function": {"name", "arguments"}}) pass as the template takes them. The
 checkpoint's chat template renders it."""
 
@@ -23,9 +24,17 @@ class ImageRef:
 
 
 @dataclass
+class VideoRef:
+    url: str
+    param: str  # messages[1].content[0].video_url.url
+    fps: float | None = None  # the part's sampling rate (its `fps` extension field)
+
+
+@dataclass
 class Chat:
     messages: list[dict] = field(default_factory=list)
     images: list[ImageRef] = field(default_factory=list)
+    videos: list[VideoRef] = field(default_factory=list)
 
     def text_input(self) -> str:
         return json.dumps(self.messages, ensure_ascii=False)
@@ -100,8 +109,15 @@ def _part(chat: Chat, role: str, where: str, part) -> dict:
             raise invalid(f"{where}.image_url: required for an image_url part", f"{where}.image_url")
         chat.images.append(ImageRef(part.image_url.url, f"{where}.image_url.url"))
         return {"type": "image"}
+    if part.type == "video_url":
+        if role != "user":
+            raise unsupported(where, f"{where}: videos are only taken in user messages")
+        if part.video_url is None:
+            raise invalid(f"{where}.video_url: required for a video_url part", f"{where}.video_url")
+        chat.videos.append(VideoRef(part.video_url.url, f"{where}.video_url.url", part.video_url.fps))
+        return {"type": "video"}
     if part.type in ("input_audio", "audio"):
-        raise unsupported(f"{where}.type", f"{where}: audio input is not supported; this model takes text and "
-                                           "image_url parts")
+        raise unsupported(f"{where}.type", f"{where}: audio input is not supported; this model takes text, "
+                                           "image_url and video_url parts")
     raise unsupported(f"{where}.type", f"{where}: content parts of type {part.type!r} are not supported; use "
-                                       "text and image_url parts")
+                                       "text, image_url and video_url parts")

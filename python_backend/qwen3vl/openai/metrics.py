@@ -36,7 +36,7 @@ class Metrics:
                                          registry=r)
         self.cancelled = Counter("qwen3vl_openai_cancelled_requests",
                                  "Triton requests cancelled before they finished, by reason", ["reason"], registry=r)
-        for reason in ("stop_string", "client_disconnected"):
+        for reason in ("client_disconnected",):
             self.cancelled.labels(reason)
 
     def answered(self, status: int, stream: bool) -> None:

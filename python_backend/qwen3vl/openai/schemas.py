@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI chat completions API (pydantic v2), after
 `openai-python`'s `completion_create_params.py` and `chat_completion_chunk.py`.
 
-Fields fall in three groups (the README's table):
+Fields fall in three groups (docs/openai.md's table):
 - supported: messages, model, max_tokens / max_completion_tokens, temperature, top_p, seed,
   stop, stream, stream_options.include_usage, response_format (text, json_object, json_schema),
   tools / tool_choice / parallel_tool_calls (function tools), tool messages and assistant
@@ -37,6 +37,14 @@ class ImageURL(_Lenient):
     detail: str | None = None  # accepted and ignored: the processor's own resizing decides
 
 
+class VideoURL(_Lenient):
+    """A video part's file (not in OpenAI's API; vLLM's `video_url` part). `fps`, an extension:
+    frames sampled per second of this video (the name vLLM and transformers give the rate,
+    vLLM's request-wide `mm_processor_kwargs.fps`); default: the server's video_fps."""
+    url: str
+    fps: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
 class ContentPart(_Lenient):
     """A content part; which types are served is decided in `messages` (so that an audio part
     gets a message that says so, not a schema mismatch)."""
@@ -44,6 +52,7 @@ class ContentPart(_Lenient):
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
 
 
 class Message(_Lenient):
@@ -65,11 +74,12 @@ IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifie
                   "verbosity", "moderation")
 
 
-class ChatCompletionRequest(_Lenient):
+class GenerationRequest(_Lenient):
+    """The fields a chat completion and a text completion share: the model, sampling, stop
+    strings and streaming."""
+
     model: str
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for max_completion_tokens
+    max_tokens: int | None = Field(None, ge=1)  # chat: deprecated by OpenAI for max_completion_tokens
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # extension (vLLM's): 0 or -1 = off
@@ -77,6 +87,32 @@ class ChatCompletionRequest(_Lenient):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+
+    def check_generation(self) -> None:
+        """Raises the 400 for what the schema cannot say: the stop list, stream_options without
+        stream."""
+        stops = self.stop_list
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise invalid(f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}", "stop")
+        if any(s == "" for s in stops):
+            raise invalid("stop: a stop sequence must not be empty", "stop")
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options: only allowed when stream is true", "stream_options")
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None        # function tools (openai/structured.py)
     tool_choice: Any = None               # none, auto, required, {"type": "function", "function": {"name": ...}}
     parallel_tool_calls: bool | None = None
@@ -95,35 +131,37 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: float | None = None
     prediction: Any = None
     web_search_options: Any = None
+    # vLLM's extension: keyword arguments for the processor; only `fps` (the video sampling rate)
+    mm_processor_kwargs: dict[str, Any] | None = None
 
     def check(self) -> None:
         """Raises the 400 for what the schema cannot say: the stop list, stream_options without
         stream, and the first field asking for a feature this server does not have."""
-        stops = self.stop_list
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise invalid(f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}", "stop")
-        if any(s == "" for s in stops):
-            raise invalid("stop: a stop sequence must not be empty", "stop")
-        if self.stream_options is not None and not self.stream:
-            raise invalid("stream_options: only allowed when stream is true", "stream_options")
+        self.check_generation()
         refusal = refused_field(self)
         if refusal is not None:
             raise refusal
+        self.processor_fps  # noqa: B018 - checks mm_processor_kwargs
 
     @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    def processor_fps(self) -> float | None:
+        """mm_processor_kwargs.fps (vLLM's request-wide video sampling rate), or None. Raises the
+        400 for another key or a rate that is not a positive number."""
+        kwargs = self.mm_processor_kwargs or {}
+        other = sorted(set(kwargs) - {"fps"})
+        if other:
+            raise unsupported(f"mm_processor_kwargs.{other[0]}",
+                              f"mm_processor_kwargs.{other[0]}: only fps (the video sampling rate) is taken")
+        fps = kwargs.get("fps")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps < float("inf")):
+            raise invalid(f"mm_processor_kwargs.fps: a positive number of frames per second, got {fps!r}",
+                          "mm_processor_kwargs.fps")
+        return None if fps is None else float(fps)
 
     @property
     def completion_limit(self) -> int | None:
         """max_completion_tokens, else max_tokens, else None (the model's default)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 def refused_field(req: ChatCompletionRequest):

@@ -1,6 +1,7 @@
 """The ensemble over Triton's gRPC stream (`tritonclient.grpc.aio`), one stream per request.
-Responses are always streamed from Triton, also for a non-streamed completion, so that a stop
-string or a client that goes away can cancel the request while it generates.
+Responses are always streamed from Triton, also for a non-streamed completion, so that a client
+that goes away can cancel the request while it generates. Stop strings go to the model (the
+request parameter contract.STOP), which ends the answer at the token that completes one.
 
 The request's tensors, the parsing of its responses and cancelling by token are the client
 library's (qwen3vl.client: inputs, responses, cancel); what is this service's own is the asyncio
@@ -9,7 +10,7 @@ stream and how its failures become OpenAI errors (errors.py)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import tritonclient.grpc as grpcclient
@@ -17,7 +18,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from ..client.cancel import CANCEL_TIMEOUT_S, LANGUAGE_MODEL, cancel_generation_async, new_token, token_parameters
-from ..client.inputs import build_inputs
+from ..client.inputs import build_inputs, generation_parameters
 from ..client.responses import Chunk, chunk_of
 from .errors import APIError, from_model, from_rpc, unavailable
 
@@ -31,6 +32,10 @@ class EnsembleRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None  # UINT64 on the wire: a negative seed wraps around (two's complement)
+    stop: list[str] = field(default_factory=list)  # stop strings, applied by the model (contract.STOP)
+    videos: list[bytes] = field(default_factory=list)
+    video_fps: float | None = None  # frames sampled per second of every video (None: the server's)
+    raw_prompt: bool = False  # text_input is the whole prompt: no chat template (a text completion)
     structured_outputs: dict | None = None  # vLLM's object (engine/structured.py), None: free text
     tools: list | None = None               # OpenAI's tools, for the chat template
 
@@ -39,7 +44,8 @@ def ensemble_inputs(req: EnsembleRequest) -> list[grpcclient.InferInput]:
     """The request's tensors, always streamed (see the module docstring)."""
     return build_inputs(grpcclient, req.text_input, req.images, max_tokens=req.max_tokens,
                         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=True,
-                        structured_outputs=req.structured_outputs, tools=req.tools)
+                        videos=req.videos, video_fps=req.video_fps, structured_outputs=req.structured_outputs,
+                        tools=req.tools)
 
 
 class Ensemble:
@@ -61,8 +67,10 @@ class Ensemble:
         except (InferenceServerException, grpc.aio.AioRpcError, OSError):
             return False
 
-    def generate(self, req: EnsembleRequest, request_id: str = "", image_params: list[str] = ()) -> Generation:
-        return Generation(self, ensemble_inputs(req), request_id, list(image_params))
+    def generate(self, req: EnsembleRequest, request_id: str = "", image_params: list[str] = (),
+                 video_params: list[str] = ()) -> Generation:
+        return Generation(self, ensemble_inputs(req), request_id, list(image_params), generation_parameters(req.stop, req.raw_prompt),
+                          list(video_params))
 
     def cancel(self, token: str, started: bool) -> None:
         """Cancel the generation named by `token` in the language model, in the background.
@@ -81,17 +89,18 @@ class Ensemble:
 class Generation:
     """One request's responses (`async for chunk in generation`), until the one with a finish
     reason. Raises APIError for an error from Triton or the model. `close()` cancels the
-    request if it has not finished (a stop string, a client gone)."""
+    request if it has not finished (a client gone, an error)."""
 
-    def __init__(self, ensemble: Ensemble, inputs: list, request_id: str, image_params: list[str]):
-        self.ensemble, self.image_params = ensemble, image_params
+    def __init__(self, ensemble: Ensemble, inputs: list, request_id: str, image_params: list[str],
+                 parameters: dict[str, str] | None = None, video_params: list[str] = ()):
+        self.ensemble, self.image_params, self.video_params = ensemble, image_params, list(video_params)
         self.finished, self.started = False, False
         self.token = new_token()
         self._done = asyncio.Event()  # keeps our side of the stream open until the last response
 
         async def requests():
             yield {"model_name": ensemble.model, "inputs": inputs, "request_id": request_id,
-                   "parameters": token_parameters(self.token)}
+                   "parameters": {**token_parameters(self.token), **(parameters or {})}}
             await self._done.wait()
 
         self._call = ensemble.client.stream_infer(requests(), stream_timeout=ensemble.timeout_s)
@@ -125,7 +134,7 @@ class Generation:
     async def _error(self, message: str) -> APIError:
         """A marked error is the model's (its code says the status); an unmarked one is Triton's:
         503 when the ensemble is not ready (not loaded, shutting down), else 500."""
-        marked = from_model(message, self.image_params)
+        marked = from_model(message, self.image_params, self.video_params)
         if marked is not None:
             return marked
         if not await self.ensemble.ready():

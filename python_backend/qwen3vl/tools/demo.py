@@ -4,7 +4,7 @@ The checkpoint (checkpoints/shapes, made by `qwen3vl-train-demo`) is a small Qwe
 on pictures of coloured shapes. The demo draws a picture it has never seen, saves it, asks the
 served model about it over gRPC streaming through the ensemble, and says whether each answer is
 right. It exits 1 if no answer comes back (a wrong answer is the model's, not a failure of the
-serving: the README gives its accuracy).
+serving: docs/demo-checkpoint.md gives its accuracy).
 
     python -m qwen3vl.tools.demo [--seed N] [--question TEXT] [--out-dir .work/demo]
 

@@ -268,7 +268,7 @@ Trained by `qwen3vl-train-demo --out DIR --steps {summary['steps']} --seed {summ
 `Qwen3VLMoeForConditionalGeneration` and its processor: the release's architecture at a small
 size ({size / 1e6:.1f} MB of bf16 weights, 8 routed experts top-2, three deepstack taps, interleaved
 MRoPE, GQA). It answers a handful of questions about pictures of circles, squares and triangles
-(the repository README, "The demo checkpoint", gives the task, the accuracy through the server
+(the repository's docs/demo-checkpoint.md gives the task, the accuracy through the server
 and the ablations). In-process greedy accuracy at the end of training, {summary['check_per_category']}
 fresh pictures per category: {accuracy}. `training.json` holds the run's settings and loss curve.
 """)

@@ -1,12 +1,16 @@
 """Stop strings over streamed text: the answer ends just before the first stop string, which a
 piece may split. Text that could be the start of a stop string is held back until the next
-piece tells; nothing at or after a stop string ever goes out."""
+piece tells; nothing at or after a stop string ever goes out.
+
+The engine feeds it each token's text as the token is sampled (engine.py), so the token that
+completes a stop string is known: the answer's tokens end with it, as vLLM's do, and the
+generation ends at that step (no later token is generated or counted)."""
 
 from __future__ import annotations
 
 
 class StopStrings:
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: "list[str] | tuple[str, ...]"):
         self.stops = [s for s in stops if s]
         self.pending = ""  # received, not yet released
 
