@@ -163,7 +163,7 @@ def test_constrained_requests_leave_unconstrained_neighbours_greedy_tokens_uncha
     with ThreadPoolExecutor(6) as pool:
         mixed = [pool.submit(free, 0),
                  *[pool.submit(ask, client, f"JSON {i}", response_format=schema_format(i, SCHEMAS[i])) for i in range(3)],
-                 pool.submit(ask, client, "Tool", tools=[WEATHER], tool_choice="required"),
+                 pool.submit(ask, client, "Tool", tools=[WEATHER], tool_choice="required", parallel_tool_calls=False),
                  pool.submit(free, 1)]
         assert [mixed[0].result(), mixed[-1].result()] == alone
         for future in mixed[1:-1]:
