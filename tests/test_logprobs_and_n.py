@@ -261,6 +261,15 @@ def test_out_of_range_logprobs_and_n_are_refused(parts, params, message):
         engine.params(**params)
 
 
+def test_choices_with_structured_output_are_refused(parts):
+    from qwen3vl.engine.structured import StructuredOutputs
+
+    engine = new_engine(parts[0])
+    with pytest.raises(InvalidInput, match="structured output"):
+        engine.new_sequence(chat("hi", 0), engine_features(engine), engine.params(max_tokens=4, n=2),
+                            structured=StructuredOutputs.parse('{"json_object": true}'))
+
+
 def test_more_choices_than_slots_is_refused(parts):
     engine = new_engine(parts[0], max_num_seqs=2)
     seq = engine.new_sequence(chat("hi", 0), engine_features(engine), engine.params(max_tokens=4, n=3))
@@ -414,7 +423,11 @@ def chat_body(**fields) -> dict:
     (chat_body(logprobs=True, top_logprobs=-1), "top_logprobs", "[0, 20]"),
     (chat_body(top_logprobs=3), "top_logprobs", "logprobs is true"),
     (chat_body(logprobs=False, top_logprobs=3), "top_logprobs", "logprobs is true"),
-], ids=["n-0", "n-9", "top-21", "top-negative", "top-without-logprobs", "top-with-logprobs-false"])
+    (chat_body(n=2, response_format={"type": "json_object"}), "n", "response_format"),
+    (chat_body(logprobs=True, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+     "logprobs", "tools"),
+], ids=["n-0", "n-9", "top-21", "top-negative", "top-without-logprobs", "top-with-logprobs-false",
+        "n-with-a-grammar", "logprobs-with-tools"])
 def test_bad_n_and_top_logprobs_get_400_naming_the_field(api, body, param, words):
     assert_openai_error(api.post(body), 400, param, param, words)
 

@@ -384,23 +384,22 @@ def with_content(*parts) -> dict:
 
 TEXT = {"type": "text", "text": "hi"}
 REFUSED = [  # (body, the field the 400 names)
-    (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-    (chat(tool_choice="required"), "tool_choice"),
+    (chat(tools=[{"type": "retrieval"}]), "tools[0].type"),  # function tools only (test_structured_api.py)
     (chat(functions=[{"name": "f"}]), "functions"),
     (chat(logit_bias={"100": 5}), "logit_bias"),
     (chat(audio={"voice": "alloy", "format": "wav"}), "audio"),
     (chat(modalities=["text", "audio"]), "modalities"),
-    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(response_format={"type": "yaml"}), "response_format.type"),
     (chat(frequency_penalty=0.5), "frequency_penalty"),
     (chat(presence_penalty=-0.5), "presence_penalty"),
     (chat(prediction={"type": "content", "content": "x"}), "prediction"),
     (with_content({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}),
      "messages[0].content[0].type"),
     (with_content(TEXT, {"type": "file", "file": {"file_id": "f"}}), "messages[0].content[1].type"),
-    (chat(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "42", "tool_call_id": "1"}]),
+    (chat(messages=[{"role": "user", "content": "hi"}, {"role": "function", "content": "42", "name": "f"}]),
      "messages[1].role"),
-    (chat(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]),
-     "messages[0].tool_calls"),
+    (chat(messages=[{"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]),
+     "messages[0].function_call"),
     (chat(messages=[{"role": "system", "content": [{"type": "image_url", "image_url": {"url": data_url(IMAGE_A)}}]}]),
      "messages[0].content[0]"),
 ]
@@ -420,6 +419,9 @@ MALFORMED = [
     (chat(stream_options={"include_usage": True}), "stream_options"),  # without stream
     (chat(messages=[]), "messages"),
     (chat(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
+    (chat(tool_choice="required"), "tool_choice"),  # without tools
+    (chat(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]),
+     "messages[0].tool_calls[0].function"),
     (chat(messages=[{"role": "user"}]), "messages[0].content"),
     (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
     (with_content({"type": "text"}), "messages[0].content[0].text"),

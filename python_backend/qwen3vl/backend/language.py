@@ -22,6 +22,7 @@ from .. import contract
 from ..engine.engine import Engine, PrefillReport
 from ..engine.logprobs import TokenLogprobs
 from ..engine.sequence import Sequence, Step
+from ..engine.structured import StructuredOutputs
 from ..engine.worker import EngineLoop
 from ..errors import InvalidInput, NotFound, Unavailable
 from ..features import VisualFeatures
@@ -276,7 +277,13 @@ class LanguageService:
             n=scalar(pb, request, contract.N, int),
             stop=stop or None,
         )
-        seq = self.engine.new_sequence(text, self._features(request), params, raw)
+        structured = scalar(pb, request, contract.STRUCTURED_OUTPUTS, str)
+        tools = self._tools(request)
+        if raw and tools:
+            raise InvalidInput(f"{contract.TOOLS} are rendered by the chat template; a raw prompt has none")
+        seq = self.engine.new_sequence(text, self._features(request), params, raw,
+                                       structured=StructuredOutputs.parse(structured) if structured else None,
+                                       tools=tools)
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         stream.choices, stream.token_bytes = params.n, self.engine.token_bytes.of
         return seq
@@ -285,6 +292,21 @@ class LanguageService:
         """The `logprobs` input: top alternatives per token, None (absent or -1) for no logprobs."""
         k = scalar(self.pb, request, contract.LOGPROBS, int)
         return None if k is None or k == -1 else k
+
+    def _tools(self, request) -> list | None:
+        """The `tools` input: a JSON list of OpenAI function definitions, or None. Raises
+        InvalidInput naming what is wrong."""
+        text = scalar(self.pb, request, contract.TOOLS, str)
+        if not text:
+            return None
+        try:
+            tools = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InvalidInput(f"{contract.TOOLS} is not valid JSON: {e}") from None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise InvalidInput(f"{contract.TOOLS} must be a JSON list of tool objects "
+                               "({\"type\": \"function\", \"function\": {...}})")
+        return tools or None
 
     def _features(self, request) -> VisualFeatures:
         grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)
@@ -318,5 +340,6 @@ class LanguageService:
 
     def stop(self) -> None:
         self.loop.stop()
+        self.engine.grammars.close()  # compiles not yet started are dropped
         if self.group is not None:
             self.group.stop()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -36,6 +38,7 @@ from .model_runner import ModelRunner, PagedKVCache
 from .sampling import SamplingParams, generation_defaults, sample_batch
 from .scheduler import Scheduler
 from .sequence import Sequence, Status, Step
+from .structured import GrammarCompiler, StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ CPU_KV_CACHE_BYTES = 1 << 30
 # GPU memory kept free for a step's activations (the gathered K/V of the reference attention
 # path, MoE intermediates, logits) when the KV pool is sized from what is left.
 ACTIVATION_RESERVE_BYTES = 2 << 30
+# An idle engine waits this long at most for a grammar compile before its next step (a new
+# request arriving meanwhile waits no longer than this).
+GRAMMAR_WAIT_S = 0.02
 
 
 def kv_cache_budget(config: ModelConfig, settings: ServingConfig) -> int:
@@ -109,6 +115,9 @@ class Engine:
         self.scheduler = Scheduler(settings, self.blocks)
         self.runner = (ModelRunner(model, self.kv, config.deepstack_layers, config.kernels) if parallel is None
                        else parallel.runner(model, self.kv, config.deepstack_layers, config.kernels))
+        # structured output: grammars compiled off this thread, masks applied before sampling
+        self.grammars = GrammarCompiler(tokenizer, config.text.vocab_size, sorted(self.stop_ids),
+                                        settings.max_num_seqs)
         # Collected as they happen and handed out whole by the next step(), fail_waiting() or
         # abort_all(): outputs of a step that raised part-way go out with abort_all's failures.
         self._outputs = EngineOutputs()
@@ -140,9 +149,10 @@ class Engine:
         p.validate()
         return p
 
-    def prepare(self, text: str, features: VisualFeatures, raw: bool = False) -> Prompt:
-        """The prompt's ids and positions (`raw`: the text tokenized as it is, no chat template).
-        Raises InvalidInput when the text and the visual tensors do not fit together."""
+    def prepare(self, text: str, features: VisualFeatures, raw: bool = False, tools: list | None = None) -> Prompt:
+        """The prompt's ids and positions (`raw`: the text tokenized as it is, no chat template;
+        `tools`: for the chat template). Raises InvalidInput when the text and the visual
+        tensors do not fit together."""
         merge = self.config.spatial_merge_size
         for name, grids in (("image_grid_thw", features.image_grid_thw), ("video_grid_thw", features.video_grid_thw)):
             if grids.ndim != 2 or grids.shape[1] != 3 or bool((grids < 1).any()):
@@ -152,7 +162,8 @@ class Engine:
         if features.video_timestamps.ndim != 1 or not bool(torch.isfinite(features.video_timestamps).all()):
             raise InvalidInput("video_timestamps must be [frame groups] of finite seconds")
         self.prompts.check_size(text, self.max_model_len)
-        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps, raw)
+        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps, raw,
+                              tools=tools)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
             raise InvalidInput(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
@@ -173,11 +184,16 @@ class Engine:
             return features
         return features.rows(features.visual_embeds[prompt.row_order], features.deepstack_embeds[:, prompt.row_order])
 
-    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams, raw: bool = False) -> Sequence:
+    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams, raw: bool = False,
+                     structured: StructuredOutputs | None = None, tools: list | None = None) -> Sequence:
         """A validated sequence, ready for `add` (`raw`: the text is the whole prompt, see
-        PromptBuilder). Raises InvalidInput (bad text, tensors, or a request longer than
-        max_model_len)."""
-        prompt = self.prepare(text, features, raw)
+        PromptBuilder; `structured`: its grammar, engine/structured.py; `tools`: function
+        definitions the chat template renders into the prompt). Raises InvalidInput (bad text,
+        tensors, or a request longer than max_model_len)."""
+        if structured is not None and params.ignore_eos:
+            raise InvalidInput("ignore_eos cannot be combined with structured output: the grammar's end "
+                               "ends the sequence")
+        prompt = self.prepare(text, features, raw, tools)
         features = self.in_prompt_order(prompt, features)
         left = self.max_model_len - len(prompt.input_ids)
         if params.fits_window and 0 < left < params.max_tokens:
@@ -185,11 +201,15 @@ class Engine:
         check_context_window(len(prompt.input_ids), params.max_tokens, self.max_model_len)
         keys = self._block_keys(prompt, features) if self.settings.enable_prefix_caching else []
         seq = Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), self._generator(params), keys)
+        seq.structured = structured
         # Choices 1..n-1 (the n choices of one request): the same prompt and visual rows, each its
         # own detokenizer and generator, seeded with seed + i (mod 2**64): choice i is what the
         # request alone with that seed gives. They run once choice 0's prefill is done.
         seq.followers = [Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer),
                                   self._generator(params, i), keys, index=i, leader=seq) for i in range(1, params.n)]
+        if params.n > 1 and structured is not None:
+            # each choice would need its own grammar matcher: not built (docs/logprobs-and-n.md)
+            raise InvalidInput(f"n={params.n} cannot be combined with structured output (one choice per request)")
         return seq
 
     def _generator(self, params: SamplingParams, choice: int = 0) -> torch.Generator | None:
@@ -216,8 +236,11 @@ class Engine:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; it joins the running batch at the next step with room. Raises
-        InvalidInput if it could never fit in the KV cache."""
+        InvalidInput if it could never fit in the KV cache. A sequence with structured output
+        starts its grammar's compile (or finds it cached) and waits until it is ready."""
         self.scheduler.add(seq)
+        if seq.structured is not None:
+            seq.grammar = self.grammars.submit(seq.structured)
 
     # ---- the step
     def has_work(self) -> bool:
@@ -230,10 +253,13 @@ class Engine:
         requests this step failed (its forward or sampling raised). Raises only on a bug
         outside the forward; then `abort_all` hands out what the step had done so far."""
         self._drop_cancelled()
+        compiling = self._poll_grammars()
         batch = self.scheduler.schedule()
         self.last_batch_size = len(batch)
         self._outputs.num_seqs = len(batch)
         if not batch:
+            if compiling:  # nothing to run until a grammar is ready: wait for one, not spin
+                wait_futures(compiling, timeout=GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
             return self._take_outputs()
         self.steps += 1
         try:
@@ -244,8 +270,9 @@ class Engine:
             seqs = [choice for _, choice in rows]
             if len(rows) != logits.shape[0]:
                 logits = logits.index_select(0, torch.tensor([row for row, _ in rows], device=logits.device))
-            # Taken from the raw logits, before sampling and anything it applies (docs/logprobs-and-n.md).
+            # Taken from the raw logits, before the grammar's mask and sampling (docs/logprobs-and-n.md).
             logprobs = StepLogprobs(logits, [seq.params.logprobs for seq in seqs])
+            no_token = self.grammars.mask(logits, [seq.grammar for seq in seqs])
             sampled = sample_batch(logits, seqs)
         except Exception as e:  # noqa: BLE001 - the step's requests fail; the engine goes on
             log.exception("engine step failed (%d sequences)", len(batch))
@@ -253,6 +280,7 @@ class Engine:
                 self._fail(s.seq, RuntimeError(f"the engine step running this request failed: "
                                                f"{type(e).__name__}: {e}"))
             return self._take_outputs()
+        failed = {id(seqs[i]): error for i, error in no_token.items()}
         for s in batch:
             seq = s.seq
             seq.num_computed = s.end
@@ -264,6 +292,10 @@ class Engine:
             if seq.leader is not None and seq.status is Status.WAITING:
                 self._fork(seq)
         for seq, token, token_logprobs in zip(seqs, sampled, logprobs.of(sampled)):
+            error = failed.get(id(seq)) or (seq.grammar.accept(token) if seq.grammar is not None else None)
+            if error is not None:  # its grammar allows nothing (or rejects the token): it fails alone
+                self._fail(seq, error)
+                continue
             self._append(seq, token, token_logprobs)
         return self._take_outputs()
 
@@ -281,6 +313,19 @@ class Engine:
         follower.admitted = leader.admitted
         leader.followers.remove(follower)
         self.scheduler.join(follower)
+
+    def _poll_grammars(self) -> list:
+        """Waiting sequences whose grammar compile ended: ready, or failed (the request fails
+        alone with its InvalidInput). Returns the compiles still running."""
+        compiling = []
+        for seq in list(self.scheduler.waiting):
+            if seq.grammar is None or seq.grammar.ready:
+                continue
+            if not seq.grammar.poll():
+                compiling.append(seq.grammar.compiled)
+            elif seq.grammar.error is not None:
+                self._fail(seq, seq.grammar.error)
+        return compiling
 
     def _take_outputs(self) -> EngineOutputs:
         out, self._outputs = self._outputs, EngineOutputs()

@@ -16,6 +16,7 @@ from .detokenize import IncrementalDetokenizer
 from .logprobs import TokenLogprobs
 from .sampling import SamplingParams
 from .stop import StopStrings
+from .structured import GrammarState, StructuredOutputs
 
 
 class Status(enum.Enum):
@@ -70,6 +71,8 @@ class Sequence:
     num_cached: int = 0          # prompt tokens restored from the prefix cache
     cancel_requested: bool = False  # set from any thread; the engine drops it at its next step
     finish_reason: str = ""
+    structured: StructuredOutputs | None = None  # structured output asked for
+    grammar: GrammarState | None = None  # its grammar: set by `Engine.add` (compiled off the engine thread)
     # Choices (params.n > 1): choice 0 (this, the leader) is scheduled and prefilled; the other
     # choices wait in `followers` (with KV blocks reserved at its admission) until the leader's
     # prefill ends, then join the batch sharing its prompt's KV (engine.py, block_manager.fork).
@@ -100,6 +103,11 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.num_computed < self.prompt_len
+
+    @property
+    def ready(self) -> bool:
+        """Whether it may be scheduled: no grammar, or its grammar compiled."""
+        return self.structured is None or (self.grammar is not None and self.grammar.ready)
 
     @property
     def finished(self) -> bool:
