@@ -113,6 +113,9 @@ class ServingConfig:
     distributed_timeout_s: float = _setting(600.0, "tensor parallel: how long the ranks' rendezvous, each rank's "
                                                    "loading and any collective may take before the model fails",
                                             "--distributed-timeout-s")
+    enforce_eager: bool = _setting(False, "run every step eagerly: no CUDA graphs (by default pure-decode steps "
+                                          "replay graphs captured at start, on CUDA with kernels triton)",
+                                   "--enforce-eager")
     # -- qwen3_encoder
     encoder_mode: str = _setting("local", "`local`: the vision tower runs here; `remote`: fetch from encoder "
                                           "servers (set by the language role's config variant)")

@@ -33,6 +33,7 @@ from ..settings import ServingConfig
 from ..tensors import raw_bytes
 from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer
+from .graph_runner import decode_graphs
 from .model_runner import ModelRunner, PagedKVCache
 from .sampling import SamplingParams, generation_defaults, sample_batch
 from .scheduler import Scheduler
@@ -113,6 +114,9 @@ class Engine:
         self.scheduler = Scheduler(settings, self.blocks)
         self.runner = (ModelRunner(model, self.kv, config.deepstack_layers, config.kernels) if parallel is None
                        else parallel.runner(model, self.kv, config.deepstack_layers, config.kernels))
+        if parallel is None:  # pure-decode steps from CUDA graphs on one device; tensor parallel steps run eagerly
+            self.runner.decode = decode_graphs(self.runner, settings, self.max_model_len, config.device,
+                                               config.kernels)
         # structured output: grammars compiled off this thread, masks applied before sampling
         self.grammars = GrammarCompiler(tokenizer, config.text.vocab_size, sorted(self.stop_ids),
                                         settings.max_num_seqs)

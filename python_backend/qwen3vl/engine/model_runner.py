@@ -145,6 +145,8 @@ class ModelRunner:
         self.ops = kernel_ops(kernels) if kernels != "torch" else None
         w = model.embed_tokens.weight
         self.device, self.dtype, self.hidden = w.device, w.dtype, w.shape[1]
+        # pure-decode steps over static buffers (CUDA graphs): engine/graph_runner.py sets it
+        self.decode = None
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         bs = self.kv.block_size
@@ -231,6 +233,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; logits [Bs, V] fp32 of the sequences that sample, in batch order."""
+        if self.decode is not None and self.decode.fits(batch):
+            return self.decode.execute(batch)
         step = self.prepare(batch).to(self.device)
         x = self.model.embed_rows(step.input_ids, step.visual_index, step.visual_embeds)
         cache = (PagedAttention(self.kv, step.attention) if self.ops is None
