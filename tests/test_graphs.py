@@ -202,4 +202,4 @@ def test_gpu_check_smoke(tmp_path):
     assert {row["batch"] for row in result["decode"]} == {1, 8, 32, 64}
     assert all(row["tokens_per_s"] > 0 and row["floor_ratio"] > 0 for row in result["decode"])
     assert result["prefill_1024"]["prompt_tokens"] == 1024 and result["image_ttft"]["ttft_ms"] > 0
-    assert result["vision"]["images_per_s"] > 0 and result["graph_over_eager_b1"] > 0
+    assert result["vision"]["images_per_s"] > 0 and result["graphs"]["eager_over_graph"] > 0
