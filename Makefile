@@ -64,7 +64,7 @@ bench: setup
 soak: setup
 	$(VENV)/bin/qwen3vl-soak $(SOAK_ARGS)
 
-# The prepared GPU check (parity in bf16, real-size benchmark); needs a CUDA GPU.
+# The prepared GPU check around the serving engine (docs/gpu.md); needs a CUDA GPU.
 gpu-check: setup
 	$(PY) bench/gpu_check.py --out bench/results
 

@@ -290,8 +290,9 @@ def prompt_of(engine: Engine, tokens: int, tag: str = "") -> str:
     """A text whose prompt (chat template included) is `tokens` long, or as near below as words allow."""
     def length(k):
         return len(engine.prepare(tag + " a" * k, empty_features(engine)).input_ids)
-    base = length(0)
-    k = max(0, tokens - base)
+    k = max(0, tokens - length(0))
+    while length(k + 1) <= tokens and k < 4 * tokens:  # a tokenizer may merge some of them
+        k += 1
     while k > 0 and length(k) > tokens:
         k -= 1
     return tag + " a" * k
