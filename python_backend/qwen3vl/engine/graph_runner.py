@@ -81,7 +81,7 @@ class DecodeGraphRunner:
             # host staging, two of each: a step writes one while the other may still be read
             self._stage = [_Staging(n, self.width, pin) for _ in range(2)]
         self._turn = 0
-        self._owner: list[tuple[int, int] | None] = [None] * n  # the sequence whose table a row holds
+        self._rows: list[list[int] | None] = [None] * n  # the table each device row holds
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
         if capture:
@@ -147,20 +147,20 @@ class DecodeGraphRunner:
         lens[b:size] = 0
         self.i64.copy_(stage.i64, non_blocking=True)
         self.seq_lens.copy_(stage.seq_lens, non_blocking=True)
-        # A sequence's table is fixed once it is admitted (blocks reserved for all its tokens):
-        # a row is rewritten only when another sequence takes it. Entries past a sequence's
-        # blocks are never read (the kernels stop at its length), stale ones included.
-        owners = [(s.seq.request_id, len(s.seq.block_table)) for s in batch]
-        changed = next((i for i in range(b) if self._owner[i] != owners[i]), None)
+        # Block tables: a row is copied only when it differs from what the device row holds (a
+        # table hardly changes once admitted: blocks are reserved for all its tokens), so most
+        # steps copy none. Entries past a sequence's blocks are never read (the kernels stop at
+        # its length), stale ones included.
+        tables = [s.seq.block_table for s in batch]
+        changed = next((i for i in range(b) if self._rows[i] != tables[i]), None)
         if changed is not None:
-            table = stage.block_table.numpy()
+            staged = stage.block_table.numpy()
             for i in range(changed, b):
-                if stage.rows[i] != owners[i]:
-                    blocks = batch[i].seq.block_table[:self.width]
-                    table[i, :len(blocks)] = blocks
-                    stage.rows[i] = owners[i]
+                if stage.rows[i] != tables[i]:
+                    staged[i, :min(len(tables[i]), self.width)] = tables[i][:self.width]
+                    stage.rows[i] = list(tables[i])
             self.block_table[changed:b].copy_(stage.block_table[changed:b], non_blocking=True)
-            self._owner[changed:b] = owners[changed:]
+            self._rows[changed:b] = stage.rows[changed:b]
         stage.record()
 
     def forward(self, size: int) -> torch.Tensor:
@@ -209,7 +209,7 @@ class _Staging:
         self.i64 = torch.zeros(5, n, dtype=torch.int64, pin_memory=pin)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
         self.block_table = torch.zeros(n, width, dtype=torch.int32, pin_memory=pin)
-        self.rows: list[tuple[int, int] | None] = [None] * n  # whose table each row holds here
+        self.rows: list[list[int] | None] = [None] * n  # the table each row holds here
         self.event = torch.cuda.Event() if pin else None
         self.recorded = False
 
