@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -249,11 +250,14 @@ def layers_that_fit(text: dict, run: Run) -> int:
     return max(1, min(text["num_hidden_layers"], (int(free * 0.85) - fixed) // per_layer))
 
 
-def bench_engine(run: Run, workdir: Path, checkpoint: str | None, layers: int | None):
+def bench_engine(run: Run, workdir: Path, checkpoint: str | None, layers: int | None, enforce_eager: bool = False):
     """(engine, vision encoder, description): the 30B's dims with random weights, or a checkpoint."""
     settings = ServingConfig(max_num_seqs=max(DECODE_BATCHES), max_num_batched_tokens=2048,
                              enable_prefix_caching=False, max_model_len=1280 if run.smoke else 2048,
-                             kv_cache_mb=256 if run.smoke else 0, gpu_memory_utilization=0.85)
+                             kv_cache_mb=256 if run.smoke else 0, gpu_memory_utilization=0.85,
+                             enforce_eager=enforce_eager)
+    if not run.smoke:
+        torch.cuda.empty_cache()  # what a failed first attempt held
     if checkpoint:
         config = ModelConfig.load(checkpoint, device=run.device, dtype=run.dtype, kernels=run.kernels)
         engine = Engine.from_checkpoint(config, settings)
@@ -474,39 +478,59 @@ def bench_vision(encoder: VisionEncoder, run: Run) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def report(result: dict) -> str:
+    """The markdown table of whatever parts ran (a part that failed: its error)."""
     lines = [f"## GPU check on {result['device']} (torch {result['torch']}, triton {result['triton']}, "
              f"transformers {result['transformers']})", "",
              "Through qwen3vl's Engine in one process (scheduler, paged KV, kernels "
-             f"{result['kernels']}, pure-decode steps through the static-buffer path: "
-             f"{'uncaptured on the CPU' if result['smoke'] else 'CUDA graphs'}). Benchmarks: {result['model']}.", "",
-             "| parity | dtype | visual max abs | deepstack max abs | prefill logits rel err | decode logits rel err "
-             "(steps) | greedy tokens equal | graph = eager tokens | ours vs fp32 | transformers vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["parity"]:
-        lines.append(f"| {r['preset']} | {r['dtype']} | {r['visual_embeds_max_abs']:.2e} | {r['deepstack_max_abs']:.2e} | "
-                     f"{r['prefill_logits_rel_err']:.2e} | {r['decode_logits_rel_err']:.2e} ({r['logits_steps_compared']}) | "
-                     f"{r['greedy_tokens_equal']}/{r['greedy_tokens']} | {r['graph_tokens_equal_eager']} | "
-                     f"{r.get('ours_vs_fp32_rel_err', float('nan')):.2e} | "
-                     f"{r.get('transformers_vs_fp32_rel_err', float('nan')):.2e} |")
-    lines += ["", "| measure | value | floor or bound | value / floor | target |", "|---|---|---|---|---|",
-              f"| device-to-device copy (GB/s, read + write) | {result['copy_gb_per_s']:.0f} | | | |"]
-    for r in result["decode"]:
+             f"{result.get('kernels', '?')}, pure-decode steps through the static-buffer path: "
+             f"{'uncaptured on the CPU' if result['smoke'] else 'CUDA graphs'}). "
+             f"Benchmarks: {result.get('model', '?')}.", ""]
+    if result.get("parity"):
+        lines += ["| parity | dtype | visual max abs | deepstack max abs | prefill logits rel err | decode logits rel "
+                  "err (steps) | greedy tokens equal | graph = eager tokens | ours vs fp32 | transformers vs fp32 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["parity"]:
+            lines.append(
+                f"| {r['preset']} | {r['dtype']} | {r['visual_embeds_max_abs']:.2e} | {r['deepstack_max_abs']:.2e} | "
+                f"{r['prefill_logits_rel_err']:.2e} | {r['decode_logits_rel_err']:.2e} ({r['logits_steps_compared']}) | "
+                f"{r['greedy_tokens_equal']}/{r['greedy_tokens']} | {r['graph_tokens_equal_eager']} | "
+                f"{r.get('ours_vs_fp32_rel_err', float('nan')):.2e} | "
+                f"{r.get('transformers_vs_fp32_rel_err', float('nan')):.2e} |")
+        lines.append("")
+    lines += ["| measure | value | floor or bound | value / floor | target |", "|---|---|---|---|---|"]
+    if "copy_gb_per_s" in result:
+        lines.append(f"| device-to-device copy (GB/s, read + write) | {result['copy_gb_per_s']:.0f} | | | |")
+    for r in result.get("decode", []):
         target = FLOOR_TARGETS.get(r["batch"])
         met = "" if target is None else f">= {target:.0%}: {'met' if r['floor_ratio'] >= target else 'NOT met'}"
         lines.append(f"| decode, batch {r['batch']} (tokens/s; {r['experts_per_layer']:.0f} experts/layer, "
                      f"{r['step_gb']:.1f} GB a step) | {r['tokens_per_s']:.1f} | {r['floor_tokens_per_s']:.1f} | "
                      f"{r['floor_ratio']:.1%} | {met} |")
-    g, s, p, t, v = (result[k] for k in ("graphs", "syncs", "prefill_1024", "image_ttft", "vision"))
-    lines += [f"| decode step at batch 1, eager / graph (ms) | {g['eager_step_ms']:.2f} / {g['graph_step_ms']:.2f} | | "
-              f"{g['eager_over_graph']:.2f}x | |",
-              f"| host syncs in a decode step: captured / uncaptured | {s['captured']} / {s['uncaptured']} | | | 0 |",
-              f"| prefill, {p['prompt_tokens']} tokens (ms) | {p['prefill_ms']:.1f} | | | < {PREFILL_TARGET_MS:.0f} ms: "
-              f"{'met' if p['prefill_ms'] < PREFILL_TARGET_MS else 'NOT met'} |",
-              f"| image TTFT, {t['image']} ({t['visual_tokens']} visual tokens): all / encode / prefill (ms) | "
-              f"{t['ttft_ms']:.1f} / {t['encode_ms']:.1f} / {t['prefill_ms']:.1f} | | | |",
-              f"| vision tower, {v['images']} images of {v['image']} in one encode (images/s) | {v['images_per_s']:.1f} "
-              "| | | |"]
+    if "graphs" in result:
+        g = result["graphs"]
+        lines.append(f"| decode step at batch 1, eager / graph (ms) | {g['eager_step_ms']:.2f} / {g['graph_step_ms']:.2f} "
+                     f"| | {g['eager_over_graph']:.2f}x | |")
+    if "syncs" in result:
+        s = result["syncs"]
+        lines.append(f"| host syncs in a decode step: captured / uncaptured | {s['captured']} / {s['uncaptured']} | | | 0 |")
+    if "prefill_1024" in result:
+        p = result["prefill_1024"]
+        lines.append(f"| prefill, {p['prompt_tokens']} tokens (ms) | {p['prefill_ms']:.1f} | | | < {PREFILL_TARGET_MS:.0f} ms: "
+                     f"{'met' if p['prefill_ms'] < PREFILL_TARGET_MS else 'NOT met'} |")
+    if "image_ttft" in result:
+        t = result["image_ttft"]
+        lines.append(f"| image TTFT, {t['image']} ({t['visual_tokens']} visual tokens): all / encode / prefill (ms) | "
+                     f"{t['ttft_ms']:.1f} / {t['encode_ms']:.1f} / {t['prefill_ms']:.1f} | | | |")
+    if "vision" in result:
+        v = result["vision"]
+        lines.append(f"| vision tower, {v['images']} images of {v['image']} in one encode (images/s) | "
+                     f"{v['images_per_s']:.1f} | | | |")
+    for part, error in result.get("errors", {}).items():
+        lines.append(f"| **{part} failed** | {error.splitlines()[-1][:200]} | | | |")
     return "\n".join(lines) + "\n"
+
+
+PARTS = ("parity", "syncs", "decode", "graphs", "prefill", "image", "vision")
 
 
 def main():
@@ -515,7 +539,11 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny dims on the CPU: checks the script, measures nothing")
     ap.add_argument("--checkpoint", help="benchmark this checkpoint's weights (default: random, the 30B's dims)")
     ap.add_argument("--layers", type=int, help="layers of the random model (default: 48, or as many as fit)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run (default: all of {','.join(PARTS)})")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
     run = Run(args.smoke)
     if not run.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device (--smoke runs the same code on the CPU)")
@@ -524,35 +552,71 @@ def main():
 
     device = "cpu (smoke)" if run.smoke else torch.cuda.get_device_name()
     result = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-              "transformers": transformers.__version__, "smoke": run.smoke}
-    work = Path(tempfile.mkdtemp())
-    started = time.perf_counter()
-    dtypes = [torch.float32] if run.smoke else [torch.float32, torch.bfloat16]
-    presets = ("tiny",) if run.smoke else ("tiny", "small")
-    result["parity"] = [parity(p, dt, run, work) for p in presets for dt in dtypes]
-    print(json.dumps(result["parity"], indent=1), flush=True)
-    if not run.smoke:
-        torch.cuda.empty_cache()
-    result["copy_gb_per_s"] = copy_bandwidth(run) / 1e9
-    engine, encoder, result["model"] = bench_engine(run, work, args.checkpoint, args.layers)
-    result["kernels"] = engine.config.kernels
-    run.static_decode(engine)
-    result["capture_s"] = engine.runner.decode.capture_seconds
-    result["syncs"] = sync_check(engine, run)
-    result["decode"] = bench_decode(engine, run, result["copy_gb_per_s"] * 1e9)
-    result["graphs"] = bench_graph_vs_eager(engine, run)
-    result["prefill_1024"] = bench_prefill(engine, run)
-    result["image_ttft"] = bench_image_ttft(engine, encoder, run)
-    result["vision"] = bench_vision(encoder, run)
-    result["seconds"] = time.perf_counter() - started
+              "transformers": transformers.__version__, "smoke": run.smoke, "errors": {}}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"gpu_check-{'cpu-smoke' if run.smoke else card_slug(device)}"
+    name = out_dir / f"gpu_check-{'cpu-smoke' if run.smoke else card_slug(device)}"
+    work = Path(tempfile.mkdtemp())
+    started = time.perf_counter()
+
+    def part(key, fn):
+        """Run one part; a failure is recorded and the check goes on (a GPU run is precious).
+        The results so far are written after each part."""
+        print(f"gpu_check: {key} ({time.perf_counter() - started:.0f} s)", flush=True)
+        try:
+            result[key] = fn()
+        except Exception:  # noqa: BLE001 - reported in the results and the exit status
+            result["errors"][key] = traceback.format_exc()
+            print(result["errors"][key], file=sys.stderr, flush=True)
+        finally:
+            try:
+                run.sync()
+            except Exception:  # noqa: BLE001 - a sticky CUDA error: the next parts will say so
+                pass
+            result["seconds"] = time.perf_counter() - started
+            name.with_suffix(".json").write_text(json.dumps(result, indent=1))
+
+    if "parity" in parts:
+        dtypes = [torch.float32] if run.smoke else [torch.float32, torch.bfloat16]
+        presets = ("tiny",) if run.smoke else ("tiny", "small")
+        part("parity", lambda: [parity(p, dt, run, work) for p in presets for dt in dtypes])
+        if not run.smoke:
+            torch.cuda.empty_cache()
+    part("copy_gb_per_s", lambda: copy_bandwidth(run) / 1e9)
+    built = {}
+
+    def build(enforce_eager: bool) -> str:
+        built["engine"] = bench_engine(run, work, args.checkpoint, args.layers, enforce_eager)
+        return "eager" if enforce_eager else "graphs"
+
+    part("engine", lambda: build(False))
+    if not built:  # capture (or the engine) failed: the benchmarks run eager, the failure is reported
+        part("engine_eager", lambda: build(True))
+    if not built:
+        raise SystemExit(f"gpu_check: no engine to benchmark; results so far in {name}.json")
+    engine, encoder, result["model"] = built.pop("engine")
+    result["kernels"] = engine.config.kernels
+    if run.smoke:
+        run.static_decode(engine)
+    result["capture_s"] = engine.runner.decode.capture_seconds if engine.runner.decode else None
+    bandwidth = result.get("copy_gb_per_s", float("nan")) * 1e9
+    for key, fn in (("syncs", lambda: sync_check(engine, run)),
+                    ("decode", lambda: bench_decode(engine, run, bandwidth)),
+                    ("graphs", lambda: bench_graph_vs_eager(engine, run)),
+                    ("prefill_1024", lambda: bench_prefill(engine, run)),
+                    ("image_ttft", lambda: bench_image_ttft(engine, encoder, run)),
+                    ("vision", lambda: bench_vision(encoder, run))):
+        if key.split("_")[0] in parts:
+            part(key, fn)
+            for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:  # what a failed part left
+                seq.cancel_requested = True
+            engine.step()
     table = report(result)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out_dir / f"{name}.md").write_text(table)
+    name.with_suffix(".md").write_text(table)
     print("\n" + table)
-    print(f"{out_dir / name}.{{json,md}} written in {result['seconds']:.0f} s")
+    print(f"{name}.{{json,md}} written in {result['seconds']:.0f} s")
+    if result["errors"]:
+        raise SystemExit(f"gpu_check: failed parts: {', '.join(result['errors'])}")
 
 
 if __name__ == "__main__":
