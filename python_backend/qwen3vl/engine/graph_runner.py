@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from ..settings import ServingConfig
