@@ -24,7 +24,6 @@ this path against the eager one. Deepstack and visual rows never occur in a deco
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
@@ -32,8 +31,6 @@ import torch
 from ..settings import ServingConfig
 from .model_runner import AttentionMetadata, KernelPagedAttention, ModelRunner
 from .scheduler import ScheduledSeq
-
-log = logging.getLogger(__name__)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -182,6 +179,8 @@ class DecodeGraphRunner:
         padding (no KV written); each size runs once eagerly first (Triton compiles, the
         allocator warms). A step that syncs the host fails here (capture forbids it)."""
         start = time.perf_counter()
+        print(f"language model: capturing decode CUDA graphs for batch sizes up to {self.sizes[-1]} "
+              "(--enforce-eager: none)", flush=True)
         self.i64.zero_()
         self.i64[4].fill_(-1)
         self.seq_lens.zero_()
@@ -196,8 +195,9 @@ class DecodeGraphRunner:
             self.graphs[size] = graph
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
-        log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.graphs), self.sizes,
-                 self.capture_seconds)
+        # the server's log is the model process's stdout (logging's INFO goes nowhere there)
+        print(f"language model: captured {len(self.graphs)} decode CUDA graphs (batch sizes "
+              f"{', '.join(map(str, self.sizes))}) in {self.capture_seconds:.1f} s", flush=True)
 
 
 class _Staging:
