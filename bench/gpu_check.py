@@ -29,6 +29,7 @@ as fit: --layers) unless --checkpoint names a real one. Writes DIR/gpu_check-<ca
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import re
@@ -40,9 +41,15 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+# What it needs besides the standard library: a GPU machine may lack the small ones (no network there).
+_MISSING = [m for m in ("numpy", "torch", "transformers", "triton", "safetensors", "tokenizers", "PIL", "cachetools")
+            if importlib.util.find_spec(m) is None]
+if _MISSING:
+    sys.exit(f"gpu_check: missing Python packages: {', '.join(_MISSING)} (bring their wheels along)")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 
