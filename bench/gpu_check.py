@@ -484,6 +484,26 @@ def bench_vision(encoder: VisionEncoder, run: Run) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+def _prefill_row(p: dict) -> str:
+    met = "met" if p["prefill_ms"] < PREFILL_TARGET_MS else "NOT met"
+    return (f"| prefill, {p['prompt_tokens']} tokens (ms) | {p['prefill_ms']:.1f} | | | "
+            f"< {PREFILL_TARGET_MS:.0f} ms: {met} |")
+
+
+# the report's one-row parts: (result key, its row)
+SINGLE_ROWS = (
+    ("graphs", lambda g: f"| decode step at batch 1, eager / graph (ms) | {g['eager_step_ms']:.2f} / "
+                         f"{g['graph_step_ms']:.2f} | | {g['eager_over_graph']:.2f}x | |"),
+    ("syncs", lambda s: f"| host syncs in a decode step: captured / uncaptured | {s['captured']} / "
+                        f"{s['uncaptured']} | | | 0 |"),
+    ("prefill_1024", _prefill_row),
+    ("image_ttft", lambda t: f"| image TTFT, {t['image']} ({t['visual_tokens']} visual tokens): all / encode / "
+                             f"prefill (ms) | {t['ttft_ms']:.1f} / {t['encode_ms']:.1f} / {t['prefill_ms']:.1f} | | | |"),
+    ("vision", lambda v: f"| vision tower, {v['images']} images of {v['image']} in one encode (images/s) | "
+                         f"{v['images_per_s']:.1f} | | | |"),
+)
+
+
 def report(result: dict) -> str:
     """The markdown table of whatever parts ran (a part that failed: its error)."""
     lines = [f"## GPU check on {result['device']} (torch {result['torch']}, triton {result['triton']}, "
@@ -513,25 +533,9 @@ def report(result: dict) -> str:
         lines.append(f"| decode, batch {r['batch']} (tokens/s; {r['experts_per_layer']:.0f} experts/layer, "
                      f"{r['step_gb']:.1f} GB a step) | {r['tokens_per_s']:.1f} | {r['floor_tokens_per_s']:.1f} | "
                      f"{r['floor_ratio']:.1%} | {met} |")
-    if "graphs" in result:
-        g = result["graphs"]
-        lines.append(f"| decode step at batch 1, eager / graph (ms) | {g['eager_step_ms']:.2f} / {g['graph_step_ms']:.2f} "
-                     f"| | {g['eager_over_graph']:.2f}x | |")
-    if "syncs" in result:
-        s = result["syncs"]
-        lines.append(f"| host syncs in a decode step: captured / uncaptured | {s['captured']} / {s['uncaptured']} | | | 0 |")
-    if "prefill_1024" in result:
-        p = result["prefill_1024"]
-        lines.append(f"| prefill, {p['prompt_tokens']} tokens (ms) | {p['prefill_ms']:.1f} | | | < {PREFILL_TARGET_MS:.0f} ms: "
-                     f"{'met' if p['prefill_ms'] < PREFILL_TARGET_MS else 'NOT met'} |")
-    if "image_ttft" in result:
-        t = result["image_ttft"]
-        lines.append(f"| image TTFT, {t['image']} ({t['visual_tokens']} visual tokens): all / encode / prefill (ms) | "
-                     f"{t['ttft_ms']:.1f} / {t['encode_ms']:.1f} / {t['prefill_ms']:.1f} | | | |")
-    if "vision" in result:
-        v = result["vision"]
-        lines.append(f"| vision tower, {v['images']} images of {v['image']} in one encode (images/s) | "
-                     f"{v['images_per_s']:.1f} | | | |")
+    for key, row in SINGLE_ROWS:
+        if key in result:
+            lines.append(row(result[key]))
     for part, error in result.get("errors", {}).items():
         lines.append(f"| **{part} failed** | {error.splitlines()[-1][:200]} | | | |")
     return "\n".join(lines) + "\n"
