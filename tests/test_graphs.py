@@ -18,7 +18,8 @@ from torch.overrides import TorchFunctionMode
 
 from conftest import IMAGE_CASES
 from qwen3vl.encoder.encoder import VisionEncoder
-from qwen3vl.engine.engine import Engine
+from qwen3vl.engine.engine import Engine, gpu_kv_budget
+from qwen3vl.errors import InvalidInput
 from qwen3vl.engine.graph_runner import DecodeGraphRunner, capture_sizes, graphs_wanted
 from qwen3vl.features import VisualFeatures
 from qwen3vl.model.config import ModelConfig
@@ -97,6 +98,17 @@ def test_capture_sizes_and_when_graphs_are_wanted():
     assert not graphs_wanted("cuda", "triton", True)   # --enforce-eager
     assert not graphs_wanted("cuda", "torch", False)   # the torch attention path reads lengths on the host
     assert not graphs_wanted("cpu", "triton", False)
+
+
+def test_the_kv_pool_on_a_gpu_is_vllms_share_of_the_card():
+    gib = 1 << 30
+    # alone on an 80 GiB card, 60 GiB of weights: 0.9 of the card less the weights and the 2 GiB reserve
+    assert gpu_kv_budget(80 * gib, 19 * gib, 60 * gib, 0.9) == 72 * gib - 60 * gib - 2 * gib
+    # another process holds 30 GiB of a 141 GiB card: it does not count against this model's share,
+    # but the pool never takes more than is free
+    assert gpu_kv_budget(141 * gib, 50 * gib, 60 * gib, 0.9) == 48 * gib
+    with pytest.raises(InvalidInput, match="no GPU memory left for the KV cache: the model holds 60.0 GiB"):
+        gpu_kv_budget(80 * gib, 19 * gib, 60 * gib, 0.7)
 
 
 def test_static_decode_step_gives_the_eager_steps_tokens(checkpoint, encoder):
