@@ -119,8 +119,8 @@ class DecodeGraphRunner:
         graph = self.graphs.get(size)
         if graph is not None:
             graph.replay()
-        else:
-            self.hidden[:size] = self.forward(size)
+        else:  # uncaptured, the table's columns can stop at the step's longest context (the torch path gathers them all)
+            self.hidden[:size] = self.forward(size, -(-max(s.end for s in batch) // self.kv.block_size))
         return size
 
     def load(self, batch: list[ScheduledSeq], size: int) -> None:
@@ -159,12 +159,13 @@ class DecodeGraphRunner:
             self._rows[changed:b] = stage.rows[changed:b]
         stage.record()
 
-    def forward(self, size: int) -> torch.Tensor:
+    def forward(self, size: int, width: int | None = None) -> torch.Tensor:
         """The decoder over the first `size` rows of the static buffers, up to the final norm:
-        hidden states [size, H] (LanguageModel.forward without deepstack, visual rows or head)."""
+        hidden states [size, H] (LanguageModel.forward without deepstack, visual rows or head).
+        width: the block table's columns to pass (default all, as captured)."""
         model = self.model
         meta = AttentionMetadata(self.i64[4, :size], 1, cu_seqlens_q=self.cu_seqlens_q[:size + 1],
-                                 seq_lens=self.seq_lens[:size], block_table=self.block_table[:size])
+                                 seq_lens=self.seq_lens[:size], block_table=self.block_table[:size, :width])
         cache = KernelPagedAttention(self.kv, meta, self.ops)
         x = model.embed_tokens(self.i64[0, :size])[None]                  # [1, P, H]
         cos, sin = model.rotary(self.i64[1:4, None, :size], x.dtype)    # positions [3, 1, P]
