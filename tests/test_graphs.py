@@ -125,16 +125,16 @@ def test_static_decode_step_gives_the_eager_steps_tokens(checkpoint, encoder):
     assert static_engine.blocks.num_used == 0
 
 
-def test_static_decode_step_on_the_triton_kernels_reads_nothing_on_the_host(checkpoint, encoder):
+def test_static_decode_step_on_the_triton_kernels_reads_nothing_on_the_host(checkpoint):
     """kernels=triton (the path graphs capture), under the interpreter: a decode batch of three
     (padded to four) through the static path gives the eager step's logits, and nothing in it
     reads a tensor back to the host (.item, .tolist, bool(), nonzero, boolean masks...: a host
     sync on a GPU, which capture forbids). Triton's interpreter's own copies are not counted."""
     config = ModelConfig.load(checkpoint, device="cpu", kernels="triton")
     engine = engine_for(config, static=False, max_num_seqs=4, max_num_batched_tokens=256)
-    empty, image = encoder.encode([[]])[0], encoder.encode([IMAGE_CASES["one-image"]])[0]
-    for text, features in (("Hello there.", empty), ("Describe <image>.", image), ("A long story.", empty)):
-        engine.add(engine.new_sequence(text, features, engine.params(max_tokens=8, temperature=0.0)))
+    empty = VisualFeatures.empty(config)  # the image prompts' decode positions: the test above
+    for text in ("Hello there.", "Tell me something.", "A long story."):
+        engine.add(engine.new_sequence(text, empty, engine.params(max_tokens=8, temperature=0.0)))
     engine.step()  # every prompt prefilled (one step), one token each
     batch = engine.scheduler.schedule()
     assert len(batch) == 3 and all(s.num_tokens == 1 for s in batch)
