@@ -96,7 +96,7 @@ def test_capture_sizes_and_when_graphs_are_wanted():
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 32]
     assert graphs_wanted("cuda", "triton", False) and graphs_wanted("cuda:1", "triton", False)
     assert not graphs_wanted("cuda", "triton", True)   # --enforce-eager
-    assert not graphs_wanted("cuda", "torch", False)   # the torch attention path reads lengths on the host
+    assert not graphs_wanted("cuda", "torch", False)   # the torch MoE reads offsets on the host (below)
     assert not graphs_wanted("cpu", "triton", False)
 
 

@@ -46,7 +46,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 def graphs_wanted(device, kernels: str, enforce_eager: bool) -> bool:
     """Whether pure-decode steps replay CUDA graphs: on CUDA, with the Triton kernels (the torch
-    attention path gathers by lengths read on the host), unless enforce_eager."""
+    path's MoE reads expert offsets on the host), unless enforce_eager."""
     return str(device).startswith("cuda") and kernels == "triton" and not enforce_eager
 
 
