@@ -94,6 +94,7 @@ def test_capture_sizes_and_when_graphs_are_wanted():
     assert capture_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
     assert capture_sizes(3) == [1, 2, 4]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 32]
+    assert capture_sizes(1000)[-2:] == [496, 512]  # larger decode batches run eagerly
     assert graphs_wanted("cuda", "triton", False) and graphs_wanted("cuda:1", "triton", False)
     assert not graphs_wanted("cuda", "triton", True)   # --enforce-eager
     assert not graphs_wanted("cuda", "torch", False)   # the torch MoE reads offsets on the host (below)

@@ -33,13 +33,19 @@ from .model_runner import AttentionMetadata, KernelPagedAttention, ModelRunner
 from .scheduler import ScheduledSeq
 
 
+# Decode batches larger than this run eagerly (nano-vllm's bound): more graphs cost start time and
+# memory, and a batch this large is bound by its weight reads, not by launches.
+MAX_GRAPH_BATCH = 512
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """The padded batch sizes: 1, 2, 4, 8, then multiples of 16, up to the first that holds
-    max_num_seqs (nano-vllm's list, which stops short of a max_num_seqs off the grid)."""
+    max_num_seqs (nano-vllm's list, which stops short of a max_num_seqs off the grid), at most
+    MAX_GRAPH_BATCH."""
     sizes = []
-    for size in [1, 2, 4, 8, *range(16, max_num_seqs + 16, 16)]:
+    for size in [1, 2, 4, 8, *range(16, min(max_num_seqs, MAX_GRAPH_BATCH) + 16, 16)]:
         sizes.append(size)
-        if size >= max_num_seqs:
+        if size >= min(max_num_seqs, MAX_GRAPH_BATCH):
             break
     return sizes
 
