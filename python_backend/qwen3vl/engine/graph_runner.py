@@ -111,7 +111,8 @@ class DecodeGraphRunner:
         ModelRunner.execute."""
         b = len(batch)
         self.run_padded(batch)
-        return self.model.lm_head(self.hidden[:b]).float()
+        model = self.model
+        return model.shard.gather_vocab(model.lm_head(self.hidden[:b]).float(), model.cfg.vocab_size)
 
     @torch.inference_mode()
     def run_padded(self, batch: list[ScheduledSeq]) -> int:
@@ -173,7 +174,7 @@ class DecodeGraphRunner:
         meta = AttentionMetadata(self.i64[4, :size], 1, cu_seqlens_q=self.cu_seqlens_q[:size + 1],
                                  seq_lens=self.seq_lens[:size], block_table=self.block_table[:size, :width])
         cache = KernelPagedAttention(self.kv, meta, self.ops)
-        x = model.embed_tokens(self.i64[0, :size])[None]                  # [1, P, H]
+        x = model.embed(self.i64[0, :size][None])                         # [1, P, H]
         cos, sin = model.rotary(self.i64[1:4, None, :size], x.dtype)    # positions [3, 1, P]
         for layer in model.layers:
             x = layer(x, cos, sin, cache)
