@@ -454,3 +454,23 @@ def test_choices_on_two_tensor_parallel_ranks_equal_one_process(parts):
         assert ids(two[i]) == ids(one[i])
         assert [x for s in two[i] for x in s.logprobs.logprobs] == pytest.approx(
             [x for s in one[i] for x in s.logprobs.logprobs], abs=1e-4)
+
+
+def test_choices_through_the_static_decode_step_equal_the_eager_engine(parts):
+    """After the fork the next step is often a pure decode, which the static-buffer (graph)
+    decode step runs without the usual inputs: it makes the fork's partial-block copies too."""
+    from qwen3vl.engine.graph_runner import DecodeGraphRunner
+
+    config, encoder = parts
+    features = encoder.encode([[IMAGE]])[0]
+    prompt_len = len(new_engine(config).prepare(QUESTION, features).input_ids)
+    bs = next(b for b in range(5, 64) if prompt_len % b)
+    params = dict(max_tokens=6, temperature=1.0, seed=33, n=3, logprobs=0)
+    eager = run(new_engine(config, block_size=bs), QUESTION, features, **params)
+    engine = new_engine(config, block_size=bs, max_num_seqs=4)
+    engine.runner.decode = DecodeGraphRunner(engine.runner, 4, engine.max_model_len, capture=False)
+    static = run(engine, QUESTION, features, **params)
+    for i in range(3):
+        assert ids(static[i]) == ids(eager[i])
+        assert [x for s in static[i] for x in s.logprobs.logprobs] == pytest.approx(
+            [x for s in eager[i] for x in s.logprobs.logprobs], abs=1e-4)

@@ -101,7 +101,9 @@ class ServingConfig:
                                      "into the served model), `auto` (native where it can run, else dequantize); "
                                      "no effect on other checkpoints", "--fp8-mode")
     gpu_memory_utilization: float = _setting(0.9, "share of the GPU's memory the language model may use in all "
-                                                  "(with kv_cache_mb 0)", "--gpu-memory-utilization")
+                                                  "(with kv_cache_mb 0; vLLM's meaning: other processes on the "
+                                                  "card do not count against it, but the KV pool never takes more "
+                                                  "than is free)", "--gpu-memory-utilization")
     tensor_parallel_size: int = _setting(1, "processes (GPUs: rank r on cuda:r) the language model is split "
                                             "across: attention heads, experts and vocabulary (docs/tensor-parallel.md)",
                                          "--tensor-parallel-size")
@@ -113,6 +115,9 @@ class ServingConfig:
     distributed_timeout_s: float = _setting(600.0, "tensor parallel: how long the ranks' rendezvous, each rank's "
                                                    "loading and any collective may take before the model fails",
                                             "--distributed-timeout-s")
+    enforce_eager: bool = _setting(False, "run every step eagerly: no CUDA graphs (by default pure-decode steps "
+                                          "replay graphs captured at start, on CUDA with kernels triton)",
+                                   "--enforce-eager")
     # -- qwen3_encoder
     encoder_mode: str = _setting("local", "`local`: the vision tower runs here; `remote`: fetch from encoder "
                                           "servers (set by the language role's config variant)")

@@ -33,6 +33,7 @@ from ..settings import ServingConfig
 from ..tensors import raw_bytes
 from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer
+from .graph_runner import decode_graphs
 from .logprobs import StepLogprobs, TokenBytes, TokenLogprobs
 from .model_runner import ModelRunner, PagedKVCache
 from .sampling import SamplingParams, generation_defaults, sample_batch
@@ -54,18 +55,28 @@ GRAMMAR_WAIT_S = 0.02
 
 def kv_cache_budget(config: ModelConfig, settings: ServingConfig) -> int:
     """Bytes for the KV pool: `kv_cache_mb` when set, else (after the weights are loaded) on a
-    GPU `gpu_memory_utilization` of its memory less what is in use and the activation reserve,
-    on the CPU 1 GiB (pages are only touched as blocks are used)."""
+    GPU what gpu_kv_budget leaves, on the CPU 1 GiB (pages are only touched as blocks are used)."""
     if settings.kv_cache_mb:
         return settings.mib(settings.kv_cache_mb)
     if str(config.device).startswith("cuda"):
-        free, total = torch.cuda.mem_get_info(torch.device(config.device))
-        budget = int(settings.gpu_memory_utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES
-        if budget <= 0:
-            raise InvalidInput(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
-                               f"{total / 2**30:.1f}; raise --gpu-memory-utilization or set --kv-cache-mb")
-        return budget
+        device = torch.device(config.device)
+        free, total = torch.cuda.mem_get_info(device)
+        return gpu_kv_budget(total, free, torch.cuda.memory_reserved(device), settings.gpu_memory_utilization)
     return CPU_KV_CACHE_BYTES
+
+
+def gpu_kv_budget(total: int, free: int, own: int, utilization: float) -> int:
+    """Bytes for the KV pool on a GPU of `total` bytes with `free` free, this process holding
+    `own` (torch's reserved memory: the weights): vLLM's gpu_memory_utilization, the share of the
+    card this model may use in all (other processes on the card do not count against it), less
+    what it holds and the activation reserve, and never more than is free less that reserve.
+    Raises InvalidInput when nothing is left."""
+    budget = min(int(utilization * total) - own, free) - ACTIVATION_RESERVE_BYTES
+    if budget <= 0:
+        raise InvalidInput(f"no GPU memory left for the KV cache: the model holds {own / 2**30:.1f} GiB, "
+                           f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} at gpu_memory_utilization "
+                           f"{utilization}; raise --gpu-memory-utilization or set --kv-cache-mb")
+    return budget
 
 
 @dataclass
@@ -115,6 +126,9 @@ class Engine:
         self.scheduler = Scheduler(settings, self.blocks)
         self.runner = (ModelRunner(model, self.kv, config.deepstack_layers, config.kernels) if parallel is None
                        else parallel.runner(model, self.kv, config.deepstack_layers, config.kernels))
+        if parallel is None:  # pure-decode steps from CUDA graphs on one device; tensor parallel steps run eagerly
+            self.runner.decode = decode_graphs(self.runner, settings, self.max_model_len, config.device,
+                                               config.kernels)
         # structured output: grammars compiled off this thread, masks applied before sampling
         self.grammars = GrammarCompiler(tokenizer, config.text.vocab_size, sorted(self.stop_ids),
                                         settings.max_num_seqs)

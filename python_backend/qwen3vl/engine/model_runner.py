@@ -157,6 +157,8 @@ class ModelRunner:
         self.ops = kernel_ops(kernels) if kernels != "torch" else None
         w = model.embed_tokens.weight
         self.device, self.dtype, self.hidden = w.device, w.dtype, w.shape[1]
+        # pure-decode steps over static buffers (CUDA graphs): engine/graph_runner.py sets it
+        self.decode = None
         self.pending_copies: list[tuple[int, int, int]] = []  # KV copies for the next step (forks)
 
     def copy_before_next_step(self, src: int, dst: int, tokens: int) -> None:
@@ -254,6 +256,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; logits [Bs, V] fp32 of the sequences that sample, in batch order."""
+        if self.decode is not None and self.decode.fits(batch):
+            self.kv.copy_blocks(self._take_copies())  # a fork's copies, before the graph's writes
+            return self.decode.execute(batch)
         step = self.prepare(batch).to(self.device)
         self.kv.copy_blocks(step.kv_copies)
         x = self.model.embed_rows(step.input_ids, step.visual_index, step.visual_embeds)
