@@ -19,6 +19,7 @@ from ..kernels import KernelOps, kernel_ops
 from ..kernels.reference import fused_moe_torch
 from .checkpoint import fuse_per_expert, load_tensors, to_hub_expert_layout
 from .config import ModelConfig, TextConfig
+from .fp8_linear import Fp8Experts, install_native_fp8, runs_natively
 
 
 class RMSNorm(nn.Module):
@@ -119,6 +120,8 @@ class SparseMoe(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                  # [M, H]
         weights, ids = self.route(x)                                  # [M, K]
+        if isinstance(self.experts, Fp8Experts):                      # fp8_mode native (model/fp8_linear.py)
+            return self.experts(x, weights, ids).view(shape)
         out = self.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)  # [M, H]
         return out.view(shape)
 
@@ -168,13 +171,18 @@ class LanguageModel(nn.Module):
         cfg = config.text
         with torch.device("meta"):
             model = cls(cfg, config.kernels)
+        native = config.fp8_mode == "native"
         tensors = load_tensors(config.checkpoint, ("model.language_model.", "lm_head."),
-                               config.dtype, config.device, name="language model")
+                               config.dtype, config.device, name="language model",
+                               keep_fp8=runs_natively if native else None)
         if "weight" in tensors:  # `lm_head.weight` lost its prefix
             tensors["lm_head.weight"] = tensors.pop("weight")
         elif config.raw.get("tie_word_embeddings"):
             tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-        # FP8 tensors came back dequantized (config.fp8_mode "dequantize", the only one wired)
+        if native:  # FP8 Linear weights and experts kept FP8: their modules swapped (fp8_linear.py)
+            tensors = install_native_fp8(model, tensors, kernel_ops(config.kernels), cfg.num_experts,
+                                         cfg.hidden_size, cfg.moe_intermediate_size)
+        # (with fp8_mode "dequantize" the FP8 tensors came back dequantized)
         tensors = fuse_per_expert(tensors, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         tensors = {k: to_hub_expert_layout(k, v, cfg.hidden_size, cfg.moe_intermediate_size)
                    for k, v in tensors.items()}
