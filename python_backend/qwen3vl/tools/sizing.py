@@ -3,8 +3,11 @@
 token, and what those come to for a context and an image.
 
 An FP8 checkpoint (model/fp8.py) is counted both ways it can run: dequantized at load (every
-weight in the serving dtype, the scales dropped: what runs today) and native (1 byte per FP8
-weight plus its fp32 scales, the rest in the serving dtype)."""
+weight in the serving dtype, the scales dropped: fp8_mode dequantize, what the main sizes
+assume) and native (fp8_mode native, what auto picks on a GPU of compute capability 8.9+ with
+the Triton kernels: 1 byte per language-model FP8 weight plus its fp32 scales, the rest in the
+serving dtype; the vision tower is dequantized either way), with the reason when native cannot
+run the checkpoint (model/fp8_linear.check_native_fp8)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 from ..model.checkpoint import shard_header, weight_map
 from ..model.config import ModelConfig
 from ..model.fp8 import FP8_DTYPES, SCALE_SUFFIX
+from ..model.fp8_linear import check_native_fp8
 
 LANGUAGE_PREFIXES = ("model.language_model.", "lm_head.")
 VISION_PREFIXES = ("model.visual.",)
@@ -37,6 +41,7 @@ class Sizing:
     kv_bytes_per_token: int             # 2 (K, V) x layers x KV heads x head dim x dtype bytes
     e2l_bytes_per_visual_token: int     # (1 + deepstack layers) x hidden x dtype bytes
     max_position_embeddings: int
+    fp8_native_refused: str = ""        # why fp8_mode native cannot run this FP8 checkpoint ("" if it can)
 
     def kv_bytes(self, tokens: int) -> int:
         return self.kv_bytes_per_token * tokens
@@ -84,6 +89,9 @@ def sizing(checkpoint: str | Path, dtype: str = "bfloat16") -> Sizing:
     element = torch.empty((), dtype=config.dtype).element_size()
     t = config.text
     language, vision = _count(checkpoint, LANGUAGE_PREFIXES), _count(checkpoint, VISION_PREFIXES)
+    refused: list[str] = []
+    if language.fp8:
+        check_native_fp8(checkpoint, "native", "auto", t.num_experts, t.moe_intermediate_size, refused.append)
     return Sizing(
         dtype=str(config.dtype).removeprefix("torch."),
         language_params=language.params, vision_params=vision.params,
@@ -93,6 +101,7 @@ def sizing(checkpoint: str | Path, dtype: str = "bfloat16") -> Sizing:
         kv_bytes_per_token=2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * element,
         e2l_bytes_per_visual_token=(1 + config.deepstack_layers) * config.visual_hidden_size * element,
         max_position_embeddings=t.max_position_embeddings,
+        fp8_native_refused=refused[0].split("not native: ", 1)[-1] if refused else "",
     )
 
 
@@ -123,9 +132,12 @@ def main(argv=None) -> int:
     print(f"  vision tower weights    {_b(s.vision_weight_bytes)} ({s.vision_params / 1e9:.3g} B params): "
           f"encoder and aggregated servers")
     if s.language_fp8_params or s.vision_fp8_params:
+        native = (f"native cannot run this checkpoint ({s.fp8_native_refused}): auto dequantizes"
+                  if s.fp8_native_refused else "what fp8_mode auto picks on a GPU of compute capability 8.9+ with "
+                  "the Triton kernels")
         print(f"  FP8 checkpoint          {s.language_fp8_params / 1e9:.3g} B language and {s.vision_fp8_params / 1e9:.3g} "
               f"B vision params in FP8, dequantized at load to the sizes above (fp8_mode dequantize); the language "
-              f"model kept FP8 (native: 1 byte a weight + fp32 scales) {_b(s.language_fp8_weight_bytes)}")
+              f"model kept FP8 (native: 1 byte a weight + fp32 scales) {_b(s.language_fp8_weight_bytes)}, {native}")
     print(f"  KV cache per token      {_b(s.kv_bytes_per_token)}; a {args.context}-token sequence "
           f"{_b(s.kv_bytes(args.context))}")
     print(f"  E->L per visual token   {_b(s.e2l_bytes_per_visual_token)}; an image of {args.visual_tokens} "
