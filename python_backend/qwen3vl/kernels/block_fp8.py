@@ -5,7 +5,11 @@ run Qwen's and DeepSeek's FP8 checkpoints on GPUs with FP8 tensor cores (compute
 
 Under TRITON_INTERPRET=1 the fp32 -> fp8 cast of per_token_group_quant_fp8 drops the rounding
 carry in some values (a value may land one e4m3 step low): its scales are right, and tests feed
-the GEMM torch-quantized inputs. On a GPU the cast rounds to nearest even like torch's.
+the GEMM torch-quantized inputs (the served model too: activation_quantizer). On a GPU the cast
+rounds to nearest even like torch's. Also under the interpreter, each K tile's fp8 dot runs in
+fp64, which is exact for fp8 products, as the emulation's is: the two agree bit for bit whatever
+the batch (a last-bit difference would flip the next layer's fp8 roundings). On a GPU the FP8
+tensor cores accumulate in fp32.
 """
 
 from __future__ import annotations
