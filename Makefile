@@ -64,9 +64,11 @@ bench: setup
 soak: setup
 	$(VENV)/bin/qwen3vl-soak $(SOAK_ARGS)
 
-# The prepared GPU check (parity in bf16, real-size benchmark); needs a CUDA GPU.
-gpu-check: setup
-	$(PY) bench/gpu_check.py --out bench/results
+# The prepared GPU check around the serving engine (docs/gpu.md); needs a CUDA GPU. It runs with
+# the Python at hand (the venv's when there is one, else GPU_PYTHON): no tritonserver, no install.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py --out bench/results $(GPU_CHECK_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

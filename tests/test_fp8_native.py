@@ -33,7 +33,8 @@ from qwen3vl.kernels.fp8_reference import FP8_DTYPE, dequantize_block_fp8, fused
 from qwen3vl.launch.server import Server
 from qwen3vl.model.config import ModelConfig
 from qwen3vl.model.fp8 import resolve_fp8_mode
-from qwen3vl.model.fp8_linear import Fp8Experts, Fp8Linear, check_native_fp8, fp8_shard_check, stack_experts
+from qwen3vl.model.fp8_linear import (Fp8Experts, Fp8Linear, check_native_fp8, fp8_shard_check, native_fp8_here,
+                                      stack_experts)
 from qwen3vl.model.reference import prefill_logits
 from qwen3vl.tools.make_checkpoint import make_checkpoint
 
@@ -249,3 +250,18 @@ def test_a_served_native_fp8_checkpoint_gives_the_emulations_greedy_tokens(ckpts
         assert server.alive()
     log = (LOG_DIR / "fp8-native.log").read_text()
     assert "24 FP8 tensors kept FP8 with their scales (native)" in log
+
+
+def test_native_is_not_wired_for_tensor_parallelism_yet(ckpts):
+    """A tensor-parallel rank reads its share of an FP8 weight dequantized (parallel/shard.py):
+    native asked for is refused naming the size, auto dequantizes and says why."""
+    config = ModelConfig.load(ckpts["fused"], device="cpu", kernels="triton", fp8_mode="native")
+    assert native_fp8_here(config, 1)
+    with pytest.raises(InvalidInput, match="fp8_mode=native is not wired for tensor parallelism yet "
+                                           r"\(tensor_parallel_size 2\)"):
+        native_fp8_here(config, 2)
+    lines = []
+    assert not native_fp8_here(dataclasses.replace(config, fp8_setting="auto"), 2, lines.append)
+    assert lines == ["fp8_mode auto: dequantizing at load, not native: tensor_parallel_size 2 (native FP8 is not "
+                     "wired for tensor parallelism yet)"]
+    assert not native_fp8_here(ModelConfig.load(ckpts["fused"], device="cpu"), 1)       # dequantize

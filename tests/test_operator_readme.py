@@ -52,11 +52,12 @@ def test_the_files_and_tests_the_documents_name_exist():
 
 
 def test_what_the_opening_claims_is_what_sizing_says():
-    """Until the language model runs on several devices, the 235B is not claimed as served."""
+    """The 235B runs split across GPUs: the opening, the sizing section and the tensor-parallel
+    document say so alike (its per-GPU numbers: tests/test_tensor_parallel.py)."""
     opening = README[:README.index("\n## ")]
-    sizing = doc("operating.md")
-    assert "does not serve the 235B yet" in sizing
-    assert "235B-A22B does not fit one GPU and is not served yet" in opening
+    assert "runs split across GPUs" in opening and "docs/tensor-parallel.md" in opening
+    assert "--tensor-parallel-size" in doc("operating.md")
+    assert "| Qwen3-VL-235B-A22B | TP8 bf16, with EP | 54.9 GiB |" in doc("tensor-parallel.md")
 
 
 def test_the_30b_numbers_are_its_configs_arithmetic():

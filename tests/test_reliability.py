@@ -141,7 +141,7 @@ BAD_INPUTS = [
     ({"text_input": text("[" * 5000 + "]" * 5000)}, "nested too deeply"),
     ({"text_input": text('[{"role": "user", "content": [{"type": "image"}]}]')},
      "1 image items but the request has 0 images"),
-    ({"text_input": text('[{"role": "robot", "content": "hi"}]')}, "role of system, user or assistant"),
+    ({"text_input": text('[{"role": "robot", "content": "hi"}]')}, "role of system, user, assistant or tool"),
     ({"text_input": text('[{"role": "user", "content": 5}]')}, "content must be a string or a list"),
     ({"images": np.array([b"not an image"], dtype=object)}, r"images\[0\].*not a decodable image"),
     ({"max_tokens": np.array([-3], np.int32)}, "max_tokens must be >= 1"),

@@ -53,7 +53,8 @@ def test_serve_flags_are_the_settings_flags(tmp_path):
     flags = {f.metadata["flag"] for f in dataclasses.fields(ServingConfig) if f.metadata["flag"]}
     assert flags == {"--checkpoint", "--device", "--dtype", "--cpu-threads", "--max-model-len", "--max-num-seqs",
                      "--max-num-batched-tokens", "--enable-chunked-prefill", "--enable-prefix-caching", "--block-size",
-                     "--kv-cache-mb", "--kernels", "--fp8-mode", "--gpu-memory-utilization", "--encoder-url", "--chunk-tokens", "--shared-memory",
+                     "--kv-cache-mb", "--kernels", "--fp8-mode", "--gpu-memory-utilization", "--tensor-parallel-size",
+                     "--enable-expert-parallel", "--distributed-timeout-s", "--enforce-eager", "--encoder-url", "--chunk-tokens", "--shared-memory",
                      "--max-queued-requests", "--max-queue-time-s", "--max-images-per-request",
                      "--max-visual-tokens-per-request", "--max-image-pixels", "--allow-special-tokens-in-prompt",
                      "--log-requests", "--max-videos-per-request", "--max-video-bytes", "--max-video-seconds",

@@ -18,6 +18,10 @@ TOP_K = "top_k"                  # INT32 [1], optional
 SEED = "seed"                    # UINT64 [1], optional
 STREAM = "stream"                # BOOL [1], optional
 IGNORE_EOS = "ignore_eos"        # BOOL [1], optional: generate max_tokens whatever the stop tokens (benchmarks)
+# BYTES [1], optional: vLLM's `structured_outputs` object as JSON text, exactly one of {"json": schema},
+# {"json_object": true}, {"regex": "..."}, {"choice": [...]}, {"grammar": "EBNF"}, {"structural_tag": {...}}
+STRUCTURED_OUTPUTS = "structured_outputs"
+TOOLS = "tools"                  # BYTES [1], optional: OpenAI `tools` (a JSON list) for the chat template
 TEXT_OUTPUT = "text_output"      # BYTES [1]
 OUTPUT_IDS = "output_ids"        # INT32 [-1]
 FINISH_REASON = "finish_reason"  # BYTES [1]: stop, length, cancelled, or empty while streaming
@@ -84,6 +88,8 @@ LANGUAGE_REQUEST = [
     _tensor(SEED, "TYPE_UINT64", [1], True),
     _tensor(STREAM, "TYPE_BOOL", [1], True),
     _tensor(IGNORE_EOS, "TYPE_BOOL", [1], True),
+    _tensor(STRUCTURED_OUTPUTS, "TYPE_STRING", [1], True),
+    _tensor(TOOLS, "TYPE_STRING", [1], True),
 ]
 LANGUAGE_REQUEST_INPUTS = tuple(t["name"] for t in LANGUAGE_REQUEST)
 

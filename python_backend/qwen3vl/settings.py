@@ -102,7 +102,23 @@ class ServingConfig:
                                      "`auto` (native on such a GPU when the checkpoint can run natively, else "
                                      "dequantize); no effect on other checkpoints", "--fp8-mode")
     gpu_memory_utilization: float = _setting(0.9, "share of the GPU's memory the language model may use in all "
-                                                  "(with kv_cache_mb 0)", "--gpu-memory-utilization")
+                                                  "(with kv_cache_mb 0; vLLM's meaning: other processes on the "
+                                                  "card do not count against it, but the KV pool never takes more "
+                                                  "than is free)", "--gpu-memory-utilization")
+    tensor_parallel_size: int = _setting(1, "processes (GPUs: rank r on cuda:r) the language model is split "
+                                            "across: attention heads, experts and vocabulary (docs/tensor-parallel.md)",
+                                         "--tensor-parallel-size")
+    enable_expert_parallel: bool = _setting(False, "with tensor_parallel_size > 1: each rank holds whole experts "
+                                                   "(E / N) instead of a slice of every expert",
+                                            "--enable-expert-parallel")
+    vocab_parallel: bool = _setting(True, "tensor parallel: the embedding and LM head split by vocabulary across "
+                                          "the ranks (off: whole on every rank; docs/tensor-parallel.md measures both)")
+    distributed_timeout_s: float = _setting(600.0, "tensor parallel: how long the ranks' rendezvous, each rank's "
+                                                   "loading and any collective may take before the model fails",
+                                            "--distributed-timeout-s")
+    enforce_eager: bool = _setting(False, "run every step eagerly: no CUDA graphs (by default pure-decode steps "
+                                          "replay graphs captured at start, on CUDA with kernels triton)",
+                                   "--enforce-eager")
     # -- qwen3_encoder
     encoder_mode: str = _setting("local", "`local`: the vision tower runs here; `remote`: fetch from encoder "
                                           "servers (set by the language role's config variant)")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -20,9 +21,11 @@ import torch
 from .. import contract
 from ..engine.engine import Engine, PrefillReport
 from ..engine.sequence import Sequence, Step
+from ..engine.structured import StructuredOutputs
 from ..engine.worker import EngineLoop
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, NotFound, Unavailable
 from ..features import VisualFeatures
+from ..parallel.engine import parallel_engine
 from ..settings import ServingConfig
 from .io import error_response, model_config, request_parameters, scalar, torch_input
 from .metrics import LANGUAGE_COUNTERS, LANGUAGE_GAUGES, LANGUAGE_HISTOGRAMS, Counters, Gauges, Histograms
@@ -143,12 +146,21 @@ class LanguageMetrics:
 
 
 class LanguageService:
-    """The engine, its thread and its response thread, built from the served model's settings."""
+    """The engine, its thread and its response thread, built from the served model's settings.
+    With tensor_parallel_size > 1 the engine's model is rank 0's share and `group` the other
+    ranks (parallel/): when one dies, new requests fail at once naming it, the engine's fail
+    as they reach a step, and the model unloads itself so Triton reports it not ready."""
+
+    MODEL_NAME = "qwen3_language"
 
     def __init__(self, pb, settings: ServingConfig):
         self.pb, self.settings = pb, settings
         self.config = model_config(settings)
-        self.engine = Engine.from_checkpoint(self.config, settings)
+        self.group = None
+        if settings.tensor_parallel_size > 1:
+            self.engine, self.group = parallel_engine(self.config, settings)
+        else:
+            self.engine = Engine.from_checkpoint(self.config, settings)
         blocks = self.engine.blocks
         print(f"qwen3_language: {blocks.num_blocks} KV blocks of {blocks.block_size} tokens "
               f"({blocks.num_blocks * blocks.block_size} tokens), max_num_seqs {settings.max_num_seqs}, "
@@ -161,6 +173,20 @@ class LanguageService:
         self.gauges.set(self.engine.stats())
         self.loop = EngineLoop(self.engine, LanguageMetrics(self.metrics, self.gauges))
         self.cancellable: dict[str, Sequence] = {}  # cancel_token -> its sequence, until it finishes
+        if self.group is not None:
+            self.group.on_failure(self._parallel_failure)
+
+    def _parallel_failure(self, message: str) -> None:
+        """A rank died (on the group's watch thread): the model unloads itself, so its readiness
+        (and the ensemble's, and the server's) says so; Triton 2.51's Python backend has no
+        per-instance readiness hook. Requests meanwhile fail with `message`."""
+        def unload():
+            try:
+                self.pb.unload_model(self.MODEL_NAME)
+            except Exception as e:  # noqa: BLE001 - not in explicit model control: say so, requests still fail
+                print(f"{self.MODEL_NAME}: could not unload itself after the failure: {e}", flush=True)
+
+        threading.Thread(target=unload, name="qwen3vl-tp-unload", daemon=True).start()
 
     def submit(self, request) -> None:
         """Validate and enqueue one request (tokenized here, so bad input fails at once, alone)."""
@@ -172,6 +198,8 @@ class LanguageService:
             return
         stream = ResponseStream(pb, sender, False, self.metrics, self.histograms)
         try:
+            if self.group is not None and self.group.failure:
+                raise Unavailable(self.group.failure)
             stream.stream = bool(scalar(pb, request, contract.STREAM, bool) or False)
             seq = self._sequence(request, stream, stop_strings(params.get(contract.STOP)),
                                  switch(params, contract.RAW_PROMPT))
@@ -213,9 +241,30 @@ class LanguageService:
             ignore_eos=scalar(pb, request, contract.IGNORE_EOS, bool),
             stop=stop or None,
         )
-        seq = self.engine.new_sequence(text, self._features(request), params, raw)
+        structured = scalar(pb, request, contract.STRUCTURED_OUTPUTS, str)
+        tools = self._tools(request)
+        if raw and tools:
+            raise InvalidInput(f"{contract.TOOLS} are rendered by the chat template; a raw prompt has none")
+        seq = self.engine.new_sequence(text, self._features(request), params, raw,
+                                       structured=StructuredOutputs.parse(structured) if structured else None,
+                                       tools=tools)
         stream.num_input_tokens, stream.seq = seq.prompt_len, seq
         return seq
+
+    def _tools(self, request) -> list | None:
+        """The `tools` input: a JSON list of OpenAI function definitions, or None. Raises
+        InvalidInput naming what is wrong."""
+        text = scalar(self.pb, request, contract.TOOLS, str)
+        if not text:
+            return None
+        try:
+            tools = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise InvalidInput(f"{contract.TOOLS} is not valid JSON: {e}") from None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise InvalidInput(f"{contract.TOOLS} must be a JSON list of tool objects "
+                               "({\"type\": \"function\", \"function\": {...}})")
+        return tools or None
 
     def _features(self, request) -> VisualFeatures:
         grids = torch_input(self.pb, request, contract.IMAGE_GRID_THW)
@@ -249,3 +298,6 @@ class LanguageService:
 
     def stop(self) -> None:
         self.loop.stop()
+        self.engine.grammars.close()  # compiles not yet started are dropped
+        if self.group is not None:
+            self.group.stop()

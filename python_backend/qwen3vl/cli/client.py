@@ -2,6 +2,7 @@
 
     qwen3vl-client --url localhost:8001 --image cat.png --prompt "What is this?" --stream
     qwen3vl-client --video clip.mp4 --fps 1 --prompt "What happens?"
+    qwen3vl-client --prompt "Who?" --structured-outputs '{"json": {"type": "object", ...}}'
 
 The calls themselves are the client library's (qwen3vl.client); this is its command line.
 """
@@ -33,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, help="sample among this many likeliest tokens; 0: all (default: the "
                                                "checkpoint's)")
     p.add_argument("--seed", type=int, help="the sampling's seed: the same seed, the same text")
+    p.add_argument("--structured-outputs", metavar="JSON",
+                   help="constrain the answer: vLLM's structured_outputs object, one of {\"json\": SCHEMA}, "
+                        "{\"json_object\": true}, {\"regex\": RE}, {\"choice\": [...]}, {\"grammar\": EBNF}")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (gRPC)")
     p.add_argument("--json", action="store_true", help="print ids, text, finish reason and timings as JSON")
     p.add_argument("--timeout", type=float, default=600, metavar="S",
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
                 sys.exit(f"qwen3vl-client: cannot read {kind} {path}: {e}")
     request = dict(prompt=args.prompt, images=images, videos=videos, video_fps=args.fps,
                    max_tokens=args.max_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, model=args.model, timeout_s=args.timeout)
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, model=args.model, timeout_s=args.timeout,
+                   structured_outputs=args.structured_outputs)
     printer = None if args.json else (lambda s: print(s, end="", flush=True))
     try:
         answer = ask(args.url, args.protocol, args.stream, on_text=printer, **request)

@@ -27,10 +27,12 @@ def infer_input(module, name: str, array: np.ndarray):
 
 def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None, temperature=None,
                  top_p=None, top_k=None, seed=None, stream=False, ignore_eos=None, videos: list[bytes] = (),
-                 video_fps=None) -> list:
+                 video_fps=None, structured_outputs=None, tools=None) -> list:
     """The InferInputs of one generation request to the ensemble (or `qwen3_language`); a
     parameter left None is not sent, so the server's default applies. `seed` is UINT64 on the
-    wire: a negative seed wraps around (two's complement), as the OpenAI API lets clients send."""
+    wire: a negative seed wraps around (two's complement), as the OpenAI API lets clients send.
+    `structured_outputs` (vLLM's object, e.g. {"json": schema}) and `tools` (OpenAI's list)
+    travel as JSON text; a str is sent as it is."""
     def tensor(name, array):
         return infer_input(module, name, array)
 
@@ -47,6 +49,10 @@ def build_inputs(module, prompt: str, images: list[bytes] = (), max_tokens=None,
     for name, value, np_type in optional:
         if value is not None:
             inputs.append(tensor(name, np.array([value], dtype=np_type)))
+    for name, value in ((contract.STRUCTURED_OUTPUTS, structured_outputs), (contract.TOOLS, tools)):
+        if value is not None:
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            inputs.append(tensor(name, np.array([text.encode("utf-8")], dtype=object)))
     inputs.append(tensor(contract.STREAM, np.array([bool(stream)])))
     return inputs
 
@@ -99,5 +105,8 @@ def generate_body(prompt: str, images: list[bytes] = (), stream: bool = False, v
         body[contract.IMAGES] = ["data:image;base64," + base64.b64encode(b).decode() for b in images]
     if videos:
         body[contract.VIDEOS] = ["data:video;base64," + base64.b64encode(b).decode() for b in videos]
+    for name in (contract.STRUCTURED_OUTPUTS, contract.TOOLS):  # BYTES inputs: JSON text
+        if params.get(name) is not None and not isinstance(params[name], str):
+            params[name] = json.dumps(params[name], ensure_ascii=False)
     body.update({k: v for k, v in params.items() if v is not None})
     return body

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -31,10 +33,12 @@ from ..settings import ServingConfig
 from ..tensors import raw_bytes
 from .block_manager import BlockManager, block_keys, image_key
 from .detokenize import IncrementalDetokenizer
+from .graph_runner import decode_graphs
 from .model_runner import ModelRunner, PagedKVCache
 from .sampling import SamplingParams, generation_defaults, sample_batch
 from .scheduler import Scheduler
 from .sequence import Sequence, Step
+from .structured import GrammarCompiler, StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +47,35 @@ CPU_KV_CACHE_BYTES = 1 << 30
 # GPU memory kept free for a step's activations (the gathered K/V of the reference attention
 # path, MoE intermediates, logits) when the KV pool is sized from what is left.
 ACTIVATION_RESERVE_BYTES = 2 << 30
+# An idle engine waits this long at most for a grammar compile before its next step (a new
+# request arriving meanwhile waits no longer than this).
+GRAMMAR_WAIT_S = 0.02
 
 
 def kv_cache_budget(config: ModelConfig, settings: ServingConfig) -> int:
     """Bytes for the KV pool: `kv_cache_mb` when set, else (after the weights are loaded) on a
-    GPU `gpu_memory_utilization` of its memory less what is in use and the activation reserve,
-    on the CPU 1 GiB (pages are only touched as blocks are used)."""
+    GPU what gpu_kv_budget leaves, on the CPU 1 GiB (pages are only touched as blocks are used)."""
     if settings.kv_cache_mb:
         return settings.mib(settings.kv_cache_mb)
     if str(config.device).startswith("cuda"):
-        free, total = torch.cuda.mem_get_info(torch.device(config.device))
-        budget = int(settings.gpu_memory_utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES
-        if budget <= 0:
-            raise InvalidInput(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
-                               f"{total / 2**30:.1f}; raise --gpu-memory-utilization or set --kv-cache-mb")
-        return budget
+        device = torch.device(config.device)
+        free, total = torch.cuda.mem_get_info(device)
+        return gpu_kv_budget(total, free, torch.cuda.memory_reserved(device), settings.gpu_memory_utilization)
     return CPU_KV_CACHE_BYTES
+
+
+def gpu_kv_budget(total: int, free: int, own: int, utilization: float) -> int:
+    """Bytes for the KV pool on a GPU of `total` bytes with `free` free, this process holding
+    `own` (torch's reserved memory: the weights): vLLM's gpu_memory_utilization, the share of the
+    card this model may use in all (other processes on the card do not count against it), less
+    what it holds and the activation reserve, and never more than is free less that reserve.
+    Raises InvalidInput when nothing is left."""
+    budget = min(int(utilization * total) - own, free) - ACTIVATION_RESERVE_BYTES
+    if budget <= 0:
+        raise InvalidInput(f"no GPU memory left for the KV cache: the model holds {own / 2**30:.1f} GiB, "
+                           f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} at gpu_memory_utilization "
+                           f"{utilization}; raise --gpu-memory-utilization or set --kv-cache-mb")
+    return budget
 
 
 @dataclass
@@ -87,17 +104,32 @@ class Engine:
     enable_prefix_caching, block_size, kv_cache_mb, gpu_memory_utilization."""
 
     def __init__(self, config: ModelConfig, model: LanguageModel, prompts: PromptBuilder, tokenizer,
-                 defaults: SamplingParams, stop_ids: list[int], settings: ServingConfig = ServingConfig()):
+                 defaults: SamplingParams, stop_ids: list[int], settings: ServingConfig = ServingConfig(),
+                 parallel=None):
+        """`parallel`: rank 0's tensor-parallel group (parallel/group.py), `model` its share:
+        the KV pool holds that rank's heads, its block count is agreed with the other ranks,
+        and the group's runner broadcasts each step to them."""
         self.config, self.model, self.prompts, self.tokenizer = config, model, prompts, tokenizer
         self.defaults, self.stop_ids = defaults, set(stop_ids)
         self.settings = settings
         self.max_model_len = settings.context_window(config.text.max_position_embeddings)
-        block_bytes = PagedKVCache.bytes_per_block(config.text, settings.block_size, config.dtype)
+        kv_heads = getattr(model, "num_kv_heads", None)
+        block_bytes = PagedKVCache.bytes_per_block(config.text, settings.block_size, config.dtype, kv_heads)
         num_blocks = max(1, kv_cache_budget(config, settings) // block_bytes)
-        self.kv = PagedKVCache(config.text, num_blocks, settings.block_size, config.dtype, config.device)
+        if parallel is not None:
+            num_blocks = parallel.agree_num_blocks(num_blocks, sum(p.numel() * p.element_size()
+                                                                   for p in model.parameters()))
+        self.kv = PagedKVCache(config.text, num_blocks, settings.block_size, config.dtype, config.device, kv_heads)
         self.blocks = BlockManager(num_blocks, settings.block_size)
         self.scheduler = Scheduler(settings, self.blocks)
-        self.runner = ModelRunner(model, self.kv, config.deepstack_layers, config.kernels)
+        self.runner = (ModelRunner(model, self.kv, config.deepstack_layers, config.kernels) if parallel is None
+                       else parallel.runner(model, self.kv, config.deepstack_layers, config.kernels))
+        if parallel is None:  # pure-decode steps from CUDA graphs on one device; tensor parallel steps run eagerly
+            self.runner.decode = decode_graphs(self.runner, settings, self.max_model_len, config.device,
+                                               config.kernels)
+        # structured output: grammars compiled off this thread, masks applied before sampling
+        self.grammars = GrammarCompiler(tokenizer, config.text.vocab_size, sorted(self.stop_ids),
+                                        settings.max_num_seqs)
         # Collected as they happen and handed out whole by the next step(), fail_waiting() or
         # abort_all(): outputs of a step that raised part-way go out with abort_all's failures.
         self._outputs = EngineOutputs()
@@ -105,17 +137,20 @@ class Engine:
         self.last_batch_size = 0  # sequences in the last step (a gauge)
 
     @classmethod
-    def from_checkpoint(cls, config: ModelConfig, settings: ServingConfig = ServingConfig()) -> "Engine":
+    def from_checkpoint(cls, config: ModelConfig, settings: ServingConfig = ServingConfig(),
+                        parallel=None) -> "Engine":
+        """With `parallel` (a started tensor-parallel group): rank 0's share of the model."""
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(config.checkpoint)
-        model = LanguageModel.from_checkpoint(config)
+        model = (LanguageModel.from_checkpoint(config) if parallel is None
+                 else LanguageModel.from_checkpoint(config, parallel.shard))
         defaults, stop_ids = generation_defaults(config.checkpoint)
         if not stop_ids and processor.tokenizer.eos_token_id is not None:
             stop_ids = [processor.tokenizer.eos_token_id]
         prompts = PromptBuilder(processor, config.image_token_id, config.spatial_merge_size,
                                 settings.allow_special_tokens_in_prompt)
-        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, settings)
+        return cls(config, model, prompts, processor.tokenizer, defaults, stop_ids, settings, parallel)
 
     # ---- requests in
     def params(self, **given) -> SamplingParams:
@@ -126,9 +161,10 @@ class Engine:
         p.validate()
         return p
 
-    def prepare(self, text: str, features: VisualFeatures, raw: bool = False) -> Prompt:
-        """The prompt's ids and positions (`raw`: the text tokenized as it is, no chat template).
-        Raises InvalidInput when the text and the visual tensors do not fit together."""
+    def prepare(self, text: str, features: VisualFeatures, raw: bool = False, tools: list | None = None) -> Prompt:
+        """The prompt's ids and positions (`raw`: the text tokenized as it is, no chat template;
+        `tools`: for the chat template). Raises InvalidInput when the text and the visual
+        tensors do not fit together."""
         merge = self.config.spatial_merge_size
         for name, grids in (("image_grid_thw", features.image_grid_thw), ("video_grid_thw", features.video_grid_thw)):
             if grids.ndim != 2 or grids.shape[1] != 3 or bool((grids < 1).any()):
@@ -138,7 +174,8 @@ class Engine:
         if features.video_timestamps.ndim != 1 or not bool(torch.isfinite(features.video_timestamps).all()):
             raise InvalidInput("video_timestamps must be [frame groups] of finite seconds")
         self.prompts.check_size(text, self.max_model_len)
-        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps, raw)
+        prompt = self.prompts(text, features.image_grid_thw, features.video_grid_thw, features.video_timestamps, raw,
+                              tools=tools)
         n, h = prompt.num_visual_tokens, self.config.text.hidden_size
         if tuple(features.visual_embeds.shape) != (n, h):
             raise InvalidInput(f"visual_embeds has shape {tuple(features.visual_embeds.shape)}, "
@@ -159,11 +196,16 @@ class Engine:
             return features
         return features.rows(features.visual_embeds[prompt.row_order], features.deepstack_embeds[:, prompt.row_order])
 
-    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams, raw: bool = False) -> Sequence:
+    def new_sequence(self, text: str, features: VisualFeatures, params: SamplingParams, raw: bool = False,
+                     structured: StructuredOutputs | None = None, tools: list | None = None) -> Sequence:
         """A validated sequence, ready for `add` (`raw`: the text is the whole prompt, see
-        PromptBuilder). Raises InvalidInput (bad text, tensors, or a request longer than
-        max_model_len)."""
-        prompt = self.prepare(text, features, raw)
+        PromptBuilder; `structured`: its grammar, engine/structured.py; `tools`: function
+        definitions the chat template renders into the prompt). Raises InvalidInput (bad text,
+        tensors, or a request longer than max_model_len)."""
+        if structured is not None and params.ignore_eos:
+            raise InvalidInput("ignore_eos cannot be combined with structured output: the grammar's end "
+                               "ends the sequence")
+        prompt = self.prepare(text, features, raw, tools)
         features = self.in_prompt_order(prompt, features)
         left = self.max_model_len - len(prompt.input_ids)
         if params.fits_window and 0 < left < params.max_tokens:
@@ -175,7 +217,9 @@ class Engine:
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             generator.manual_seed(seed)
         keys = self._block_keys(prompt, features) if self.settings.enable_prefix_caching else []
-        return Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), generator, keys)
+        seq = Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer), generator, keys)
+        seq.structured = structured
+        return seq
 
     def _block_keys(self, prompt: Prompt, features: VisualFeatures) -> list[bytes]:
         """features: in prompt order. Each run of visual tokens (an image, a video's frame
@@ -191,8 +235,11 @@ class Engine:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; it joins the running batch at the next step with room. Raises
-        InvalidInput if it could never fit in the KV cache."""
+        InvalidInput if it could never fit in the KV cache. A sequence with structured output
+        starts its grammar's compile (or finds it cached) and waits until it is ready."""
         self.scheduler.add(seq)
+        if seq.structured is not None:
+            seq.grammar = self.grammars.submit(seq.structured)
 
     # ---- the step
     def has_work(self) -> bool:
@@ -205,15 +252,20 @@ class Engine:
         requests this step failed (its forward or sampling raised). Raises only on a bug
         outside the forward; then `abort_all` hands out what the step had done so far."""
         self._drop_cancelled()
+        compiling = self._poll_grammars()
         batch = self.scheduler.schedule()
         self.last_batch_size = len(batch)
         self._outputs.num_seqs = len(batch)
         if not batch:
+            if compiling:  # nothing to run until a grammar is ready: wait for one, not spin
+                wait_futures(compiling, timeout=GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
             return self._take_outputs()
         self.steps += 1
         try:
             logits = self.runner.execute(batch)
-            sampled = sample_batch(logits, [s.seq for s in batch if s.samples])
+            sampling = [s.seq for s in batch if s.samples]
+            no_token = self.grammars.mask(logits, [seq.grammar for seq in sampling])
+            sampled = sample_batch(logits, sampling)
         except Exception as e:  # noqa: BLE001 - the step's requests fail; the engine goes on
             log.exception("engine step failed (%d sequences)", len(batch))
             for s in batch:
@@ -221,6 +273,7 @@ class Engine:
                                                f"{type(e).__name__}: {e}"))
             return self._take_outputs()
         tokens = iter(sampled)
+        failed = {id(sampling[i]): error for i, error in no_token.items()}
         for s in batch:
             seq = s.seq
             seq.num_computed = s.end
@@ -229,8 +282,26 @@ class Engine:
             if s.samples:
                 if s.start < seq.prompt_len:  # the prompt's last chunk: its prefill is done
                     self._outputs.prefills.append(PrefillReport(seq.num_cached, seq.prompt_len - seq.num_cached))
-                self._append(seq, next(tokens))
+                token = next(tokens)
+                error = failed.get(id(seq)) or (seq.grammar.accept(token) if seq.grammar is not None else None)
+                if error is not None:  # its grammar allows nothing (or rejects the token): it fails alone
+                    self._fail(seq, error)
+                    continue
+                self._append(seq, token)
         return self._take_outputs()
+
+    def _poll_grammars(self) -> list:
+        """Waiting sequences whose grammar compile ended: ready, or failed (the request fails
+        alone with its InvalidInput). Returns the compiles still running."""
+        compiling = []
+        for seq in list(self.scheduler.waiting):
+            if seq.grammar is None or seq.grammar.ready:
+                continue
+            if not seq.grammar.poll():
+                compiling.append(seq.grammar.compiled)
+            elif seq.grammar.error is not None:
+                self._fail(seq, seq.grammar.error)
+        return compiling
 
     def _take_outputs(self) -> EngineOutputs:
         out, self._outputs = self._outputs, EngineOutputs()

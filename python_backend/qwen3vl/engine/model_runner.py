@@ -33,19 +33,21 @@ from .scheduler import ScheduledSeq
 
 class PagedKVCache:
     """The KV pool: per layer k and v [num_blocks * block_size, Hkv, D]; token slot s of a
-    sequence lives at block_table[s // block_size] * block_size + s % block_size."""
+    sequence lives at block_table[s // block_size] * block_size + s % block_size. Hkv:
+    `num_kv_heads`, the KV heads this process holds (a tensor-parallel rank's; default all)."""
 
-    def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
-        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+    def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device,
+                 num_kv_heads: int | None = None):
+        shape = (num_blocks * block_size, num_kv_heads or cfg.num_key_value_heads, cfg.head_dim)
         # empty, not zeros: untouched pages cost nothing until a block is used
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
-    def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * element
+        return 2 * cfg.num_hidden_layers * block_size * (num_kv_heads or cfg.num_key_value_heads) * cfg.head_dim * element
 
 
 @dataclass
@@ -143,6 +145,8 @@ class ModelRunner:
         self.ops = kernel_ops(kernels) if kernels != "torch" else None
         w = model.embed_tokens.weight
         self.device, self.dtype, self.hidden = w.device, w.dtype, w.shape[1]
+        # pure-decode steps over static buffers (CUDA graphs): engine/graph_runner.py sets it
+        self.decode = None
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         bs = self.kv.block_size
@@ -229,6 +233,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; logits [Bs, V] fp32 of the sequences that sample, in batch order."""
+        if self.decode is not None and self.decode.fits(batch):
+            return self.decode.execute(batch)
         step = self.prepare(batch).to(self.device)
         x = self.model.embed_rows(step.input_ids, step.visual_index, step.visual_embeds)
         cache = (PagedAttention(self.kv, step.attention) if self.ops is None

@@ -68,13 +68,16 @@ class Scheduler:
                 out.append(ScheduledSeq(seq, seq.num_computed, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
-            seq = self.waiting[0]
+            # a sequence whose grammar is still compiling (structured output) lets later ones by
+            seq = next((s for s in self.waiting if s.ready), None)
+            if seq is None:
+                break
             try:
                 seq.block_table, seq.num_cached = self.blocks.allocate(
                     seq.block_keys, seq.max_tokens_total, max_cached_tokens=seq.prompt_len - 1)
             except NoRoom:
                 break  # first come, first served: later arrivals wait behind it
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status, seq.num_computed = Status.RUNNING, seq.num_cached
             seq.admitted = time.monotonic()
             self.running.append(seq)

@@ -15,6 +15,7 @@ from ..model.prompt import Prompt
 from .detokenize import IncrementalDetokenizer
 from .sampling import SamplingParams
 from .stop import StopStrings
+from .structured import GrammarState, StructuredOutputs
 
 
 class Status(enum.Enum):
@@ -59,6 +60,8 @@ class Sequence:
     num_cached: int = 0          # prompt tokens restored from the prefix cache
     cancel_requested: bool = False  # set from any thread; the engine drops it at its next step
     finish_reason: str = ""
+    structured: StructuredOutputs | None = None  # structured output asked for
+    grammar: GrammarState | None = None  # its grammar: set by `Engine.add` (compiled off the engine thread)
 
     def __post_init__(self):
         mask = self.prompt.visual_mask.numpy()
@@ -83,6 +86,11 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.num_computed < self.prompt_len
+
+    @property
+    def ready(self) -> bool:
+        """Whether it may be scheduled: no grammar, or its grammar compiled."""
+        return self.structured is None or (self.grammar is not None and self.grammar.ready)
 
     @property
     def finished(self) -> bool:

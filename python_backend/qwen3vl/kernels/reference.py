@@ -136,6 +136,10 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     slots = block_table.long().clamp(min=0)[:, key_pos // block_size] * block_size + key_pos % block_size
     keys = k_cache.index_select(0, slots.view(-1)).view(b, s_max, *k_cache.shape[1:]).transpose(1, 2)
     values = v_cache.index_select(0, slots.view(-1)).view(b, s_max, *v_cache.shape[1:]).transpose(1, 2)
+    # Keys past a sequence's length are masked, but what the gather read there (an unwritten slot
+    # of the pool: NaN as often as not) would still poison the row (NaN * 0, NaN - inf): zeroed.
+    past = (key_pos >= seq_lens.long()[:, None])[:, None, :, None]                   # [B, 1, S, 1]
+    keys, values = keys.masked_fill(past, 0), values.masked_fill(past, 0)
     qi = torch.arange(tq, device=dev)
     rows = (q_start[:, None] + qi).clamp(max=t - 1)                                   # [B, tq]
     queries = q.index_select(0, rows.view(-1)).view(b, tq, hq, d).transpose(1, 2)     # [B, Hq, tq, D]

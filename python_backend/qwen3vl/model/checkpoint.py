@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 
 from ..kernels.fp8_reference import dequantize_block_fp8
+from ..parallel.shard import FP8_BLOCK as SCALE_BLOCK
+from ..parallel.shard import SKIP, Shard
 from .fp8 import fp8_pairs, read_quantization_config
 
 
@@ -66,6 +68,7 @@ def _print(line: str) -> None:
 
 def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch.dtype,
                  device: str = "cpu", name: str = "", progress=_print,
+                 select: Callable[[str, tuple[int, ...]], object] | None = None,
                  keep_fp8: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """{name without its matched prefix: tensor} for every checkpoint tensor under `prefixes`,
     floating ones in `dtype` on `device`.
@@ -76,11 +79,20 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     tensor or field of an FP8 layout we do not run, before any tensor is read; ValueError when
     no tensor is under `prefixes`. keep_fp8 (fp8_mode native): FP8 weights whose checkpoint name
     it accepts come back as they are stored (float8_e4m3fn), their scales beside them as fp32
-    `<name>_scale_inv` (bf16 scales widen exactly); the others are dequantized.
+    `<name>_scale_inv` (bf16 scales widen exactly); the others are dequantized. Not with
+    `select` (native FP8 is not wired for tensor parallelism): ValueError.
+
+    select(name, shape) (a tensor-parallel rank's; parallel/shard.py Shard.reads) says what to
+    read of each tensor: None (all of it), SKIP (nothing), or a list of index tuples read with
+    safetensors' get_slice and concatenated along the dimension they cut: a rank never holds
+    more of a tensor than its share. An FP8 weight's share is read on whole 128x128 scale blocks,
+    dequantized and cropped.
 
     Prints (`progress`) one line per shard with the bytes read so far out of the total, then
     once "<name>: loaded N GiB in S s" (N: the checkpoint's bytes read for these tensors)."""
     checkpoint = Path(checkpoint)
+    if keep_fp8 is not None and select is not None:
+        raise ValueError("load_tensors: keep_fp8 (native FP8) with select (a tensor-parallel rank's share) is not supported")
     name = name or ", ".join(prefixes)
     wanted: dict[str, list[str]] = {}
     for tensor, shard in weight_map(checkpoint).items():
@@ -94,31 +106,42 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     scale_of = {scale: weight for weight, scale in pairs.items()}
     total = sum(headers[shard][t]["data_offsets"][1] - headers[shard][t]["data_offsets"][0]
                 for shard, tensors in wanted.items() for t in tensors)
-    start, done, in_memory, out, kept = time.perf_counter(), 0, 0, {}, 0
-    pending: dict[str, torch.Tensor] = {}    # an FP8 weight or a scale whose partner is still unread
+    start, done, read, in_memory, out, kept = time.perf_counter(), 0, 0, 0, {}, 0
+    pending: dict[str, list[torch.Tensor]] = {}   # an FP8 weight or a scale whose partner is still unread
     for i, (shard, tensors) in enumerate(sorted(wanted.items()), 1):
         with safe_open(checkpoint / shard, "pt", device="cpu") as f:
             for tensor in tensors:
-                t = f.get_tensor(tensor)
                 done += headers[shard][tensor]["data_offsets"][1] - headers[shard][tensor]["data_offsets"][0]
                 weight = scale_of.get(tensor, tensor)
+                index = select(weight, tuple(header[weight]["shape"])) if select else None
+                if index == SKIP:
+                    continue
+                if weight in pairs and index is not None:
+                    index = [_block_cover(ix, tuple(header[weight]["shape"]), tensor != weight) for ix in index]
+                parts = [f.get_tensor(tensor)] if index is None else [f.get_slice(tensor)[ix] for ix in index]
+                read += sum(p.numel() * p.element_size() for p in parts)
                 if weight in pairs:
                     partner = pairs[weight] if tensor == weight else weight
                     if partner not in pending:
-                        pending[tensor] = t
+                        pending[tensor] = parts
                         continue
-                    q, s = (t, pending.pop(partner)) if tensor == weight else (pending.pop(partner), t)
-                    if keep_fp8 is not None and keep_fp8(weight):
+                    qs, ss = (parts, pending.pop(partner)) if tensor == weight else (pending.pop(partner), parts)
+                    if keep_fp8 is not None and keep_fp8(weight):      # whole tensors: no select here
                         prefix = next(p for p in prefixes if weight.startswith(p))
-                        out[pairs[weight][len(prefix):]] = s = s.to(device, torch.float32)
-                        in_memory += s.numel() * s.element_size()
-                        t, tensor = q.to(device), weight
-                        kept += 1
+                        out[pairs[weight][len(prefix):]] = scale = ss[0].to(device, torch.float32)
+                        in_memory += scale.numel() * scale.element_size()
+                        parts, kept = [qs[0]], kept + 1
                     else:
                         # on the device: the fp32 product of one tensor is the only extra memory
-                        t, tensor = dequantize_block_fp8(q.to(device), s.to(device), dtype), weight
-                elif t.is_floating_point():
-                    t = t.to(dtype)
+                        parts = [dequantize_block_fp8(q.to(device), s.to(device), dtype) for q, s in zip(qs, ss)]
+                    if index is not None:
+                        parts = [_crop(p, ix, tuple(header[weight]["shape"])) for p, ix in
+                                 zip(parts, select(weight, tuple(header[weight]["shape"])))]
+                    tensor = weight
+                elif parts[0].is_floating_point():
+                    parts = [p.to(dtype) for p in parts]
+                t = (parts[0] if len(parts) == 1 else
+                     torch.cat(parts, dim=Shard.split_dim(select(weight, tuple(header[weight]["shape"]))[0])))
                 t = t.to(device)
                 in_memory += t.numel() * t.element_size()
                 prefix = next(p for p in prefixes if tensor.startswith(p))
@@ -128,10 +151,36 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
                  f"{time.perf_counter() - start:.1f} s")
     fp8 = (f", {len(pairs) - kept} FP8 tensors dequantized" if len(pairs) > kept else "") + \
         (f", {kept} FP8 tensors kept FP8 with their scales (native)" if kept else "")
+    if select is not None:
+        fp8 += f"; this rank's shares: {_gib(read)} GiB read"
     progress(f"{name}: loaded {_gib(total)} GiB in {time.perf_counter() - start:.1f} s "
              f"({len(wanted)} of the checkpoint's shards, {len(out)} tensors{fp8}; {_gib(in_memory)} GiB as "
              f"{dtype}{' and FP8' if kept else ''} on {device})")
     return out
+
+
+def _block_cover(index: tuple[slice, ...], shape: tuple[int, ...], scale: bool) -> tuple[slice, ...]:
+    """`index` into an FP8 weight of `shape` widened, in its last two dims, to whole scale
+    blocks: the weight's rows/columns (scale False) or the scale's (True)."""
+    out = list(index)
+    for dim in (len(shape) - 2, len(shape) - 1):
+        s = index[dim]
+        if s == slice(None):
+            continue
+        first, end = s.start // SCALE_BLOCK, -(-s.stop // SCALE_BLOCK)
+        out[dim] = slice(first, end) if scale else slice(first * SCALE_BLOCK, min(shape[dim], end * SCALE_BLOCK))
+    return tuple(out)
+
+
+def _crop(t: torch.Tensor, index: tuple[slice, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    """A dequantized block cover (_block_cover) cut back to `index`."""
+    out = [slice(None)] * t.dim()
+    for dim in (len(shape) - 2, len(shape) - 1):
+        s = index[dim]
+        if s != slice(None):
+            base = (s.start // SCALE_BLOCK) * SCALE_BLOCK
+            out[dim] = slice(s.start - base, s.stop - base)
+    return t[tuple(out)].contiguous()
 
 
 def _quantization(checkpoint: Path, header: dict[str, dict]):

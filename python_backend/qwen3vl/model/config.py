@@ -100,6 +100,7 @@ class ModelConfig:
     quantization: Fp8Config | None = None   # the checkpoint's checked quantization_config (model/fp8.py)
     fp8_mode: str = "dequantize"            # how its FP8 weights run: "dequantize" or "native" (resolve_fp8_mode)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    fp8_setting: str = "auto"               # fp8_mode as asked (auto, dequantize, native), before resolving
 
     @property
     def deepstack_layers(self) -> int:
@@ -146,6 +147,7 @@ class ModelConfig:
             quantization=quantization,
             fp8_mode=mode,
             raw=raw,
+            fp8_setting=fp8_mode,
         )
 
 

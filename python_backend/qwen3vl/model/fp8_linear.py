@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import InvalidInput
 from ..kernels.fp8_reference import BLOCK, FP8_DTYPE, scale_grid
 from .checkpoint import shard_header, weight_map
 from .fp8 import SCALE_SUFFIX, fp8_pairs, read_quantization_config
@@ -220,6 +221,24 @@ def check_native_fp8(checkpoint: str | Path, mode: str, setting: str, num_expert
         raise ValueError(f"fp8_mode=native cannot run {checkpoint}: {problem}; choose fp8_mode auto or dequantize")
     progress(f"fp8_mode auto: dequantizing at load, not native: {problem}")
     return "dequantize"
+
+
+def native_fp8_here(config, world_size: int, progress=print) -> bool:
+    """Whether a language model loads its FP8 weights natively: config.fp8_mode (model/config.py
+    ModelConfig) is "native" and the model is in one process. Under tensor parallelism
+    (world_size > 1) native is not wired yet (a rank's share of an FP8 weight is read dequantized,
+    parallel/shard.py): with config.fp8_setting "native" that raises InvalidInput; with "auto"
+    it returns False and prints (`progress`) one line saying why."""
+    if config.fp8_mode != "native":
+        return False
+    if world_size == 1:
+        return True
+    if config.fp8_setting == "native":
+        raise InvalidInput(f"fp8_mode=native is not wired for tensor parallelism yet (tensor_parallel_size "
+                           f"{world_size}): choose fp8_mode auto or dequantize")
+    progress(f"fp8_mode auto: dequantizing at load, not native: tensor_parallel_size {world_size} "
+             "(native FP8 is not wired for tensor parallelism yet)")
+    return False
 
 
 def fp8_shard_check(name: str, shape: tuple[int, ...], dim: int, world_size: int,

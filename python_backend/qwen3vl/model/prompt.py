@@ -87,8 +87,14 @@ def _check_messages(messages, num_images: int, num_videos: int = 0) -> None:
         raise PromptError("a chat text_input must be a non-empty JSON list of messages")
     slots = videos = 0
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise PromptError(f"message {i}: needs a role of system, user or assistant")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise PromptError(f"message {i}: needs a role of system, user, assistant or tool")
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function", c), dict)
+                and isinstance(c.get("function", c).get("name"), str) for c in calls)):
+            raise PromptError(f"message {i}: tool_calls are a list of {{'function': {{'name': ..., 'arguments': ...}}}} "
+                              "in assistant messages")
         content = m.get("content")
         if isinstance(content, list):
             for item in content:
@@ -179,11 +185,12 @@ class PromptBuilder:
         return layouts
 
     def __call__(self, text: str, image_grid_thw: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
-                 video_timestamps: torch.Tensor | None = None, raw: bool = False) -> Prompt:
+                 video_timestamps: torch.Tensor | None = None, raw: bool = False, tools: list | None = None) -> Prompt:
         """image_grid_thw [k, 3]: one row per image, in prompt order; video_grid_thw [v, 3] and
         video_timestamps [sum of t] (float64) the same for videos. `raw`: the text is the whole
-        prompt, tokenized as it is (no chat template, no images or videos). Raises PromptError
-        when the text and the images and videos do not fit together."""
+        prompt, tokenized as it is (no chat template, no images or videos); `tools`: function
+        definitions (OpenAI's `tools`) the chat template renders. Raises PromptError when the text
+        and the images and videos do not fit together."""
         counts = (image_grid_thw.prod(-1) // self.merge**2).tolist()
         videos = self.video_layouts(video_grid_thw, video_timestamps)
         if raw:
@@ -198,7 +205,7 @@ class PromptBuilder:
             return Prompt(input_ids=ids, positions=self.mrope_positions(ids, torch.empty(0, 3, dtype=torch.long)),
                           rope_delta=0, visual_mask=torch.zeros(len(ids), dtype=torch.bool), num_visual_tokens=0,
                           row_order=None, runs=[])
-        expanded, items = self._expand(text, counts, videos)
+        expanded, items = self._expand(text, counts, videos, tools)
         input_ids = torch.tensor(expanded, dtype=torch.long)
         # Rows: images' in order, then videos'; runs: each image, each frame group, in prompt order.
         image_rows = [sum(counts[:k]) for k in range(len(counts))]
@@ -241,18 +248,19 @@ class PromptBuilder:
         float64 time (plain text between special tokens: tokenized alone, the same ids)."""
         return self.tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
 
-    def expanded_ids(self, text: str, visual_tokens: list[int], videos: list[VideoLayout] = ()) -> list[int]:
+    def expanded_ids(self, text: str, visual_tokens: list[int], videos: list[VideoLayout] = (),
+                     tools: list | None = None) -> list[int]:
         """The prompt's token ids, each image's placeholder expanded to its `visual_tokens[i]`
         tokens, each video's to its frame groups (what `len()` of a prompt is: admission control
         counts it before any vision work)."""
-        return self._expand(text, visual_tokens, list(videos))[0]
+        return self._expand(text, visual_tokens, list(videos), tools)[0]
 
-    def _expand(self, text: str, visual_tokens: list[int], videos: list[VideoLayout]):
+    def _expand(self, text: str, visual_tokens: list[int], videos: list[VideoLayout], tools: list | None = None):
         """(expanded ids, [(kind, index, first token)] of each image and video in prompt order).
         A video's `<|video_pad|>` becomes, per frame group, what transformers 5.24's processor
         writes: `<t seconds><|vision_start|>` + pads + `<|vision_end|>`; the template's own
         `<|vision_start|>`/`<|vision_end|>` around it stay."""
-        ids = self.token_ids(build_messages(text, len(visual_tokens), len(videos)))
+        ids = self.token_ids(build_messages(text, len(visual_tokens), len(videos)), tools)
         placeholders = sum(1 for i in ids if i == self.image_token_id)
         video_placeholders = sum(1 for i in ids if i == self.video_token_id)
         typed = " ('<|image_pad|>' typed in the text counts while special tokens are allowed)"
@@ -280,22 +288,28 @@ class PromptBuilder:
                 expanded.append(tok)
         return expanded, items
 
-    def token_ids(self, messages: list[dict]) -> list[int]:
-        """The chat template's rendering of `messages`, tokenized. Unless special tokens are
+    def token_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """The chat template's rendering of `messages` (and `tools`, if any), tokenized. Unless special tokens are
         allowed, special-token text inside the messages stays plain text: each such string is
         swapped for a private-use sentinel before rendering, the rendering is split at the
         template's own special tokens, and each piece between them is tokenized with
         `split_special_tokens=True` after the swap is undone. The tokenizer itself splits its
         input at special tokens before anything else, so a message without special-token text
-        gets exactly the ids of `tokenizer(rendered)`."""
+        gets exactly the ids of `tokenizer(rendered)`. Tool definitions and tool calls are
+        escaped the same way, every string in them."""
         template = self.processor.apply_chat_template
+        extra = {"tools": tools} if tools else {}
         if self.allow_special_tokens or not self.specials:
-            rendered = template(messages, tokenize=False, add_generation_prompt=True)
+            rendered = template(messages, tokenize=False, add_generation_prompt=True, **extra)
             return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        sentinel = _unused_char(json.dumps(messages, ensure_ascii=False))
-        escaped = [{**m, "content": _map_text(m.get("content"), lambda t: self._escape(t, sentinel))}
+        sentinel = _unused_char(json.dumps([messages, tools], ensure_ascii=False))
+        escape = lambda t: self._escape(t, sentinel)  # noqa: E731
+        escaped = [{**m, "content": _map_text(m.get("content"), escape),
+                    **({"tool_calls": _map_strings(m["tool_calls"], escape)} if m.get("tool_calls") else {})}
                    for m in messages]
-        rendered = template(escaped, tokenize=False, add_generation_prompt=True)
+        if tools:
+            extra = {"tools": _map_strings(tools, escape)}
+        rendered = template(escaped, tokenize=False, add_generation_prompt=True, **extra)
         ids: list[int] = []
         for i, piece in enumerate(self._special_re.split(rendered)):
             if i % 2:  # a special token the template wrote
@@ -345,6 +359,18 @@ def _map_text(content, fn):
         return [{**item, "text": fn(item["text"])} if item.get("type") == "text" and isinstance(item.get("text"), str)
                 else item for item in content]
     return content
+
+
+def _map_strings(value, fn):
+    """`value` (JSON-like: dicts, lists, strings, numbers) with `fn` applied to every string in
+    it, keys included."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {fn(k) if isinstance(k, str) else k: _map_strings(v, fn) for k, v in value.items()}
+    return value
 
 
 def _unused_char(text: str) -> str:

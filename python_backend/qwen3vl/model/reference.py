@@ -1,6 +1,6 @@
 """The language model's unbatched reference path, outside the served model: a static KV cache
-and one request's prefill over it. For parity checks against transformers (tests) and the GPU
-check (bench/gpu_check.py); the engine attends through engine/model_runner.py's paged cache.
+and one request's prefill over it. For parity checks against transformers (tests); the engine
+attends through engine/model_runner.py's paged cache (bench/gpu_check.py measures the engine).
 
 Shapes: B batch, T new tokens, S cache length, Hq / Hkv query / key-value heads, D head dim,
 V vocabulary.

@@ -28,6 +28,14 @@ from .schemas import (
     ResponseMessage,
     Usage,
 )
+from .structured import (
+    ToolCallParser,
+    forced_tools,
+    parse_tool_calls,
+    parse_tools,
+    response_format_constraint,
+    tool_call_grammar,
+)
 from .triton import Ensemble, EnsembleRequest, Generation
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,7 @@ class Prepared:
     ensemble_request: EnsembleRequest
     image_params: list[str]
     video_params: list[str] = field(default_factory=list)
-    shape: type | None = None  # the response bodies' maker (ChatShape; completions.CompletionShape)
+    shape: type | None = None  # the response bodies' maker (ChatShape, ToolCallShape; completions.CompletionShape)
 
 
 class Answer:
@@ -113,14 +121,37 @@ class ChatHandler:
         self.check_model(req.model)
         chat = to_chat(req.messages)
         video_fps = sampling_rate(chat.videos, req.processor_fps)
+        tools = parse_tools(req.tools)
+        constraint = self._constraint(req, tools)
         images = await self.images.load_all(chat.images)
         videos = await self.images.load_all(chat.videos, "video")
         ensemble_request = EnsembleRequest(
             text_input=chat.text_input(), images=images,
             max_tokens=req.completion_limit or self.default_max_tokens, **sampling_fields(req),
-            videos=videos, video_fps=video_fps)
+            videos=videos, video_fps=video_fps, structured_outputs=constraint, tools=req.tools or None)
+        # with tools the answer is parsed for tool calls (unless tool_choice is none)
+        shape = ToolCallShape if tools and req.tool_choice != "none" else None
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req, ensemble_request,
-                        [ref.param for ref in chat.images], [ref.param for ref in chat.videos])
+                        [ref.param for ref in chat.images], [ref.param for ref in chat.videos], shape=shape)
+
+    @staticmethod
+    def _constraint(req: ChatCompletionRequest, tools) -> dict | None:
+        """The grammar the answer must follow (structured_outputs), from tool_choice required or
+        named, response_format, or the structured_outputs extension: one of them at most."""
+        given = []
+        forced = forced_tools(tools, req.tool_choice)
+        if forced is not None:
+            parallel = req.tool_choice == "required" and req.parallel_tool_calls is not False
+            given.append(("tool_choice", {"structural_tag": tool_call_grammar(forced, parallel)}))
+        fmt = response_format_constraint(req.response_format)
+        if fmt is not None:
+            given.append(("response_format", fmt))
+        if req.structured_outputs is not None:
+            given.append(("structured_outputs", req.structured_outputs))
+        if len(given) > 1:
+            names = " and ".join(name for name, _ in given)
+            raise invalid(f"{names}: each constrains the whole answer; give one of them", given[1][0])
+        return given[0][1] if given else None
 
     async def start(self, prepared: Prepared) -> Answer:
         generation = self.ensemble.generate(prepared.ensemble_request, prepared.id, prepared.image_params,
@@ -148,11 +179,13 @@ class ChatHandler:
             if opening is not None:
                 yield _sse(opening.model_dump_json())
             async for text in answer.deltas():
-                yield _sse(shape.delta(text).model_dump_json())
+                for body in _bodies(shape.delta(text)):
+                    yield _sse(body.model_dump_json())
                 if first:
                     self.metrics.ttft.observe(time.perf_counter() - arrival)
                     first = False
-            yield _sse(shape.finish(answer.finish_reason).model_dump_json())
+            for body in _bodies(shape.finish(answer.finish_reason)):
+                yield _sse(body.model_dump_json())
             if prepared.request.include_usage:
                 yield _sse(shape.usage(answer.usage).model_dump_json())
             self._count(answer)
@@ -230,6 +263,50 @@ def sampling_rate(videos: list[VideoRef], request_fps: float | None) -> float | 
                           "request are sampled at one rate", param)
         rate, source = ref.fps, param
     return rate
+
+
+class ToolCallShape(ChatShape):
+    """A chat completion with tools (tool_choice not none): the answer's Qwen3 (hermes)
+    `<tool_call>` blocks become `tool_calls` and `finish_reason` `tool_calls`; streamed, each call
+    goes out once its block is complete, as OpenAI streams one: its index, id, type and name
+    (arguments ""), then its arguments (openai/structured.py)."""
+
+    def __init__(self, prepared: Prepared, model: str):
+        super().__init__(prepared, model)
+        self.parser = ToolCallParser()
+
+    def whole(self, text: str, answer: Answer) -> ChatCompletion:
+        content, calls = parse_tool_calls(text)
+        if not calls:
+            return super().whole(text, answer)
+        reason = "tool_calls" if answer.finish_reason == "stop" else answer.finish_reason
+        message = ResponseMessage(content=content, tool_calls=[c.as_openai() for c in calls])
+        return ChatCompletion(**self.head, usage=answer.usage, choices=[Choice(message=message, finish_reason=reason)])
+
+    def delta(self, text: str) -> list[ChatCompletionChunk]:
+        return self._chunks(self.parser.feed(text))
+
+    def finish(self, finish_reason: str) -> list[ChatCompletionChunk]:
+        rest = self._chunks(self.parser.finish())
+        reason = "tool_calls" if self.parser.calls and finish_reason == "stop" else finish_reason
+        return [*rest, self.chunk(Delta(), reason)]
+
+    def _chunks(self, events: list[tuple]) -> list[ChatCompletionChunk]:
+        out, index = [], self.parser.calls - sum(1 for kind, _ in events if kind == "tool_call")
+        for kind, value in events:
+            if kind == "content":
+                out.append(self.chunk(Delta(content=value)))
+                continue
+            out.append(self.chunk(Delta(tool_calls=[{"index": index, "id": value.id, "type": "function",
+                                                     "function": {"name": value.name, "arguments": ""}}])))
+            out.append(self.chunk(Delta(tool_calls=[{"index": index, "function": {"arguments": value.arguments}}])))
+            index += 1
+        return out
+
+
+def _bodies(made) -> list:
+    """A shape's delta or finish: one body, or (ToolCallShape) a list of them."""
+    return made if isinstance(made, list) else [made]
 
 
 def _sse(data: str) -> str:

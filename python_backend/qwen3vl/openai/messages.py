@@ -1,7 +1,9 @@
 """OpenAI messages -> the JSON chat the model takes (`text_input`, docs/api.md "Multi-turn chat"):
 each `image_url` part becomes a `{"type": "image"}` item and its URL joins `images`, in order,
 so images keep their places in the conversation; each `video_url` part (vLLM's) a
-`{"type": "video"}` item, its URL joining `videos`. The checkpoint's chat template renders it."""
+`{"type": "video"}` item, its URL joining `videos`; `tool` messages and an assistant's
+`tool_calls` ({"function": {"name", "arguments"}}) pass as the template takes them. The
+checkpoint's chat template renders it."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from .errors import invalid, unsupported
 from .schemas import Message
 
 # OpenAI roles -> the template's. `developer` is OpenAI's newer name for `system`.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -39,20 +41,23 @@ class Chat:
 
 
 def to_chat(messages: list[Message]) -> Chat:
-    """Raises APIError (400) naming the field for what the model cannot take: tool messages,
-    tool calls, images outside user messages, audio and other parts."""
+    """Raises APIError (400) naming the field for what the model cannot take: function
+    messages, malformed tool calls, images outside user messages, audio and other parts."""
     chat = Chat()
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if m.role in ("tool", "function"):
-            raise unsupported(f"{where}.role", f"{where}.role: {m.role} messages are not supported (no tool calling)")
+        if m.role == "function":
+            raise unsupported(f"{where}.role", f"{where}.role: function messages (the legacy function calling) "
+                                               "are not supported; use tool messages")
         role = ROLES.get(m.role)
         if role is None:
-            raise invalid(f"{where}.role: unknown role {m.role!r}; use system, developer, user or assistant",
+            raise invalid(f"{where}.role: unknown role {m.role!r}; use system, developer, user, assistant or tool",
                           f"{where}.role")
-        if m.tool_calls or m.function_call is not None:
-            name = "tool_calls" if m.tool_calls else "function_call"
-            raise unsupported(f"{where}.{name}", f"{where}.{name}: tool calls are not supported")
+        if m.function_call is not None:
+            raise unsupported(f"{where}.function_call", f"{where}.function_call: the legacy function calling is not "
+                                                        "supported; use tool_calls")
+        if m.tool_calls and role != "assistant":
+            raise invalid(f"{where}.tool_calls: only assistant messages carry tool calls", f"{where}.tool_calls")
         if m.content is None:
             if role != "assistant":
                 raise invalid(f"{where}.content: required for {m.role} messages", f"{where}.content")
@@ -61,8 +66,24 @@ def to_chat(messages: list[Message]) -> Chat:
             content = _text(m.content, f"{where}.content")
         else:
             content = [_part(chat, role, f"{where}.content[{j}]", part) for j, part in enumerate(m.content)]
-        chat.messages.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [_tool_call(f"{where}.tool_calls[{j}]", call) for j, call in enumerate(m.tool_calls)]
+        chat.messages.append(message)
     return chat
+
+
+def _tool_call(where: str, call) -> dict:
+    """An assistant's earlier call, as Qwen's template renders it: the arguments' JSON text as
+    the client sends it (OpenAI's shape) goes in as it is."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid(f"{where}.function: required, with a name and arguments", f"{where}.function")
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        raise invalid(f"{where}.function.arguments: must be a string of JSON", f"{where}.function.arguments")
+    return {"type": "function", "function": {"name": _text(function["name"], f"{where}.function.name"),
+                                             "arguments": _text(arguments, f"{where}.function.arguments")}}
 
 
 def _text(text: str, where: str) -> str:

@@ -3,11 +3,13 @@
 
 Fields fall in three groups (docs/openai.md's table):
 - supported: messages, model, max_tokens / max_completion_tokens, temperature, top_p, seed,
-  stop, stream, stream_options.include_usage, and the extension top_k;
+  stop, stream, stream_options.include_usage, response_format (text, json_object, json_schema),
+  tools / tool_choice / parallel_tool_calls (function tools), tool messages and assistant
+  tool_calls, and the extensions top_k and structured_outputs (vLLM's; openai/structured.py);
 - accepted and ignored: fields that cannot change the answer here (`user`, `metadata`,
   `store`, ...), `image_url.detail`, a message's `name`, and any field this API does not know;
 - refused with a 400 naming the field: features this server cannot honour (`n` > 1,
-  `logprobs`, `tools`, `logit_bias`, `audio`, ...). Silently ignoring them would return an
+  `logprobs`, `functions`, `logit_bias`, `audio`, ...). Silently ignoring them would return an
   answer the client did not ask for.
 """
 
@@ -59,6 +61,7 @@ class Message(_Lenient):
     name: str | None = None  # accepted and ignored
     tool_calls: list[Any] | None = None
     function_call: Any = None
+    tool_call_id: str | None = None  # a tool message's: accepted (the template does not show it)
 
 
 class StreamOptions(_Lenient):
@@ -67,7 +70,7 @@ class StreamOptions(_Lenient):
 
 # Fields accepted and ignored (documented): none of them changes the answer of this server.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-                  "prompt_cache_retention", "prompt_cache_options", "parallel_tool_calls", "reasoning_effort",
+                  "prompt_cache_retention", "prompt_cache_options", "reasoning_effort",
                   "verbosity", "moderation")
 
 
@@ -110,18 +113,20 @@ class GenerationRequest(_Lenient):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Any] | None = None        # function tools (openai/structured.py)
+    tool_choice: Any = None               # none, auto, required, {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # extension (vLLM's): json, regex, choice, grammar, ...
     # Refused unless left at their defaults (`refused_fields`).
     n: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     logit_bias: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
-    response_format: dict[str, Any] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     prediction: Any = None
@@ -165,15 +170,12 @@ def refused_field(req: ChatCompletionRequest):
         ("n", req.n not in (None, 1), "only n=1 is supported (one choice per request)"),
         ("logprobs", bool(req.logprobs), "logprobs are not supported"),
         ("top_logprobs", req.top_logprobs is not None, "top_logprobs are not supported (no logprobs)"),
-        ("tools", bool(req.tools), "tools (function calling) are not supported"),
-        ("tool_choice", req.tool_choice not in (None, "none"), "tool_choice is not supported (no tools)"),
-        ("functions", bool(req.functions), "functions (function calling) are not supported"),
-        ("function_call", req.function_call not in (None, "none"), "function_call is not supported"),
+        ("functions", bool(req.functions), "functions (the legacy function calling) are not supported; use tools"),
+        ("function_call", req.function_call not in (None, "none"),
+         "function_call (the legacy function calling) is not supported; use tool_choice"),
         ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
         ("audio", req.audio is not None, "audio output is not supported"),
         ("modalities", req.modalities not in (None, ["text"]), "only the text modality is supported"),
-        ("response_format", req.response_format is not None and req.response_format.get("type") != "text",
-         "response_format: only {'type': 'text'} is supported (no JSON mode or schemas)"),
         ("frequency_penalty", req.frequency_penalty not in (None, 0), "frequency_penalty is not supported"),
         ("presence_penalty", req.presence_penalty not in (None, 0), "presence_penalty is not supported"),
         ("prediction", req.prediction is not None, "prediction (predicted outputs) is not supported"),
@@ -201,13 +203,18 @@ class Usage(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict] | None = None  # {"id", "type": "function", "function": {"name", "arguments"}}
+
+    @model_serializer(mode="wrap")
+    def _without_no_tool_calls(self, handler):
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
@@ -223,6 +230,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None  # {"index", and "id", "type", "function": {"name", "arguments"}}
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler):
@@ -232,7 +240,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: None = None
 
 

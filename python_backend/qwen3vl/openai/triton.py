@@ -36,13 +36,16 @@ class EnsembleRequest:
     videos: list[bytes] = field(default_factory=list)
     video_fps: float | None = None  # frames sampled per second of every video (None: the server's)
     raw_prompt: bool = False  # text_input is the whole prompt: no chat template (a text completion)
+    structured_outputs: dict | None = None  # vLLM's object (engine/structured.py), None: free text
+    tools: list | None = None               # OpenAI's tools, for the chat template
 
 
 def ensemble_inputs(req: EnsembleRequest) -> list[grpcclient.InferInput]:
     """The request's tensors, always streamed (see the module docstring)."""
     return build_inputs(grpcclient, req.text_input, req.images, max_tokens=req.max_tokens,
                         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stream=True,
-                        videos=req.videos, video_fps=req.video_fps)
+                        videos=req.videos, video_fps=req.video_fps, structured_outputs=req.structured_outputs,
+                        tools=req.tools)
 
 
 class Ensemble:

@@ -57,6 +57,13 @@ PRESETS = {
         vision=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64,
                     num_position_embeddings=64, deepstack_visual_indexes=[1, 2, 3]),
         shard_bytes=1 << 20),
+    "tiny-kv1": dict(  # tensor-parallel tests: one KV head, so 2 ranks replicate it; 8 experts split 4 + 4
+        text=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                  head_dim=32, intermediate_size=128, moe_intermediate_size=48, num_experts=8,
+                  num_experts_per_tok=2, mrope_section=[6, 5, 5]),
+        vision=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64,
+                    num_position_embeddings=64, deepstack_visual_indexes=[1, 2, 3]),
+        shard_bytes=1 << 20),
     "small": dict(  # benchmarks: the release's 128 experts / top-8, ~270 MB in bf16
         text=dict(hidden_size=256, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
                   head_dim=64, intermediate_size=512, moe_intermediate_size=96, num_experts=128,
@@ -341,7 +348,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="qwen3vl-make-checkpoint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (created if missing)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                    help="the model's size: tiny (the tests'), small (benchmarks, load tests: the release's 128 "
+                    help="the model's size: tiny (the tests'), tiny-kv1 (tiny with one KV head: tensor-parallel "
+                         "tests of KV replication), small (benchmarks, load tests: the release's 128 "
                          "experts, top-8), shapes (the demo model's architecture) (default: tiny)")
     ap.add_argument("--seed", type=int, default=0, help="the random weights' seed: the same seed, the same bytes "
                                                          "(default: 0)")
