@@ -276,16 +276,16 @@ def test_quantize_fp8_writes_what_make_checkpoint_writes_and_bf16_scales_load(ck
 
 
 def test_resolve_fp8_mode():
+    """The rule for native itself is tested in test_fp8_native.py."""
     assert resolve_fp8_mode("auto", "cpu") == "dequantize"
     assert resolve_fp8_mode("dequantize", "cuda:0", (8, 0)) == "dequantize"
-    assert resolve_fp8_mode("auto", "cuda:0", (9, 0)) == "dequantize"     # until the native path is wired
+    assert resolve_fp8_mode("dequantize", "cuda:0", (9, 0)) == "dequantize"
+    assert resolve_fp8_mode("auto", "cuda:0", (9, 0)) == "native"
     assert resolve_fp8_mode("auto", "cuda", (8, 0)) == "dequantize"
-    with pytest.raises(InvalidInput, match="fp8_mode=native cannot run here: the device is cpu"):
+    with pytest.raises(InvalidInput, match="fp8_mode=native cannot run here: the kernels are torch"):
         resolve_fp8_mode("native", "cpu")
     with pytest.raises(InvalidInput, match="compute capability 8.0, and FP8 tensor cores need 8.9"):
         resolve_fp8_mode("native", "cuda:0", (8, 0))
-    with pytest.raises(InvalidInput, match="not wired into the served model yet"):
-        resolve_fp8_mode("native", "cuda:0", (9, 0))
     with pytest.raises(InvalidInput, match="fp8_mode: 'fp4' is not one of auto, dequantize, native"):
         resolve_fp8_mode("fp4", "cpu")
     assert resolve_fp8_mode("native", "cpu", quantized=False) == "dequantize"     # nothing FP8 to run
@@ -293,10 +293,9 @@ def test_resolve_fp8_mode():
         resolve_fp8_mode("fp4", "cpu", quantized=False)
 
 
-
 def test_native_is_refused_on_the_cpu_when_loading(ckpts):
     assert ModelConfig.load(ckpts["fp8"], device="cpu").fp8_mode == "dequantize"
-    with pytest.raises(InvalidInput, match="fp8_mode=native cannot run here: the device is cpu"):
+    with pytest.raises(InvalidInput, match="fp8_mode=native cannot run here: the kernels are torch"):
         ModelConfig.load(ckpts["fp8"], device="cpu", fp8_mode="native")
     assert ModelConfig.load(ckpts["bf16"], device="cpu", fp8_mode="native").quantization is None   # no effect
 

@@ -63,3 +63,29 @@ def test_sizing_counts_an_fp8_checkpoint_both_ways(tmp_path, capsys):
     capsys.readouterr()
     assert sz.main(["--checkpoint", str(ckpt)]) == 0
     assert "kept FP8 (native: 1 byte a weight + fp32 scales)" in capsys.readouterr().out
+
+
+def test_sizing_says_which_fp8_mode_it_assumes(tmp_path, capsys):
+    """Native bytes are what a native model holds (fused experts: native runs them); a per-expert
+    checkpoint with I = 48 cannot run natively, and sizing says so and why."""
+    import dataclasses
+
+    from qwen3vl.model.config import ModelConfig
+    from qwen3vl.model.text import LanguageModel
+    from qwen3vl.tools.make_checkpoint import make_checkpoint
+
+    fused = make_checkpoint(tmp_path / "fused", "tiny", fp8=True, layout="transformers")
+    s = sz.sizing(fused, "float32")
+    config = dataclasses.replace(ModelConfig.load(fused, device="cpu"), fp8_mode="native")
+    model = LanguageModel.from_checkpoint(config)
+    assert sum(t.numel() * t.element_size() for t in model.state_dict().values()) == s.language_fp8_weight_bytes
+    assert s.fp8_native_refused == ""
+    capsys.readouterr()
+    assert sz.main(["--checkpoint", str(fused)]) == 0
+    out = capsys.readouterr().out
+    assert "to the sizes above (fp8_mode dequantize)" in out and "what fp8_mode auto picks on a GPU" in out
+    per_expert = sz.sizing(make_checkpoint(tmp_path / "per-expert", "tiny", fp8=True))
+    assert per_expert.fp8_native_refused.startswith("model.language_model.layers.0.mlp.experts.0.gate_proj.weight: "
+                                                    "per-expert FP8 experts need moe_intermediate_size (48)")
+    assert sz.main(["--checkpoint", str(tmp_path / "per-expert")]) == 0
+    assert "native cannot run this checkpoint (model.language_model.layers.0" in capsys.readouterr().out

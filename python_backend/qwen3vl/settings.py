@@ -96,10 +96,11 @@ class ServingConfig:
                                     "TRITON_INTERPRET=1: slow, for tests)", "--kernels")
     fp8_mode: str = _setting("auto", "Qwen's block-FP8 checkpoints (`quantization_config` quant_method fp8): "
                                      "`dequantize` (FP8 weights to the model dtype at load: bf16 on GPU, fp32 on "
-                                     "CPU; runs everywhere), `native` (FP8 weights kept, block-FP8 Triton kernels; "
-                                     "needs compute capability 8.9+, and is refused until the native path is wired "
-                                     "into the served model), `auto` (native where it can run, else dequantize); "
-                                     "no effect on other checkpoints", "--fp8-mode")
+                                     "CPU; runs everywhere), `native` (the language model's FP8 weights kept with "
+                                     "their block scales, W8A8 block-FP8 Triton kernels: needs kernels=triton on a "
+                                     "GPU of compute capability 8.9+, or on a CPU under TRITON_INTERPRET=1 for tests), "
+                                     "`auto` (native on such a GPU when the checkpoint can run natively, else "
+                                     "dequantize); no effect on other checkpoints", "--fp8-mode")
     gpu_memory_utilization: float = _setting(0.9, "share of the GPU's memory the language model may use in all "
                                                   "(with kv_cache_mb 0; vLLM's meaning: other processes on the "
                                                   "card do not count against it, but the KV pool never takes more "

@@ -14,8 +14,8 @@ Modules:
     tune_moe    the tuning sweep that writes a config file (GPU)
     attention   store_kv, unified paged attention (2D and split-KV)
     fusions     rms_norm, fused_add_rms_norm, silu_mul, qk_norm_rope
-    block_fp8   W8A8 block FP8: per_token_group_quant_fp8, w8a8_block_fp8_matmul (fused_moe_fp8 is
-                in fused_moe); not yet in KernelOps: the served model does not run FP8 natively
+    block_fp8   W8A8 block FP8: per_token_group_quant_fp8, w8a8_block_fp8_matmul, the FP8 Linear
+                (fused_moe_fp8 is in fused_moe); what fp8_mode native runs (model/fp8_linear.py)
     fp8_reference  block FP8 in torch, no triton: weight block (de)quantization, what the loader
                 dequantizes with, and the W8A8 emulation the FP8 kernels are checked against
     common      what the Triton modules share (UPCAST_DOT, the device check)
@@ -72,19 +72,28 @@ class KernelOps:
     fused_add_rms_norm: Callable
     silu_mul: Callable
     qk_norm_rope: Callable
+    # W8A8 block FP8 (fp8_mode native; model/fp8_linear.py): the torch path is the emulation
+    w8a8_block_fp8_linear: Callable
+    fused_moe_fp8: Callable
 
 
 def kernel_ops(kind: str) -> KernelOps:
     """The functions of `kind` ("torch" or "triton", as resolve_kernels returns). Importing the
     Triton path imports triton. Raises ValueError for another kind."""
     if kind == "torch":
-        from . import reference as r
+        from . import fp8_reference as f, reference as r
         return KernelOps(r.fused_moe_torch, r.store_kv_torch, r.paged_attention_torch, r.rms_norm_torch,
-                         r.fused_add_rms_norm_torch, r.silu_mul_torch, r.qk_norm_rope_torch)
+                         r.fused_add_rms_norm_torch, r.silu_mul_torch, r.qk_norm_rope_torch,
+                         f.w8a8_block_fp8_linear_torch, f.fused_moe_fp8_torch)
     if kind == "triton":
+        from functools import partial
+
         from .attention import store_kv, unified_attention
-        from .fused_moe import fused_moe
+        from .block_fp8 import activation_quantizer, w8a8_block_fp8_linear
+        from .fused_moe import fused_moe, fused_moe_fp8
         from .fusions import fused_add_rms_norm, qk_norm_rope, rms_norm, silu_mul
+        quantize = activation_quantizer()
         return KernelOps(fused_moe, store_kv, unified_attention, rms_norm, fused_add_rms_norm, silu_mul,
-                         qk_norm_rope)
+                         qk_norm_rope, partial(w8a8_block_fp8_linear, quantize=quantize),
+                         partial(fused_moe_fp8, quantize=quantize))
     raise ValueError(f"kernel kind {kind!r} is not torch or triton")

@@ -5,7 +5,11 @@ run Qwen's and DeepSeek's FP8 checkpoints on GPUs with FP8 tensor cores (compute
 
 Under TRITON_INTERPRET=1 the fp32 -> fp8 cast of per_token_group_quant_fp8 drops the rounding
 carry in some values (a value may land one e4m3 step low): its scales are right, and tests feed
-the GEMM torch-quantized inputs. On a GPU the cast rounds to nearest even like torch's.
+the GEMM torch-quantized inputs (the served model too: activation_quantizer). On a GPU the cast
+rounds to nearest even like torch's. Also under the interpreter, each K tile's fp8 dot runs in
+fp64, which is exact for fp8 products, as the emulation's is: the two agree bit for bit whatever
+the batch (a last-bit difference would flip the next layer's fp8 roundings). On a GPU the FP8
+tensor cores accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from .common import check_device, dot_options
-from .fp8_reference import ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, GROUP, scale_grid
+from .fp8_reference import ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, GROUP, per_token_group_quant_fp8_torch, scale_grid
 
 
 @triton.jit
@@ -88,10 +93,10 @@ def _w8a8_block_fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, m, n, k,
         g = (kk * BLOCK_SIZE_K) // GROUP_K
         a_s = tl.load(as_ptrs + g * stride_asg, mask=m_ok, other=0.0)
         b_s = tl.load(bs_ptrs + g * stride_bsg, mask=n_ok, other=0.0)
-        if UPCAST_DOT:  # see common.dot_options
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION) * a_s[:, None] * b_s[None, :]
+        if UPCAST_DOT:  # the interpreter: fp8 products summed in fp64 are exact (fp8_reference's order)
+            a = a.to(tl.float32).to(tl.float64)  # (the interpreter casts fp8 via fp32 only)
+            b = b.to(tl.float32).to(tl.float64)
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION).to(tl.float32) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -148,3 +153,12 @@ def w8a8_block_fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tenso
     Same API as fp8_reference.w8a8_block_fp8_linear_torch."""
     q, s = quantize(x)
     return w8a8_block_fp8_matmul(q, w, s, w_scale, x.dtype)
+
+
+def activation_quantizer():
+    """The per-token-group activation quantizer the served model's FP8 layers run:
+    per_token_group_quant_fp8 (this Triton kernel) on a GPU; under TRITON_INTERPRET the torch one
+    (fp8_reference.per_token_group_quant_fp8_torch, same API and math), because the
+    interpreter's fp32 -> fp8 cast drops the rounding carry in some values (module docstring)
+    and would move a served model's outputs by whole e4m3 steps. The GEMMs stay Triton's."""
+    return per_token_group_quant_fp8_torch if interpreting() else per_token_group_quant_fp8

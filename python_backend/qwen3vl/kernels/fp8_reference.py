@@ -106,8 +106,9 @@ def w8a8_block_fp8_matmul_torch(a: torch.Tensor, b: torch.Tensor, a_scale: torch
     """The W8A8 block-FP8 GEMM, emulated: a fp8 [M, K] with a_scale [M, ceil(K/block[1])] (per
     token group), b fp8 [N, K] (nn.Linear's layout) with b_scale [ceil(N/block[0]),
     ceil(K/block[1])] -> [M, N] in out_dtype: for each K group, the fp32 product of the fp8
-    values times a_scale (per row) times b_scale (per column tile), summed in fp32 over the
-    groups; the order of the Triton kernel (vLLM's w8a8_block_fp8_matmul). Raises ValueError on
+    values (summed exactly, in fp64, then rounded to fp32) times a_scale (per row) times b_scale
+    (per column tile), summed in fp32 over the groups; the order of the Triton kernel (vLLM's
+    w8a8_block_fp8_matmul), whose dot under the interpreter is exact too: bit for bit the same. Raises ValueError on
     mismatched shapes."""
     m, k = a.shape
     n = b.shape[0]
@@ -120,7 +121,10 @@ def w8a8_block_fp8_matmul_torch(a: torch.Tensor, b: torch.Tensor, a_scale: torch
     acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
     for g in range(groups):
         cols = slice(g * block[1], (g + 1) * block[1])
-        acc += (a[:, cols].float() @ b[:, cols].float().T) * a_scale[:, g, None].float() * b_col_scale[None, :, g]
+        # the group's dot in fp64 is exact (fp8 products have 8 significant bits and span < 2^44),
+        # so its fp32 rounding does not depend on the summation order or the batch
+        dot = (a[:, cols].double() @ b[:, cols].double().T).float()
+        acc += dot * a_scale[:, g, None].float() * b_col_scale[None, :, g]
     return acc.to(out_dtype)
 
 
@@ -135,7 +139,8 @@ def w8a8_block_fp8_linear_torch(x: torch.Tensor, w: torch.Tensor, w_scale: torch
 
 def fused_moe_fp8_torch(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                         w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                        quantize=per_token_group_quant_fp8_torch) -> torch.Tensor:
+                        config: dict | None = None, *, small_token: bool | None = None,
+                        quantize=per_token_group_quant_fp8_torch, silu_mul=None) -> torch.Tensor:
     """The routed experts of a MoE layer on block-FP8 weights, W8A8, emulated (the oracle of
     kernels/fused_moe.fused_moe_fp8): x [M, H] in the model dtype; w13 fp8 [E, 2I, H] (gate =
     first I rows, up = last I; nn.Linear's [out, in] per expert, stacked) with w13_scale
@@ -143,15 +148,22 @@ def fused_moe_fp8_torch(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Ten
     topk_weights [M, K] (x's dtype), topk_ids [M, K]. x is quantized per token group, each GEMM
     1's output rounded to x's dtype, SiLU(gate) * up quantized per token group again, GEMM 2's
     output rounded to x's dtype and weighted (in x's dtype), the top-k summed in fp32. Returns
-    [M, H] in x's dtype. After vLLM's fused_moe with use_fp8_w8a8 and block_shape [128, 128]."""
+    [M, H] in x's dtype. config and small_token are the Triton path's tuning knobs, ignored here
+    (same API). silu_mul: [R, 2I] -> [R, I], SiLU(gate) * up (None: torch's); a test
+    passes the kernel path's own (kernels.KernelOps.silu_mul) to compare the FP8 GEMMs alone,
+    since a last-ulp difference in SiLU can flip an activation's fp8 rounding (a whole e4m3
+    step). After vLLM's fused_moe with use_fp8_w8a8 and block_shape [128, 128]."""
     m, h = x.shape
     xq, xs = quantize(x)
     out = torch.zeros(m, h, dtype=torch.float32, device=x.device)
     for e in topk_ids.unique().tolist():
         token, j = (topk_ids == e).nonzero(as_tuple=True)
         gate_up = w8a8_block_fp8_matmul_torch(xq[token], w13[e], xs[token], w13_scale[e], x.dtype)
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = torch.nn.functional.silu(gate) * up
+        if silu_mul is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
+        else:
+            act = silu_mul(gate_up)
         aq, as_ = quantize(act)
         y = w8a8_block_fp8_matmul_torch(aq, w2[e], as_, w2_scale[e], x.dtype)
         out.index_add_(0, token, (y * topk_weights[token, j, None]).float())

@@ -124,15 +124,18 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, sorted_ids_ptr, expert_ids_ptr, num_po
         k_ok = offs_k < k - kk * BLOCK_SIZE_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST_DOT:  # see common.dot_options
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
         if USE_FP8_W8A8:
+            if UPCAST_DOT:  # the interpreter: fp8 products summed in fp64 are exact (block_fp8.py)
+                a = a.to(tl.float32).to(tl.float64)  # (the interpreter casts fp8 via fp32 only)
+                b = b.to(tl.float32).to(tl.float64)
             g = (kk * BLOCK_SIZE_K) // GROUP_K
             a_s = tl.load(as_ptrs + g * stride_asg, mask=row_ok, other=0.0)
             b_s = tl.load(bs_ptrs + g * stride_bsg, mask=n_ok, other=0.0)
-            acc += tl.dot(a, b, input_precision=DOT_PRECISION) * a_s[:, None] * b_s[None, :]
+            acc += tl.dot(a, b, input_precision=DOT_PRECISION).to(tl.float32) * a_s[:, None] * b_s[None, :]
         else:
+            if UPCAST_DOT:  # see common.dot_options
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
@@ -204,7 +207,7 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, to
 def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   config: dict | None = None, *, small_token: bool | None = None,
-                  quantize=per_token_group_quant_fp8) -> torch.Tensor:
+                  quantize=per_token_group_quant_fp8, silu_mul=silu_mul) -> torch.Tensor:
     """The routed experts of a MoE layer on block-FP8 weights, W8A8, in Triton.
 
     x [M, H] (bf16, fp16 or fp32); w13 float8_e4m3fn [E, 2I, H] (each expert's gate rows then up
@@ -215,8 +218,10 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
     (block_fp8.per_token_group_quant_fp8; tests under the interpreter pass
     fp8_reference.per_token_group_quant_fp8_torch, whose cast is right there); each K tile's
     fp8 product is scaled by the token group's and the weight block's scales and accumulated in
-    fp32; GEMM outputs are rounded to x's dtype. Returns [M, H] in x's dtype. config as
-    fused_moe's, with BLOCK_SIZE_K capped at 128 (one scale per K tile). Raises ValueError on
+    fp32; GEMM outputs are rounded to x's dtype; silu_mul ([R, 2I] -> [R, I]) runs between the
+    GEMMs (fusions.silu_mul; the emulation's API has it too). Returns [M, H] in x's dtype. config as
+    fused_moe's, with BLOCK_SIZE_K capped at 128 (one scale per K tile; a looked-up config gets 128:
+    one K tile per scale group, vLLM's block-FP8 configs). Raises ValueError on
     mismatched shapes or dtypes, a bad config or a device Triton cannot run on. Same math as
     fp8_reference.fused_moe_fp8_torch; after vLLM's fused_moe with use_fp8_w8a8 and block_shape
     [128, 128].
@@ -234,19 +239,21 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         raise ValueError(f"fused_moe_fp8: topk_ids {tuple(topk_ids.shape)} and topk_weights "
                          f"{tuple(topk_weights.shape)} must both be [M={m}, K]")
     check_device(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
-    scales = (w13_scale.float(), w2_scale.float(), quantize)
+    scales = (w13_scale.float(), w2_scale.float(), quantize, silu_mul)
     return _experts(x, w13, w2, topk_weights, topk_ids, (m, h, e, topk_ids.shape[1], two_i // 2), config,
                     small_token, scales)
 
 
 def _experts(x, w1, w2, topk_weights, topk_ids, dims, config, small_token, fp8=None) -> torch.Tensor:
     """fused_moe's body for both weight kinds: align, GEMM 1, SiLU * up, GEMM 2, the fixed-order
-    sum. dims = (M, H, E, K, I); fp8 = (w1 scales, w2 scales, activation quantizer) or None."""
+    sum. dims = (M, H, E, K, I); fp8 = (w1 scales, w2 scales, activation quantizer, SiLU * up) or None."""
     m, h, e, k, inter = dims
     if m == 0:
         return x.new_empty(0, h)
     if config is None:
         config = moe_config.get_config(m, e, inter, moe_config.device_name(x.device), triton.__version__)
+        if fp8 is not None:   # one K tile per scale group, as vLLM's block-FP8 configs all have
+            config = dict(config, BLOCK_SIZE_K=BLOCK[1])
     else:
         config = moe_config.check_config(config)
     if fp8 is not None:
@@ -268,7 +275,7 @@ def _experts(x, w1, w2, topk_weights, topk_ids, dims, config, small_token, fp8=N
     else:
         xq, xs = fp8[2](x)                                                        # per token, once for its K slots
         _gemm(xq, w1, gate_up, tiles, k, naive, config, (xs, fp8[0]))
-    act = silu_mul(gate_up)                                                       # [M*K, I]
+    act = silu_mul(gate_up) if fp8 is None else fp8[3](gate_up)                   # [M*K, I]
     y = torch.empty(m * k, h, dtype=x.dtype, device=x.device)
     if fp8 is None:
         _gemm(act, w2, y, tiles, 1, naive, config)

@@ -68,7 +68,8 @@ def _print(line: str) -> None:
 
 def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch.dtype,
                  device: str = "cpu", name: str = "", progress=_print,
-                 select: Callable[[str, tuple[int, ...]], object] | None = None) -> dict[str, torch.Tensor]:
+                 select: Callable[[str, tuple[int, ...]], object] | None = None,
+                 keep_fp8: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """{name without its matched prefix: tensor} for every checkpoint tensor under `prefixes`,
     floating ones in `dtype` on `device`.
 
@@ -76,7 +77,10 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     to `dtype` under their own name, their scales dropped: q.float() * s per 128x128 tile in fp32,
     then one cast. Raises ValueError (model/fp8.fp8_pairs, read_quantization_config) naming the
     tensor or field of an FP8 layout we do not run, before any tensor is read; ValueError when
-    no tensor is under `prefixes`.
+    no tensor is under `prefixes`. keep_fp8 (fp8_mode native): FP8 weights whose checkpoint name
+    it accepts come back as they are stored (float8_e4m3fn), their scales beside them as fp32
+    `<name>_scale_inv` (bf16 scales widen exactly); the others are dequantized. Not with
+    `select` (native FP8 is not wired for tensor parallelism): ValueError.
 
     select(name, shape) (a tensor-parallel rank's; parallel/shard.py Shard.reads) says what to
     read of each tensor: None (all of it), SKIP (nothing), or a list of index tuples read with
@@ -87,6 +91,8 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     Prints (`progress`) one line per shard with the bytes read so far out of the total, then
     once "<name>: loaded N GiB in S s" (N: the checkpoint's bytes read for these tensors)."""
     checkpoint = Path(checkpoint)
+    if keep_fp8 is not None and select is not None:
+        raise ValueError("load_tensors: keep_fp8 (native FP8) with select (a tensor-parallel rank's share) is not supported")
     name = name or ", ".join(prefixes)
     wanted: dict[str, list[str]] = {}
     for tensor, shard in weight_map(checkpoint).items():
@@ -100,7 +106,7 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     scale_of = {scale: weight for weight, scale in pairs.items()}
     total = sum(headers[shard][t]["data_offsets"][1] - headers[shard][t]["data_offsets"][0]
                 for shard, tensors in wanted.items() for t in tensors)
-    start, done, read, in_memory, out = time.perf_counter(), 0, 0, 0, {}
+    start, done, read, in_memory, out, kept = time.perf_counter(), 0, 0, 0, {}, 0
     pending: dict[str, list[torch.Tensor]] = {}   # an FP8 weight or a scale whose partner is still unread
     for i, (shard, tensors) in enumerate(sorted(wanted.items()), 1):
         with safe_open(checkpoint / shard, "pt", device="cpu") as f:
@@ -120,8 +126,14 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
                         pending[tensor] = parts
                         continue
                     qs, ss = (parts, pending.pop(partner)) if tensor == weight else (pending.pop(partner), parts)
-                    # on the device: the fp32 product of one tensor is the only extra memory
-                    parts = [dequantize_block_fp8(q.to(device), s.to(device), dtype) for q, s in zip(qs, ss)]
+                    if keep_fp8 is not None and keep_fp8(weight):      # whole tensors: no select here
+                        prefix = next(p for p in prefixes if weight.startswith(p))
+                        out[pairs[weight][len(prefix):]] = scale = ss[0].to(device, torch.float32)
+                        in_memory += scale.numel() * scale.element_size()
+                        parts, kept = [qs[0]], kept + 1
+                    else:
+                        # on the device: the fp32 product of one tensor is the only extra memory
+                        parts = [dequantize_block_fp8(q.to(device), s.to(device), dtype) for q, s in zip(qs, ss)]
                     if index is not None:
                         parts = [_crop(p, ix, tuple(header[weight]["shape"])) for p, ix in
                                  zip(parts, select(weight, tuple(header[weight]["shape"])))]
@@ -137,12 +149,13 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
         progress(f"{name}: shard {i}/{len(wanted)} {shard}: {len(tensors)} tensors, "
                  f"{_gib(done)}/{_gib(total)} GiB ({100 * done / max(total, 1):.0f}%), "
                  f"{time.perf_counter() - start:.1f} s")
-    fp8 = f", {len(pairs)} FP8 tensors dequantized" if pairs else ""
+    fp8 = (f", {len(pairs) - kept} FP8 tensors dequantized" if len(pairs) > kept else "") + \
+        (f", {kept} FP8 tensors kept FP8 with their scales (native)" if kept else "")
     if select is not None:
         fp8 += f"; this rank's shares: {_gib(read)} GiB read"
     progress(f"{name}: loaded {_gib(total)} GiB in {time.perf_counter() - start:.1f} s "
-             f"({len(wanted)} of the checkpoint's shards, {len(out)} tensors{fp8}; {_gib(in_memory)} GiB as {dtype} "
-             f"on {device})")
+             f"({len(wanted)} of the checkpoint's shards, {len(out)} tensors{fp8}; {_gib(in_memory)} GiB as "
+             f"{dtype}{' and FP8' if kept else ''} on {device})")
     return out
 
 

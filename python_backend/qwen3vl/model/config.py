@@ -15,6 +15,7 @@ import torch
 from ..errors import InvalidInput
 from ..kernels import resolve_kernels
 from .fp8 import Fp8Config, read_quantization_config, resolve_fp8_mode
+from .fp8_linear import check_native_fp8
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class ModelConfig:
     quantization: Fp8Config | None = None   # the checkpoint's checked quantization_config (model/fp8.py)
     fp8_mode: str = "dequantize"            # how its FP8 weights run: "dequantize" or "native" (resolve_fp8_mode)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    fp8_setting: str = "auto"               # fp8_mode as asked (auto, dequantize, native), before resolving
 
     @property
     def deepstack_layers(self) -> int:
@@ -114,9 +116,11 @@ class ModelConfig:
              kernels: str = "auto", fp8_mode: str = "auto") -> "ModelConfig":
         """The checkpoint's config.json, on `device` (auto: cuda when available) in `dtype` (auto:
         bf16 on GPU, fp32 on CPU), with `kernels` (auto, torch, triton) and `fp8_mode` (auto,
-        dequantize, native) resolved for that device. Raises FileNotFoundError, ValueError (not a
-        qwen3_vl_moe config; a quantization_config we do not run, naming the field), InvalidInput
-        (a dtype, kernels or fp8_mode value that does not apply)."""
+        dequantize, native) resolved for that device and those kernels (model/fp8.resolve_fp8_mode,
+        model/fp8_linear.check_native_fp8). Raises FileNotFoundError, ValueError (not a
+        qwen3_vl_moe config; a quantization_config we do not run, naming the field; fp8_mode
+        native on a checkpoint an FP8 tensor of which cannot run natively, naming it),
+        InvalidInput (a dtype, kernels or fp8_mode value that does not apply)."""
         checkpoint = Path(checkpoint)
         config_path = checkpoint / "config.json"
         if not config_path.is_file():
@@ -126,18 +130,24 @@ class ModelConfig:
             raise ValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'qwen3_vl_moe'")
         device = resolve_device(device or "auto")
         quantization = read_quantization_config(raw, str(config_path))
+        text = TextConfig.from_dict(raw["text_config"])
+        resolved_kernels = resolve_kernels(kernels, device)
+        mode = resolve_fp8_mode(fp8_mode, device, quantized=quantization is not None, kernels=resolved_kernels)
+        # native also needs every language-model FP8 tensor to have a native module (headers only)
+        mode = check_native_fp8(checkpoint, mode, fp8_mode, text.num_experts, text.moe_intermediate_size)
         return cls(
             checkpoint=checkpoint,
-            text=TextConfig.from_dict(raw["text_config"]),
+            text=text,
             vision=dict(raw["vision_config"]),
             image_token_id=raw.get("image_token_id", 151655),
             spatial_merge_size=raw["vision_config"].get("spatial_merge_size", 2),
             device=device,
             dtype=resolve_dtype(dtype, device),
-            kernels=resolve_kernels(kernels, device),
+            kernels=resolved_kernels,
             quantization=quantization,
-            fp8_mode=resolve_fp8_mode(fp8_mode, device, quantized=quantization is not None),
+            fp8_mode=mode,
             raw=raw,
+            fp8_setting=fp8_mode,
         )
 
 

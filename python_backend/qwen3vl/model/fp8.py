@@ -16,7 +16,8 @@ run is refused with the field or tensor named: another quant_method or fmt, stat
 scales, another block size, per-tensor scales, a scale grid that does not fit.
 
 Two ways to run the FP8 weights (`fp8_mode`, resolved by `resolve_fp8_mode`): dequantized at
-load to the model dtype (here), or native FP8 kernels (kernels/, not yet wired into the model).
+load to the model dtype (model/checkpoint.py), or kept FP8 and run by the block-FP8 kernels
+(model/fp8_linear.py).
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ OTHER_FP8 = {"F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"}
 STATIC_SCALES = ("input_scale", "activation_scale")   # what a static-activation checkpoint adds
 SUPPORTED_BLOCK = (128, 128)
 FP8_MODES = ("auto", "dequantize", "native")
-# The native kernels exist in kernels/ but the served model does not run them yet: `auto` then
-# means dequantize everywhere, and `native` is refused with that reason.
-NATIVE_WIRED = False
 NATIVE_MIN_CAPABILITY = (8, 9)                   # FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer
 
 
@@ -144,36 +142,45 @@ def fp8_pairs(header: dict[str, dict], quantization: Fp8Config | None, where: st
     return pairs
 
 
-def resolve_fp8_mode(setting: str, device, capability: tuple[int, int] | None = None, quantized: bool = True) -> str:
+def resolve_fp8_mode(setting: str, device, capability: tuple[int, int] | None = None, quantized: bool = True,
+                     kernels: str | None = None) -> str:
     """How FP8 weights run: "dequantize" (to the model dtype at load) or "native" (FP8 weights
-    in memory, the Triton block-FP8 kernels).
+    in memory, the Triton block-FP8 kernels; model/fp8_linear.py).
 
-    setting: "auto" (native where it can run, else dequantize), "dequantize" or "native".
+    setting: "auto" (native where it serves, else dequantize), "dequantize" or "native".
     device: a torch.device or its name. capability: the CUDA device's (major, minor); None reads it.
     quantized: whether the checkpoint has FP8 weights (without, the setting only has to be a
     known value: "dequantize" comes back, there being nothing to run natively).
-    Raises InvalidInput for an unknown setting, and for "native" on an FP8 checkpoint on a device
-    other than CUDA, on a GPU below compute capability 8.9 (no FP8 tensor cores) or while the
-    native path is not wired into the served model (NATIVE_WIRED)."""
+    kernels: the resolved kernels ("torch" or "triton", kernels.resolve_kernels); None: what
+    `auto` resolves to on `device` (triton on CUDA, torch elsewhere).
+
+    The rule: native runs the Triton kernels, so it needs kernels=triton, and then either a CUDA
+    GPU of compute capability 8.9 or newer (FP8 tensor cores), or the CPU, where kernels=triton
+    means Triton's interpreter (TRITON_INTERPRET=1: slow, for tests; `auto` never picks it).
+    Raises InvalidInput for an unknown setting, and for "native" on an FP8 checkpoint where that
+    rule does not hold, with the reason."""
     if setting not in FP8_MODES:
         raise InvalidInput(f"fp8_mode: {setting!r} is not one of {', '.join(FP8_MODES)}")
     if setting == "dequantize" or not quantized:
         return "dequantize"
     device_type = str(device).split(":")[0]
-    if device_type != "cuda":
-        reason = f"the device is {device_type}, and native FP8 needs a CUDA GPU of compute capability 8.9 or newer"
-    else:
+    kernels = kernels or ("triton" if device_type == "cuda" else "torch")
+    reason = None
+    if device_type == "cuda":
         if capability is None:
             import torch
             capability = torch.cuda.get_device_capability(device)
         if tuple(capability) < NATIVE_MIN_CAPABILITY:
             reason = (f"the GPU has compute capability {capability[0]}.{capability[1]}, and FP8 tensor cores "
                       "need 8.9 or newer")
-        elif not NATIVE_WIRED:
-            reason = "the native FP8 kernels are not wired into the served model yet"
-        else:
-            return "native"
+    elif device_type != "cpu":
+        reason = f"the device is {device_type}, and native FP8 needs a CUDA GPU of compute capability 8.9 or newer"
+    if reason is None and kernels != "triton":
+        reason = (f"the kernels are {kernels}, and native FP8 runs the Triton block-FP8 kernels (kernels=triton; "
+                  "on a CPU only under Triton's interpreter, TRITON_INTERPRET=1, for tests)")
+    if reason is None and (device_type == "cuda" or setting == "native"):
+        return "native"
     if setting == "auto":
-        return "dequantize"
+        return "dequantize"      # the CPU: the interpreter is for tests, never picked by auto
     raise InvalidInput(f"fp8_mode=native cannot run here: {reason}; choose fp8_mode auto or dequantize "
                        "(FP8 weights dequantized at load to the model dtype)")

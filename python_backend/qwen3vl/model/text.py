@@ -23,6 +23,7 @@ from ..kernels.reference import fused_moe_torch
 from ..parallel.shard import ONE_PROCESS, Shard
 from .checkpoint import fuse_per_expert, load_tensors, to_hub_expert_layout
 from .config import ModelConfig, TextConfig
+from .fp8_linear import Fp8Experts, install_native_fp8, native_fp8_here, runs_natively
 
 
 class RMSNorm(nn.Module):
@@ -138,6 +139,8 @@ class SparseMoe(nn.Module):
             ids = ids - self.first_expert
             mine = (ids >= 0) & (ids < self.experts.down_proj.shape[0])
             weights, ids = torch.where(mine, weights, 0), torch.where(mine, ids, 0)
+        if isinstance(self.experts, Fp8Experts):                      # fp8_mode native (model/fp8_linear.py)
+            return self.shard.all_reduce(self.experts(x, weights, ids)).view(shape)
         out = self.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)  # [M, H]
         return self.shard.all_reduce(out).view(shape)
 
@@ -197,6 +200,7 @@ class LanguageModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, config.kernels, shard)
         prefix = "model.language_model."
+        native = native_fp8_here(config, shard.world_size)
 
         def select(name: str, shape: tuple[int, ...]):
             return shard.reads(name.removeprefix(prefix), shape, cfg)
@@ -204,14 +208,18 @@ class LanguageModel(nn.Module):
         tensors = load_tensors(config.checkpoint, (prefix, "lm_head."), config.dtype, config.device,
                                name="language model" + (f" rank {shard.rank}/{shard.world_size}"
                                                         if shard.world_size > 1 else ""),
-                               select=select if shard.world_size > 1 else None)
+                               select=select if shard.world_size > 1 else None,
+                               keep_fp8=runs_natively if native else None)
         if "weight" in tensors:  # `lm_head.weight` lost its prefix
             tensors["lm_head.weight"] = tensors.pop("weight")
         elif config.raw.get("tie_word_embeddings"):
             tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
         if shard.world_size > 1:
             tensors = _local_names_and_pads(tensors, cfg, shard)
-        # FP8 tensors came back dequantized (config.fp8_mode "dequantize", the only one wired)
+        if native:  # FP8 Linear weights and experts kept FP8: their modules swapped (fp8_linear.py)
+            tensors = install_native_fp8(model, tensors, kernel_ops(config.kernels), cfg.num_experts,
+                                         cfg.hidden_size, cfg.moe_intermediate_size)
+        # (with fp8_mode "dequantize" the FP8 tensors came back dequantized)
         first, end = shard.experts(cfg)
         inter = shard.moe_inter(cfg)
         tensors = fuse_per_expert(tensors, end - first, cfg.hidden_size, inter)

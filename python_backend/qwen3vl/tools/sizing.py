@@ -3,8 +3,12 @@
 token, and what those come to for a context and an image.
 
 An FP8 checkpoint (model/fp8.py) is counted both ways it can run: dequantized at load (every
-weight in the serving dtype, the scales dropped: what runs today) and native (1 byte per FP8
-weight plus its fp32 scales, the rest in the serving dtype).
+weight in the serving dtype, the scales dropped: fp8_mode dequantize, what the main sizes
+assume) and native (fp8_mode native, what auto picks on a GPU of compute capability 8.9+ with
+the Triton kernels: 1 byte per language-model FP8 weight plus its fp32 scales, the rest in the
+serving dtype; the vision tower is dequantized either way), with the reason when native cannot
+run the checkpoint (model/fp8_linear.check_native_fp8; native is not wired for tensor
+parallelism yet).
 
 With `--tensor-parallel-size N` (and `--enable-expert-parallel`) the language model's weights
 and KV cache are also given per GPU: each tensor's share as a rank reads it (parallel/shard.py:
@@ -24,6 +28,7 @@ import torch
 from ..model.checkpoint import shard_header, weight_map
 from ..model.config import ModelConfig
 from ..model.fp8 import FP8_DTYPES, SCALE_SUFFIX
+from ..model.fp8_linear import check_native_fp8
 from ..parallel.shard import SKIP, Shard
 
 LANGUAGE_PREFIXES = ("model.language_model.", "lm_head.")
@@ -48,6 +53,7 @@ class Sizing:
     language_weight_bytes_per_gpu: int = 0       # the largest rank's share, in the serving dtype
     language_fp8_weight_bytes_per_gpu: int = 0   # the same kept FP8 (native)
     kv_bytes_per_token_per_gpu: int = 0          # the KV heads one rank holds
+    fp8_native_refused: str = ""        # why fp8_mode native cannot run this FP8 checkpoint ("" if it can)
 
     def kv_bytes(self, tokens: int) -> int:
         return self.kv_bytes_per_token * tokens
@@ -120,6 +126,9 @@ def sizing(checkpoint: str | Path, dtype: str = "bfloat16", tensor_parallel_size
     shard = Shard(0, tensor_parallel_size, expert_parallel)
     shard.check(t, fp8=config.quantization is not None)
     per_gpu = _count(checkpoint, LANGUAGE_PREFIXES, _rank_share(shard, t))
+    refused: list[str] = []
+    if language.fp8:
+        check_native_fp8(checkpoint, "native", "auto", t.num_experts, t.moe_intermediate_size, refused.append)
     return Sizing(
         dtype=str(config.dtype).removeprefix("torch."),
         language_params=language.params, vision_params=vision.params,
@@ -133,6 +142,7 @@ def sizing(checkpoint: str | Path, dtype: str = "bfloat16", tensor_parallel_size
         language_weight_bytes_per_gpu=per_gpu.weight_bytes(element),
         language_fp8_weight_bytes_per_gpu=per_gpu.fp8_weight_bytes(element),
         kv_bytes_per_token_per_gpu=2 * t.num_hidden_layers * shard.kv_heads(t) * t.head_dim * element,
+        fp8_native_refused=refused[0].split("not native: ", 1)[-1] if refused else "",
     )
 
 
@@ -167,15 +177,19 @@ def main(argv=None) -> int:
     print(f"  vision tower weights    {_b(s.vision_weight_bytes)} ({s.vision_params / 1e9:.3g} B params): "
           f"encoder and aggregated servers")
     if s.language_fp8_params or s.vision_fp8_params:
+        native = (f"native cannot run this checkpoint ({s.fp8_native_refused}): auto dequantizes"
+                  if s.fp8_native_refused else "what fp8_mode auto picks on a GPU of compute capability 8.9+ with "
+                  "the Triton kernels")
         print(f"  FP8 checkpoint          {s.language_fp8_params / 1e9:.3g} B language and {s.vision_fp8_params / 1e9:.3g} "
               f"B vision params in FP8, dequantized at load to the sizes above (fp8_mode dequantize); the language "
-              f"model kept FP8 (native: 1 byte a weight + fp32 scales) {_b(s.language_fp8_weight_bytes)}")
+              f"model kept FP8 (native: 1 byte a weight + fp32 scales) {_b(s.language_fp8_weight_bytes)}, {native}")
     print(f"  KV cache per token      {_b(s.kv_bytes_per_token)}; a {args.context}-token sequence "
           f"{_b(s.kv_bytes(args.context))}")
     print(f"  E->L per visual token   {_b(s.e2l_bytes_per_visual_token)}; an image of {args.visual_tokens} "
           f"visual tokens {_b(s.e2l_bytes(args.visual_tokens))}")
     if s.tensor_parallel_size > 1:
-        fp8 = (f" ({_b(s.language_fp8_weight_bytes_per_gpu)} kept FP8)" if s.language_fp8_params else "")
+        fp8 = (f" ({_b(s.language_fp8_weight_bytes_per_gpu)} kept FP8, once native FP8 is wired for tensor "
+               "parallelism: today a rank dequantizes)" if s.language_fp8_params else "")
         print(f"  per GPU at tensor parallel {s.tensor_parallel_size}"
               f"{' with expert parallel' if s.expert_parallel else ''}: language weights "
               f"{_b(s.language_weight_bytes_per_gpu)}{fp8}, KV cache per token {_b(s.kv_bytes_per_token_per_gpu)} "
