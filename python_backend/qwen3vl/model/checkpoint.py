@@ -79,20 +79,19 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     tensor or field of an FP8 layout we do not run, before any tensor is read; ValueError when
     no tensor is under `prefixes`. keep_fp8 (fp8_mode native): FP8 weights whose checkpoint name
     it accepts come back as they are stored (float8_e4m3fn), their scales beside them as fp32
-    `<name>_scale_inv` (bf16 scales widen exactly); the others are dequantized. Not with
-    `select` (native FP8 is not wired for tensor parallelism): ValueError.
+    `<name>_scale_inv` (bf16 scales widen exactly); the others are dequantized.
 
     select(name, shape) (a tensor-parallel rank's; parallel/shard.py Shard.reads) says what to
     read of each tensor: None (all of it), SKIP (nothing), or a list of index tuples read with
     safetensors' get_slice and concatenated along the dimension they cut: a rank never holds
     more of a tensor than its share. An FP8 weight's share is read on whole 128x128 scale blocks,
-    dequantized and cropped.
+    dequantized and cropped; one kept FP8 (keep_fp8) is read as it is stored, its weight rows or
+    columns and the matching rows or columns of its scales (the share must hold whole blocks,
+    model/fp8_linear.check_fp8_shards: else ValueError naming the tensor).
 
     Prints (`progress`) one line per shard with the bytes read so far out of the total, then
     once "<name>: loaded N GiB in S s" (N: the checkpoint's bytes read for these tensors)."""
     checkpoint = Path(checkpoint)
-    if keep_fp8 is not None and select is not None:
-        raise ValueError("load_tensors: keep_fp8 (native FP8) with select (a tensor-parallel rank's share) is not supported")
     name = name or ", ".join(prefixes)
     wanted: dict[str, list[str]] = {}
     for tensor, shard in weight_map(checkpoint).items():
@@ -106,7 +105,7 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
     scale_of = {scale: weight for weight, scale in pairs.items()}
     total = sum(headers[shard][t]["data_offsets"][1] - headers[shard][t]["data_offsets"][0]
                 for shard, tensors in wanted.items() for t in tensors)
-    start, done, read, in_memory, out, kept = time.perf_counter(), 0, 0, 0, {}, 0
+    start, done, read, in_memory, out, kept, skipped = time.perf_counter(), 0, 0, 0, {}, 0, 0
     pending: dict[str, list[torch.Tensor]] = {}   # an FP8 weight or a scale whose partner is still unread
     for i, (shard, tensors) in enumerate(sorted(wanted.items()), 1):
         with safe_open(checkpoint / shard, "pt", device="cpu") as f:
@@ -115,9 +114,15 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
                 weight = scale_of.get(tensor, tensor)
                 index = select(weight, tuple(header[weight]["shape"])) if select else None
                 if index == SKIP:
+                    skipped += tensor in pairs    # another rank's FP8 expert: neither kept nor dequantized here
                     continue
                 if weight in pairs and index is not None:
-                    index = [_block_cover(ix, tuple(header[weight]["shape"]), tensor != weight) for ix in index]
+                    shape = tuple(header[weight]["shape"])
+                    if keep_fp8 is not None and keep_fp8(weight) and \
+                            any(_block_cover(ix, shape, False) != ix for ix in index):
+                        raise ValueError(f"{weight}: this rank's share {index} of the FP8 weight {list(shape)} "
+                                         "splits a 128x128 scale block; it cannot be kept FP8")
+                    index = [_block_cover(ix, shape, tensor != weight) for ix in index]
                 parts = [f.get_tensor(tensor)] if index is None else [f.get_slice(tensor)[ix] for ix in index]
                 read += sum(p.numel() * p.element_size() for p in parts)
                 if weight in pairs:
@@ -126,11 +131,14 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
                         pending[tensor] = parts
                         continue
                     qs, ss = (parts, pending.pop(partner)) if tensor == weight else (pending.pop(partner), parts)
-                    if keep_fp8 is not None and keep_fp8(weight):      # whole tensors: no select here
+                    if keep_fp8 is not None and keep_fp8(weight):
+                        # as stored: the share's weight and scale rows/columns, on block bounds
                         prefix = next(p for p in prefixes if weight.startswith(p))
-                        out[pairs[weight][len(prefix):]] = scale = ss[0].to(device, torch.float32)
+                        scale = (ss[0] if len(ss) == 1 else
+                                 torch.cat(ss, dim=Shard.split_dim(select(weight, tuple(header[weight]["shape"]))[0])))
+                        out[pairs[weight][len(prefix):]] = scale = scale.to(device, torch.float32)
                         in_memory += scale.numel() * scale.element_size()
-                        parts, kept = [qs[0]], kept + 1
+                        parts, kept = qs, kept + 1
                     else:
                         # on the device: the fp32 product of one tensor is the only extra memory
                         parts = [dequantize_block_fp8(q.to(device), s.to(device), dtype) for q, s in zip(qs, ss)]
@@ -149,7 +157,7 @@ def load_tensors(checkpoint: str | Path, prefixes: tuple[str, ...], dtype: torch
         progress(f"{name}: shard {i}/{len(wanted)} {shard}: {len(tensors)} tensors, "
                  f"{_gib(done)}/{_gib(total)} GiB ({100 * done / max(total, 1):.0f}%), "
                  f"{time.perf_counter() - start:.1f} s")
-    fp8 = (f", {len(pairs) - kept} FP8 tensors dequantized" if len(pairs) > kept else "") + \
+    fp8 = (f", {len(pairs) - kept - skipped} FP8 tensors dequantized" if len(pairs) > kept + skipped else "") + \
         (f", {kept} FP8 tensors kept FP8 with their scales (native)" if kept else "")
     if select is not None:
         fp8 += f"; this rank's shares: {_gib(read)} GiB read"

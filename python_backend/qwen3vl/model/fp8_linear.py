@@ -12,8 +12,11 @@ tower (run by transformers' vision model) stay as on the dequantized path.
 `install_native_fp8` swaps the modules by name after the model is built, so the decoder's
 classes (model/text.py) know nothing of FP8 except SparseMoe's call into `Fp8Experts`.
 `check_native_fp8` decides at load, from the safetensors headers alone, whether a checkpoint
-can run natively (and refuses by tensor name where it cannot). `fp8_shard_check` is the rule a
-tensor-parallel split must keep: a shard never splits a 128x128 scale block.
+can run natively (and refuses by tensor name where it cannot). Under tensor / expert
+parallelism each rank keeps its share of the FP8 weights and their scales as stored
+(model/checkpoint.py reads them with get_slice on block-aligned bounds); `fp8_shard_check` is
+the rule every share keeps (`check_fp8_shards`, `native_fp8_here`): a shard never splits a
+128x128 scale block.
 
 The kernels themselves take any N and K (ragged edge tiles are masked; the last activation
 group holds what is left of K). What needs 128-multiples is stacking the release's per-expert
@@ -34,6 +37,7 @@ from torch import nn
 from ..errors import InvalidInput
 from ..kernels.fp8_reference import BLOCK, FP8_DTYPE, scale_grid
 from .checkpoint import shard_header, weight_map
+from ..parallel.shard import SKIP, Shard
 from .fp8 import SCALE_SUFFIX, fp8_pairs, read_quantization_config
 
 LANGUAGE_PREFIX = "model.language_model."
@@ -185,6 +189,21 @@ def install_native_fp8(model: nn.Module, tensors: dict[str, torch.Tensor], ops, 
     return tensors
 
 
+def language_fp8_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
+    """{checkpoint name: shape} of the language model's FP8 weights (those with a
+    `_scale_inv` sibling), from the safetensors headers alone (no bytes read)."""
+    checkpoint = Path(checkpoint)
+    shards = {}
+    for name, shard in weight_map(checkpoint).items():
+        shards.setdefault(shard, []).append(name)
+    header = {}
+    for shard, names in shards.items():
+        h = shard_header(checkpoint / shard)
+        header.update({n: h[n] for n in names if n.startswith(LANGUAGE_PREFIX)})
+    quantization = read_quantization_config(json.loads((checkpoint / "config.json").read_text()))
+    return {name: tuple(header[name]["shape"]) for name in fp8_pairs(header, quantization, str(checkpoint))}
+
+
 def check_native_fp8(checkpoint: str | Path, mode: str, setting: str, num_experts: int, inter: int,
                      progress=print) -> str:
     """The FP8 mode to load with, given `mode` as resolve_fp8_mode chose it from `setting`: when
@@ -195,17 +214,8 @@ def check_native_fp8(checkpoint: str | Path, mode: str, setting: str, num_expert
     one line saying why. Otherwise returns `mode`."""
     if mode != "native":
         return mode
-    checkpoint = Path(checkpoint)
-    shards = {}
-    for name, shard in weight_map(checkpoint).items():
-        shards.setdefault(shard, []).append(name)
-    header = {}
-    for shard, names in shards.items():
-        h = shard_header(checkpoint / shard)
-        header.update({n: h[n] for n in names if n.startswith(LANGUAGE_PREFIX)})
-    quantization = read_quantization_config(json.loads((checkpoint / "config.json").read_text()))
     problem = None
-    for name in sorted(fp8_pairs(header, quantization, str(checkpoint))):
+    for name in sorted(language_fp8_shapes(checkpoint)):
         expert = PER_EXPERT.match(name[len(LANGUAGE_PREFIX):])
         if not runs_natively(name):
             problem = f"{name}: FP8, but no native module runs it"
@@ -223,22 +233,50 @@ def check_native_fp8(checkpoint: str | Path, mode: str, setting: str, num_expert
     return "dequantize"
 
 
-def native_fp8_here(config, world_size: int, progress=print) -> bool:
+def check_fp8_shards(shapes: dict[str, tuple[int, ...]], shard: Shard, cfg) -> None:
+    """Check that `shard`'s share of every FP8 weight (`shapes`: checkpoint name -> shape, as
+    language_fp8_shapes gives) holds whole 128x128 scale blocks, so that the rank can read its
+    weight rows/columns and the matching scale rows/columns as stored. Each cut that
+    Shard.reads makes goes through fp8_shard_check: a column-parallel weight (q/k/v, gate/up)
+    split by rows, a row-parallel one (o_proj, down) by columns, a fused gate_up's gate half and
+    up half each split alike; k/v under KV-head replication (N > KV heads) are split KV ways
+    only (each rank holds its KV head whole); an expert-parallel cut of the expert dim splits
+    no block. Raises ValueError naming the tensor and the sizes (fp8_shard_check)."""
+    for name, shape in sorted(shapes.items()):
+        reads = shard.reads(name.removeprefix(LANGUAGE_PREFIX), shape, cfg)
+        if reads is None or reads == SKIP:
+            continue
+        dim, nd = Shard.split_dim(reads[0]), len(shape)
+        if dim < nd - 2:            # whole experts (expert parallel)
+            continue
+        held = reads[0][dim].stop - reads[0][dim].start
+        part = list(shape)
+        part[dim] = shape[dim] // len(reads)     # a fused gate_up: its gate half and its up half
+        label = name if len(reads) == 1 else f"{name} (each of its gate and up halves)"
+        fp8_shard_check(label, tuple(part), dim - nd, part[dim] // held)
+
+
+def native_fp8_here(config, shard: Shard, progress=print) -> bool:
     """Whether a language model loads its FP8 weights natively: config.fp8_mode (model/config.py
-    ModelConfig) is "native" and the model is in one process. Under tensor parallelism
-    (world_size > 1) native is not wired yet (a rank's share of an FP8 weight is read dequantized,
-    parallel/shard.py): with config.fp8_setting "native" that raises InvalidInput; with "auto"
-    it returns False and prints (`progress`) one line saying why."""
+    ModelConfig) is "native", and under tensor parallelism (shard.world_size > 1) every rank's
+    share of every FP8 weight holds whole scale blocks (check_fp8_shards, from the checkpoint's
+    headers). Where a share would split a block: with config.fp8_setting "native" that raises
+    InvalidInput naming the tensor and the size; with "auto" it returns False and prints
+    (`progress`) one line saying why (each rank then reads its share dequantized)."""
     if config.fp8_mode != "native":
         return False
-    if world_size == 1:
+    if shard.world_size == 1:
         return True
-    if config.fp8_setting == "native":
-        raise InvalidInput(f"fp8_mode=native is not wired for tensor parallelism yet (tensor_parallel_size "
-                           f"{world_size}): choose fp8_mode auto or dequantize")
-    progress(f"fp8_mode auto: dequantizing at load, not native: tensor_parallel_size {world_size} "
-             "(native FP8 is not wired for tensor parallelism yet)")
-    return False
+    try:
+        check_fp8_shards(language_fp8_shapes(config.checkpoint), shard, config.text)
+    except ValueError as e:
+        where = f"tensor_parallel_size {shard.world_size}" + (" with expert parallel" if shard.expert_parallel else "")
+        if config.fp8_setting == "native":
+            raise InvalidInput(f"fp8_mode=native cannot run under {where}: {e}; choose fp8_mode auto or dequantize, "
+                               "or another tensor_parallel_size") from None
+        progress(f"fp8_mode auto: dequantizing at load, not native: {where}: {e}")
+        return False
+    return True
 
 
 def fp8_shard_check(name: str, shape: tuple[int, ...], dim: int, world_size: int,

@@ -116,6 +116,7 @@ class SparseMoe(nn.Module):
         self.cfg, self.shard = cfg, shard
         self.first_expert, end = shard.experts(cfg)
         e, h, i = end - self.first_expert, cfg.hidden_size, shard.moe_inter(cfg)
+        self.num_local_experts = e   # this rank's (the bf16 or the Fp8Experts' weights hold as many)
         self.gate = nn.Linear(h, cfg.num_experts, bias=False)  # router, replicated
         self.experts = nn.Module()
         self.experts.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))  # [E, H, 2I]
@@ -137,7 +138,7 @@ class SparseMoe(nn.Module):
         if self.shard.expert_parallel and self.shard.world_size > 1:
             # dense (no boolean indexing, no host sync): other ranks' slots weigh 0 here
             ids = ids - self.first_expert
-            mine = (ids >= 0) & (ids < self.experts.down_proj.shape[0])
+            mine = (ids >= 0) & (ids < self.num_local_experts)
             weights, ids = torch.where(mine, weights, 0), torch.where(mine, ids, 0)
         if isinstance(self.experts, Fp8Experts):                      # fp8_mode native (model/fp8_linear.py)
             return self.shard.all_reduce(self.experts(x, weights, ids)).view(shape)
@@ -200,7 +201,7 @@ class LanguageModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, config.kernels, shard)
         prefix = "model.language_model."
-        native = native_fp8_here(config, shard.world_size)
+        native = native_fp8_here(config, shard)
 
         def select(name: str, shape: tuple[int, ...]):
             return shard.reads(name.removeprefix(prefix), shape, cfg)
@@ -216,12 +217,12 @@ class LanguageModel(nn.Module):
             tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
         if shard.world_size > 1:
             tensors = _local_names_and_pads(tensors, cfg, shard)
-        if native:  # FP8 Linear weights and experts kept FP8: their modules swapped (fp8_linear.py)
-            tensors = install_native_fp8(model, tensors, kernel_ops(config.kernels), cfg.num_experts,
-                                         cfg.hidden_size, cfg.moe_intermediate_size)
-        # (with fp8_mode "dequantize" the FP8 tensors came back dequantized)
         first, end = shard.experts(cfg)
-        inter = shard.moe_inter(cfg)
+        inter = shard.moe_inter(cfg)    # this rank's experts and their intermediate size
+        if native:  # FP8 Linear weights and experts kept FP8: their modules swapped (fp8_linear.py)
+            tensors = install_native_fp8(model, tensors, kernel_ops(config.kernels), end - first,
+                                         cfg.hidden_size, inter)
+        # (with fp8_mode "dequantize" the FP8 tensors came back dequantized)
         tensors = fuse_per_expert(tensors, end - first, cfg.hidden_size, inter)
         tensors = {k: to_hub_expert_layout(k, v, cfg.hidden_size, inter) for k, v in tensors.items()}
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

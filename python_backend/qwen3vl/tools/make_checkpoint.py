@@ -64,6 +64,13 @@ PRESETS = {
         vision=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64,
                     num_position_embeddings=64, deepstack_visual_indexes=[1, 2, 3]),
         shard_bytes=1 << 20),
+    "tiny-fp8tp": dict(  # native FP8 under 2-way tensor parallel: every split dim is 2 x 128 (whole scale blocks)
+        text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  head_dim=128, intermediate_size=256, moe_intermediate_size=256, num_experts=4,
+                  num_experts_per_tok=2, mrope_section=[24, 20, 20]),
+        vision=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                    num_position_embeddings=64, deepstack_visual_indexes=[1]),
+        bpe_vocab=512, vocab_size=576, shard_bytes=1 << 20),
     "small": dict(  # benchmarks: the release's 128 experts / top-8, ~270 MB in bf16
         text=dict(hidden_size=256, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
                   head_dim=64, intermediate_size=512, moe_intermediate_size=96, num_experts=128,
