@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import pytest
 import torch
@@ -33,9 +34,12 @@ from qwen3vl.kernels.fp8_reference import FP8_DTYPE, dequantize_block_fp8, fused
 from qwen3vl.launch.server import Server
 from qwen3vl.model.config import ModelConfig
 from qwen3vl.model.fp8 import resolve_fp8_mode
+from qwen3vl.model.checkpoint import load_tensors
 from qwen3vl.model.fp8_linear import (Fp8Experts, Fp8Linear, check_native_fp8, fp8_shard_check, native_fp8_here,
-                                      stack_experts)
+                                      runs_natively, stack_experts)
 from qwen3vl.model.reference import prefill_logits
+from qwen3vl.model.text import LanguageModel
+from qwen3vl.parallel.shard import Shard
 from qwen3vl.tools.make_checkpoint import make_checkpoint
 
 PROMPT = "What is in the picture? Answer in one sentence."
@@ -252,16 +256,36 @@ def test_a_served_native_fp8_checkpoint_gives_the_emulations_greedy_tokens(ckpts
     assert "24 FP8 tensors kept FP8 with their scales (native)" in log
 
 
-def test_native_is_not_wired_for_tensor_parallelism_yet(ckpts):
-    """A tensor-parallel rank reads its share of an FP8 weight dequantized (parallel/shard.py):
-    native asked for is refused naming the size, auto dequantizes and says why."""
+def test_native_under_tensor_parallel_refuses_a_share_that_splits_a_scale_block(ckpts, capsys):
+    """The tiny preset's k_proj [64, 64] split 2 ways would give each rank 32 rows of one 128-row
+    scale block (its experts go whole with expert parallel): native asked for is refused naming
+    the tensor and the sizes, auto dequantizes each rank's share and says why; the loader itself
+    refuses to keep such a share FP8. The wired case: tests/test_fp8_tensor_parallel.py."""
     config = ModelConfig.load(ckpts["fused"], device="cpu", kernels="triton", fp8_mode="native")
-    assert native_fp8_here(config, 1)
-    with pytest.raises(InvalidInput, match="fp8_mode=native is not wired for tensor parallelism yet "
-                                           r"\(tensor_parallel_size 2\)"):
-        native_fp8_here(config, 2)
+    shard = Shard(0, 2, expert_parallel=True)
+    assert native_fp8_here(config, Shard())
+    why = (r"tensor_parallel_size 2 with expert parallel: model.language_model.layers.0.self_attn.k_proj.weight: "
+           r"FP8 weight \[64, 64\] cannot be split 2 ways along dim -2: each shard would hold 32 of its 64, which is "
+           r"not a whole number of 128-wide scale blocks")
+    with pytest.raises(InvalidInput, match="fp8_mode=native cannot run under " + why):
+        native_fp8_here(config, shard)
+    with pytest.raises(InvalidInput, match=why):
+        LanguageModel.from_checkpoint(config, shard)
     lines = []
-    assert not native_fp8_here(dataclasses.replace(config, fp8_setting="auto"), 2, lines.append)
-    assert lines == ["fp8_mode auto: dequantizing at load, not native: tensor_parallel_size 2 (native FP8 is not "
-                     "wired for tensor parallelism yet)"]
-    assert not native_fp8_here(ModelConfig.load(ckpts["fused"], device="cpu"), 1)       # dequantize
+    auto = dataclasses.replace(config, fp8_setting="auto")
+    assert not native_fp8_here(auto, shard, lines.append)
+    assert len(lines) == 1 and re.match("fp8_mode auto: dequantizing at load, not native: " + why, lines[0]), lines
+    capsys.readouterr()
+    model = LanguageModel.from_checkpoint(auto, shard)
+    assert "fp8_mode auto: dequantizing at load, not native: tensor_parallel_size 2" in capsys.readouterr().out
+    assert not any(isinstance(m, (Fp8Linear, Fp8Experts)) for m in model.modules())
+    assert model.layers[0].self_attn.k_proj.weight.shape == (32, 64)
+    assert not native_fp8_here(ModelConfig.load(ckpts["fused"], device="cpu"), shard)       # dequantize
+
+    def select(name, shape):
+        return shard.reads(name.removeprefix("model.language_model."), shape, config.text)
+
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.k_proj.weight: this rank's share .* splits a "
+                                         "128x128 scale block; it cannot be kept FP8"):
+        load_tensors(ckpts["fused"], ("model.language_model.",), torch.float32, select=select,
+                     keep_fp8=runs_natively)
