@@ -89,3 +89,9 @@ def test_sizing_says_which_fp8_mode_it_assumes(tmp_path, capsys):
                                                     "per-expert FP8 experts need moe_intermediate_size (48)")
     assert sz.main(["--checkpoint", str(tmp_path / "per-expert")]) == 0
     assert "native cannot run this checkpoint (model.language_model.layers.0" in capsys.readouterr().out
+    # 2 ranks with expert parallel: the experts go whole, but k_proj [64, 64] would split a scale block
+    tp = sz.sizing(fused, "float32", 2, True)
+    assert tp.fp8_native_refused.startswith("tensor_parallel_size 2: model.language_model.layers.0.self_attn.k_proj."
+                                            "weight: FP8 weight [64, 64] cannot be split 2 ways"), tp.fp8_native_refused
+    assert sz.main(["--checkpoint", str(fused), "--tensor-parallel-size", "2", "--enable-expert-parallel"]) == 0
+    assert "kept FP8, native: refused here, each rank dequantizes)" in capsys.readouterr().out

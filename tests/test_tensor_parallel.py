@@ -394,10 +394,12 @@ RELEASED = {   # the released configs' text dims (docs/tensor-parallel.md "What 
 def test_the_what_fits_table_is_the_split_of_the_released_shapes(model, n, ep, row):
     """Each rank's share of the released models' language tensors (their shapes from transformers
     on the meta device), through Shard.reads as the servers load them: bf16 bytes, FP8 native
-    (1 byte per linear weight, scales left out), KV per token on one rank."""
+    (1 byte per linear weight, scales left out), KV per token on one rank; and native FP8 can
+    run each split (no share splits a scale block)."""
     import math
 
     from qwen3vl.model.config import TextConfig
+    from qwen3vl.model.fp8_linear import check_fp8_shards, runs_natively
     from qwen3vl.tools.make_checkpoint import SPECIAL_TOKENS, hf_configs, hub_shapes
 
     config = hf_configs("tiny", {t: 151643 + i for i, t in enumerate(SPECIAL_TOKENS)})["config.json"]
@@ -419,6 +421,8 @@ def test_the_what_fits_table_is_the_split_of_the_released_shapes(model, n, ep, r
         held += size
         linear += size if "proj" in name and "norm" not in name else 0
     kv = 2 * cfg.num_hidden_layers * shard.kv_heads(cfg) * cfg.head_dim * 2
+    # every row's FP8 split keeps whole 128x128 scale blocks: native FP8 runs there (raises if not)
+    check_fp8_shards({n: s for n, s in hub_shapes(config).items() if runs_natively(n)}, shard, cfg)
     got = f"{2 * held / 2**30:.1f} GiB | {(linear + 2 * (held - linear)) / 2**30:.1f} GiB | {kv // 1024} KiB"
     text = (Path(__file__).resolve().parents[1] / "docs" / "tensor-parallel.md").read_text()
     assert f"| {model} {row}" in text and got in row, (got, row)

@@ -7,8 +7,8 @@ weight in the serving dtype, the scales dropped: fp8_mode dequantize, what the m
 assume) and native (fp8_mode native, what auto picks on a GPU of compute capability 8.9+ with
 the Triton kernels: 1 byte per language-model FP8 weight plus its fp32 scales, the rest in the
 serving dtype; the vision tower is dequantized either way), with the reason when native cannot
-run the checkpoint (model/fp8_linear.check_native_fp8; native is not wired for tensor
-parallelism yet).
+run the checkpoint (model/fp8_linear.check_native_fp8; under tensor parallelism also
+check_fp8_shards: a rank's share must hold whole 128x128 scale blocks).
 
 With `--tensor-parallel-size N` (and `--enable-expert-parallel`) the language model's weights
 and KV cache are also given per GPU: each tensor's share as a rank reads it (parallel/shard.py:
@@ -28,7 +28,7 @@ import torch
 from ..model.checkpoint import shard_header, weight_map
 from ..model.config import ModelConfig
 from ..model.fp8 import FP8_DTYPES, SCALE_SUFFIX
-from ..model.fp8_linear import check_native_fp8
+from ..model.fp8_linear import check_fp8_shards, check_native_fp8, language_fp8_shapes
 from ..parallel.shard import SKIP, Shard
 
 LANGUAGE_PREFIXES = ("model.language_model.", "lm_head.")
@@ -129,6 +129,11 @@ def sizing(checkpoint: str | Path, dtype: str = "bfloat16", tensor_parallel_size
     refused: list[str] = []
     if language.fp8:
         check_native_fp8(checkpoint, "native", "auto", t.num_experts, t.moe_intermediate_size, refused.append)
+        if not refused and tensor_parallel_size > 1:
+            try:
+                check_fp8_shards(language_fp8_shapes(checkpoint), shard, t)
+            except ValueError as e:
+                refused.append(f"not native: tensor_parallel_size {tensor_parallel_size}: {e}")
     return Sizing(
         dtype=str(config.dtype).removeprefix("torch."),
         language_params=language.params, vision_params=vision.params,
@@ -188,8 +193,9 @@ def main(argv=None) -> int:
     print(f"  E->L per visual token   {_b(s.e2l_bytes_per_visual_token)}; an image of {args.visual_tokens} "
           f"visual tokens {_b(s.e2l_bytes(args.visual_tokens))}")
     if s.tensor_parallel_size > 1:
-        fp8 = (f" ({_b(s.language_fp8_weight_bytes_per_gpu)} kept FP8, once native FP8 is wired for tensor "
-               "parallelism: today a rank dequantizes)" if s.language_fp8_params else "")
+        fp8 = (f" ({_b(s.language_fp8_weight_bytes_per_gpu)} kept FP8, native"
+               f"{': refused here, each rank dequantizes' if s.fp8_native_refused else ''})"
+               if s.language_fp8_params else "")
         print(f"  per GPU at tensor parallel {s.tensor_parallel_size}"
               f"{' with expert parallel' if s.expert_parallel else ''}: language weights "
               f"{_b(s.language_weight_bytes_per_gpu)}{fp8}, KV cache per token {_b(s.kv_bytes_per_token_per_gpu)} "
