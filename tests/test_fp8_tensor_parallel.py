@@ -9,6 +9,8 @@ the CPU with gloo, 2 ranks and Triton's interpreter:
   mixed requests (text, one and two images, chunks cutting through images), its logits within
   LOGITS_ATOL, with the experts split by intermediate size (hub-fused experts) and with expert
   parallel (the release's per-expert layout).
+- a real tritonserver at `--tensor-parallel-size 2 --kernels triton --fp8-mode native` gives
+  the one-process native model's greedy tokens, both ranks keeping their FP8 shares.
 
 The checkpoint is the tiny-fp8tp preset block-quantized: every split dim is 2 x 128 (q, k, v:
 256 rows, o_proj 256 columns, experts' I = 256), so each rank's share is whole scale blocks.
@@ -18,13 +20,17 @@ The refusal of a split that would cut a block is tested in tests/test_fp8_native
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 
+from conftest import IMAGE_CASES, LOG_DIR
+from qwen3vl.client import infer
 from qwen3vl.encoder.encoder import VisionEncoder
 from qwen3vl.engine.engine import Engine
 from qwen3vl.kernels.fp8_reference import FP8_DTYPE
+from qwen3vl.launch.server import Server
 from qwen3vl.model.config import ModelConfig
 from qwen3vl.model.text import LanguageModel
 from qwen3vl.parallel.engine import parallel_engine
@@ -39,6 +45,7 @@ from test_tensor_parallel import mixed_requests, run_capturing
 # them), so no activation is quantized differently; a last-ulp change of a hidden state could
 # still move one fp8 rounding by a whole e4m3 step, which this bound would catch.
 LOGITS_ATOL = 2e-5
+PROMPT = "Write a haiku about rain."
 CASES = [("hub", False), ("per-expert", True)]     # (expert layout, expert parallel)
 
 
@@ -134,3 +141,33 @@ def test_two_native_fp8_ranks_give_one_process_tokens_and_logits(ckpts, layout, 
     assert len(tp_logits) == len(one_logits)
     assert worst <= LOGITS_ATOL, worst
     assert not any(p.is_alive() for p in group.procs)
+
+
+def test_a_served_native_fp8_tp2_server_gives_the_one_process_tokens(ckpts):
+    """A real tritonserver with `--tensor-parallel-size 2 --kernels triton --fp8-mode native`
+    (every op in Triton under the interpreter, on both ranks): the one-process native model's
+    greedy tokens (the torch emulation of the same W8A8 kernels: equal tokens in-process above)
+    for a text-only request; both ranks kept their FP8 shares native."""
+    from transformers import AutoProcessor
+
+    ckpt = ckpts["hub"]
+    config = dataclasses.replace(native(ckpt), kernels="torch")
+    encoder = VisionEncoder(config, AutoProcessor.from_pretrained(ckpt).image_processor)
+    engine = Engine.from_checkpoint(config)
+    steps = engine.generate(PROMPT, encoder.encode([IMAGE_CASES["text-only"]])[0],
+                            engine.params(max_tokens=3, temperature=0.0))
+    want = [t for step in steps for t in step.token_ids]
+    log = LOG_DIR / "fp8-native-tp2.log"
+    with Server(ckpt, log, models=("ensemble", "qwen3_encoder", "qwen3_language"),
+                extra=["--device", "cpu", "--tensor-parallel-size", "2", "--kernels", "triton",
+                       "--fp8-mode", "native", "--kv-cache-mb", "16"],
+                env={"TRITON_INTERPRET": "1"}) as server:
+        answer = infer(server.http_url, "http", prompt=PROMPT, images=IMAGE_CASES["text-only"], max_tokens=3,
+                       temperature=0.0)
+        assert answer.token_ids == want
+        assert server.alive()
+    text = log.read_text()
+    for rank in range(2):
+        assert re.search(rf"language model rank {rank}/2: loaded .* 12 FP8 tensors kept FP8 with their scales "
+                         r"\(native\); this rank's shares", text), text[-3000:]
+    assert "dequantiz" not in text
