@@ -356,7 +356,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="output directory (created if missing)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                     help="the model's size: tiny (the tests'), tiny-kv1 (tiny with one KV head: tensor-parallel "
-                         "tests of KV replication), small (benchmarks, load tests: the release's 128 "
+                         "tests of KV replication), tiny-fp8tp (with --fp8: native FP8 at 2 ranks, every split "
+                         "dim 2 x 128), small (benchmarks, load tests: the release's 128 "
                          "experts, top-8), shapes (the demo model's architecture) (default: tiny)")
     ap.add_argument("--seed", type=int, default=0, help="the random weights' seed: the same seed, the same bytes "
                                                          "(default: 0)")
