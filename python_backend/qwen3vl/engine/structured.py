@@ -73,11 +73,7 @@ class StructuredOutputs:
                                f"{', '.join(given) or 'none'}")
         kind, value = given[0], obj[given[0]]
         if kind == "json":
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError as e:
-                    raise InvalidInput(f"structured_outputs.json: the schema is not valid JSON: {e}") from None
+            value = _json_value(value, "structured_outputs.json: the schema")
             if not isinstance(value, (dict, bool)):
                 raise InvalidInput("structured_outputs.json: a JSON schema must be an object (or true/false)")
             return cls(kind, json.dumps(value, ensure_ascii=False))
@@ -90,17 +86,24 @@ class StructuredOutputs:
                 raise InvalidInput("structured_outputs.choice: a non-empty list of non-empty strings")
             return cls(kind, json.dumps(value, ensure_ascii=False))
         if kind == "structural_tag":
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError as e:
-                    raise InvalidInput(f"structured_outputs.structural_tag: not valid JSON: {e}") from None
+            value = _json_value(value, "structured_outputs.structural_tag")
             if not isinstance(value, dict):
                 raise InvalidInput("structured_outputs.structural_tag: must be a JSON object")
             return cls(kind, json.dumps(value, ensure_ascii=False))
         if not isinstance(value, str) or not value:
             raise InvalidInput(f"structured_outputs.{kind}: must be a non-empty string")
         return cls(kind, value)
+
+
+def _json_value(value, what: str):
+    """`value` itself, or parsed when a client sent it as JSON text (vLLM accepts both).
+    Raises InvalidInput naming `what` when the text is not JSON."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise InvalidInput(f"{what} is not valid JSON: {e}") from None
 
 
 # What a JSON string may hold unescaped (RFC 8259: no quote, backslash or control character).
