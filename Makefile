@@ -38,10 +38,13 @@ checkpoint: setup
 demo: setup
 	$(PY) -m qwen3vl.tools.demo $(DEMO_ARGS)
 
-# Remake checkpoints/shapes (27 to 50 minutes on 2 cores; the same bytes for the same seed,
-# machine and thread count).
+# Remake checkpoints/shapes in its two stages: the questions (27 to 50 minutes on 2 cores),
+# then the fine-tuning stage that adds JSON answers (DEMO_FINETUNE; minutes). The same bytes
+# for the same seed, machine and thread count.
+DEMO_FINETUNE ?= --steps 1500 --lr 0.001 --probe-weight 0 --json-share 0.4
 train-demo: setup
-	$(VENV)/bin/qwen3vl-train-demo --out checkpoints/shapes
+	$(VENV)/bin/qwen3vl-train-demo --out build/shapes-base
+	$(VENV)/bin/qwen3vl-train-demo --out checkpoints/shapes --init-from build/shapes-base $(DEMO_FINETUNE)
 
 # The demo checkpoint's accuracy through real servers, with ablations (a few minutes).
 demo-accuracy: setup

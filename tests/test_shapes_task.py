@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 from qwen3vl.tools.shapes import train as T
-from qwen3vl.tools.shapes.questions import CATEGORIES, ONE_PICTURE, ask, compare, random_question
+from qwen3vl.tools.shapes.questions import (CATEGORIES, JSON_CATEGORY, JSON_SCHEMA, ONE_PICTURE, ask, compare,
+                                            random_question)
 from qwen3vl.tools.shapes.scenes import COLOURS, MAX_SIDE, MIN_SIDE, centre_gap, min_centre_gap, random_scene
 
 
@@ -83,6 +84,20 @@ def test_every_answer_follows_from_the_picture(scenes):
     assert two.answer in ("the first.", "the second.", "neither.") and len(two.scenes) == 2
     answers = {random_question("exists", rng).answer for _ in range(50)}
     assert answers == {"yes.", "no."}
+
+
+def test_the_json_answer_is_the_leftmost_shape_and_the_count_under_the_schema(scenes):
+    import jsonschema
+
+    rng = random.Random(4)
+    for scene in scenes:
+        q = ask(JSON_CATEGORY, scene, rng)
+        answer = json.loads(q.answer)
+        jsonschema.validate(answer, JSON_SCHEMA)
+        assert list(answer) == list(JSON_SCHEMA["properties"])       # the order the grammar writes
+        left = min(scene.shapes, key=lambda s: s.centre_x)
+        assert (answer["colour"], answer["shape"], answer["count"]) == (left.colour, left.kind, len(scene.shapes))
+        assert scene.description().startswith(f"{'an' if left.colour[0] in 'aeiou' else 'a'} {left.colour} {left.kind}")
 
 
 def test_the_vision_probe_labels_cover_each_shape():
@@ -176,6 +191,30 @@ def test_training_is_deterministic_for_a_seed(trained):
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_fine_tuning_stage_starts_from_its_base_and_asks_the_json_question(trained, tmp_path):
+    base = trained["a"]
+    out = tmp_path / "tuned"
+    summary = T.train(out, steps=2, seed=5, batch_size=2, check_per_category=1, init_from=base, json_share=0.5,
+                      lr=0.0, probe_weight=0.0, log=lambda *a, **k: None)
+    (_, before), (_, after) = weights(base), weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)        # lr 0: the base's weights, written back
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    assert JSON_CATEGORY in summary["in_process_accuracy"] and summary["base"]["steps"] == 3
+    readme = (out / "README.md").read_text()
+    assert "--init-from BASE" in readme and "--json-share 0.5" in readme and "--steps 3 --seed 5" in readme
+    rng = random.Random(0)
+    firsts = [T.chat_example(rng, json_share=0.5)[2][0].category for _ in range(200)]
+    assert 0.25 < firsts.count(JSON_CATEGORY) / len(firsts) < 0.6
+    assert JSON_CATEGORY not in {T.chat_example(rng)[2][0].category for _ in range(200)}
+    shares = T.first_question_weights(0.4)      # the JSON share comes out of the categories but describe
+    assert shares["describe"] == T.FIRST_QUESTION["describe"] and shares[JSON_CATEGORY] == 0.4
+    assert abs(sum(shares.values()) - 1.0) < 1e-9 and T.first_question_weights(0.0) == T.FIRST_QUESTION
+    with pytest.raises(ValueError, match="json_share"):
+        T.first_question_weights(0.8)
+    with pytest.raises(ValueError, match="init-from"):
+        T.train(base, steps=1, init_from=base, log=lambda *a, **k: None)
 
 
 def test_every_category_is_asked():

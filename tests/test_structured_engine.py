@@ -213,3 +213,41 @@ def test_tools_tool_calls_and_tool_messages_render_with_special_token_text_kept_
     # control tokens: one <|im_start|> per turn (system, user, assistant, tool's user turn, the answer's)
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 5
     assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 4
+
+
+def test_likely_tokens_a_mask_leaves_out_but_the_matcher_accepts_are_let_back():
+    """xgrammar's mask can leave out a token its matcher accepts (on the demo checkpoint's
+    vocabulary: `purple` after `"` under the enum ["purple"]); repair_mask checks the row's most
+    likely left-out tokens with accept_token (then rollback) and lets back the accepted ones."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from qwen3vl.engine.structured import GrammarCompiler, repair_mask
+    from qwen3vl.tools.shapes.accuracy import CHECKPOINT
+
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
+    vocab = ModelConfig.load(CHECKPOINT, device="cpu").text.vocab_size
+    compiler = GrammarCompiler(tokenizer, vocab, stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")], max_rows=2)
+    state = compiler.submit(structured(json={"enum": ["purple"]}))
+    state.compiled.result()
+    assert state.poll() and state.ready
+    quote, purple, red = tokenizer.convert_tokens_to_ids(['"', "purple", "red"])
+    assert state.accept(quote) is None
+    logits = torch.zeros(1, vocab)
+    logits[0, purple], logits[0, red] = 5.0, 6.0
+    compiler.mask(logits, [state])
+    assert logits[0].argmax().item() == purple and logits[0, red] == float("-inf")
+
+    # the repair on its own: bits cleared by hand come back only for tokens the matcher accepts
+    # and only among the top k; the matcher is where it was
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    state.matcher.fill_next_token_bitmask(bitmask, 0)
+    bitmask[0] = 0
+    logits = torch.zeros(1, vocab)
+    logits[0, red], logits[0, purple] = 9.0, 8.0
+    assert repair_mask(logits, bitmask, [0], [state.matcher], set(), top_k=2) == 1
+    assert [j for j in range(vocab) if (int(bitmask[0, j // 32]) >> (j % 32)) & 1] == [purple]
+    bitmask[0] = 0
+    logits[0, red], logits[0, purple] = 0.0, -1.0   # purple no longer among the top 2
+    assert repair_mask(logits, bitmask, [0], [state.matcher], set(), top_k=2) == 0
+    assert state.accept(purple) is None and state.accept(quote) is None and state.matcher.is_completed()

@@ -17,7 +17,9 @@ schema; `json_object`: true; `regex`; `choice`: a list of strings; `grammar`: EB
   (`fill_next_token_bitmask`) and applies them to the raw logits, before temperature, top-k and
   top-p (`apply_token_bitmask_inplace`, -inf where the grammar forbids); rows without a grammar
   are not touched, so their tokens are bit-identical to an unconstrained batch. A row whose mask
-  allows nothing is not masked (no all -inf row, no NaN) and its request fails alone.
+  allows nothing is not masked (no all -inf row, no NaN) and its request fails alone. The row's
+  most likely tokens that xgrammar's mask leaves out are checked against its matcher and let
+  back where it accepts them (`repair_mask`: an xgrammar bug).
 - `GrammarState.accept` advances the matcher with the sampled token. The stop tokens are allowed
   only where the grammar is complete, so a grammar's end ends the sequence (finish_reason
   `stop`); max_tokens inside the grammar ends it with `length` (the output may be cut short, as
@@ -38,6 +40,9 @@ from cachetools import LRUCache
 from ..errors import InvalidInput
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+# How many of a constrained row's most likely tokens are checked against its matcher when the
+# mask leaves them out (xgrammar's mask can leave out a token its matcher accepts: MaskRepair).
+MASK_REPAIR_TOP_K = 16
 # Compiled grammars kept (each is the token-level automaton over the vocabulary: small for most
 # schemas). Compiles run on this many threads, off the engine thread.
 GRAMMAR_CACHE_SIZE = 128
@@ -251,6 +256,43 @@ class GrammarState:
         return InvalidInput(f"structured_outputs.{self.spec.kind}: the grammar rejected sampled token {token}")
 
 
+def repair_mask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], matchers: list,
+                stop_ids: set[int], top_k: int = MASK_REPAIR_TOP_K) -> int:
+    """Let back into `bitmask` (in place; [>= B, ceil(V / 32)] int32, xgrammar's layout) the
+    tokens among each constrained row's `top_k` highest logits (logits [B, V]) that the mask
+    leaves out but the row's matcher accepts; returns how many were let back.
+
+    Why: xgrammar 0.2.8 (and 0.2.9) computes a mask that can leave out a token its own matcher
+    accepts. Found on the demo checkpoint's vocabulary: with the tokens `"`, `pl` and `purple`,
+    the grammar `"\"purple\""` after `"` masks `purple` off, while `accept_token` takes it; the
+    model, trained to write `purple` as one token, was pushed to another colour. It happens where a
+    token rejected earlier in the sorted vocabulary (`pl`) occurs later inside the literal. The
+    answers stay valid but greedy decoding misses the grammar's true best token. Checking each
+    left-out top-k token with `accept_token` and undoing it with `rollback` makes the mask right
+    over the k most likely tokens, which is where greedy and top-k/top-p sampling choose; a
+    wrongly left-out token further down stays out. Stop tokens are left to the mask (its rule
+    for them is right: allowed only where the grammar is complete). Costs one top-k per step over
+    the constrained rows and an accept/rollback per left-out candidate (microseconds)."""
+    k = min(top_k, logits.shape[1])
+    candidates = torch.topk(logits[rows], k, dim=1).indices.tolist()   # one host read per step
+    words = bitmask[rows].tolist()
+    let_back = 0
+    for row, matcher, tokens, row_words in zip(rows, matchers, candidates, words):
+        for token in tokens:
+            if token in stop_ids or (row_words[token >> 5] >> (token & 31)) & 1:
+                continue
+            if matcher.accept_token(token):
+                matcher.rollback(1)
+                bitmask[row, token >> 5] |= _bit(token & 31)
+                let_back += 1
+    return let_back
+
+
+def _bit(position: int) -> int:
+    """The int32 word holding only bit `position` (bit 31 is the sign bit)."""
+    return (1 << position) - (1 << 32) if position == 31 else 1 << position
+
+
 @dataclass
 class GrammarCompiler:
     """xgrammar's compiler for one tokenizer, its cache and thread pool, and the step's bitmask.
@@ -343,6 +385,7 @@ class GrammarCompiler:
         bitmask = self._bitmask[:len(grammars)]
         for i in rows:
             grammars[i].matcher.fill_next_token_bitmask(bitmask, i)
+        repair_mask(logits, bitmask, rows, [grammars[i].matcher for i in rows], set(self.stop_ids))
         guard = grammars[rows[0]].guard
         states = torch.tensor([grammars[i].utf8_state for i in rows])
         bitmask[rows] = bitmask[rows] & guard.masks[states]

@@ -19,11 +19,11 @@ Rows:
   `qwen3_language` unchanged (the control for the next row);
 - `deepstack zeroed`: the same with the three deepstack layers set to zero, so the language
   model sees only the merger's output;
-- `json {colour, shape, count}` (aggregated): the describe questions' pictures, "Describe the
-  picture." answered under a JSON schema (structured output): valid JSON, and each field right
-  (the first shape's colour and kind, left to right, and how many shapes) beside the free-text
-  describe answers of the same pictures. The demo model was never trained on JSON: only the
-  grammar makes these answers JSON.
+- `json {colour, shape, count}` (aggregated): the describe questions' pictures, asked "Describe
+  the picture as JSON." under a JSON schema (structured output, `questions.JSON_SCHEMA`): valid
+  JSON, and each field right (the leftmost shape's colour and kind, and how many shapes) beside
+  the free-text describe answers of the same pictures. The grammar makes every answer JSON; the
+  model's fine-tuning stage (`qwen3vl-train-demo --json-share`) is what makes the fields right.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from ... import contract
 from ...client import encode, infer, raw_results, stream_grpc
 from ...launch.server import Server
 from ...paths import REPO_ROOT
-from .questions import CATEGORIES, CHANCE, Question, random_question
-from .scenes import COLOURS, KINDS, Scene
+from .questions import CATEGORIES, CHANCE, JSON_QUESTION, JSON_SCHEMA, Question, json_answer, random_question
+from .scenes import Scene
 
 CHECKPOINT = REPO_ROOT / "checkpoints" / "shapes"
 MAX_TOKENS = 24                  # the longest answer is 17 tokens
@@ -51,9 +51,6 @@ TARGETS = {"colour": 0.95, "shape": 0.95, "count": 0.95, "exists": 0.95, "descri
 DEPLOYMENTS = ("aggregated", "disaggregated-grpc", "disaggregated-shm")
 ABLATIONS = ("blank picture", "E->L direct", "deepstack zeroed")
 JSON_ROW = "json {colour, shape, count}"
-JSON_SCHEMA = {"type": "object", "properties": {"colour": {"enum": sorted(COLOURS)}, "shape": {"enum": list(KINDS)},
-                                                "count": {"type": "integer", "minimum": 1, "maximum": 3}},
-               "required": ["colour", "shape", "count"]}
 JSON_MAX_TOKENS = 120  # the demo's small vocabulary writes JSON's punctuation a character a token
 
 
@@ -131,13 +128,13 @@ def run(url: str, qs: list[Question], variant: str = "real", concurrency: int = 
 
 
 def json_row(url: str, qs: list[Question], concurrency: int = 8) -> dict[str, float]:
-    """The describe questions' pictures answered as JSON under JSON_SCHEMA: the share of
+    """The describe questions' pictures asked JSON_QUESTION under JSON_SCHEMA: the share of
     answers that parse, of each field right, of answers all right, and of the free-text
     describe answers right (asked the same way, for comparison)."""
     asked = [q for q in qs if q.category == "describe"]
 
     def one(q: Question) -> dict | None:
-        text = "".join(c.text for c in stream_grpc(url, prompt=q.text, images=[s.png() for s in q.scenes],
+        text = "".join(c.text for c in stream_grpc(url, prompt=JSON_QUESTION, images=[s.png() for s in q.scenes],
                                                    max_tokens=JSON_MAX_TOKENS, temperature=0.0, stream=True,
                                                    structured_outputs={"json": JSON_SCHEMA}))
         try:
@@ -147,8 +144,7 @@ def json_row(url: str, qs: list[Question], concurrency: int = 8) -> dict[str, fl
 
     with ThreadPoolExecutor(concurrency) as pool:
         answers = list(pool.map(one, asked))
-    wants = [{"colour": q.scenes[0].shapes[0].colour, "shape": q.scenes[0].shapes[0].kind,
-              "count": len(q.scenes[0].shapes)} for q in asked]
+    wants = [json.loads(json_answer(q.scenes[0])) for q in asked]
     n = max(1, len(asked))
     row = {"valid": sum(a is not None for a in answers) / n}
     for field in ("colour", "shape", "count"):

@@ -11,16 +11,31 @@ stripped of surrounding white space, equals it exactly.
 | exists | "Is there a green square?" ("an orange ...") | "yes." / "no." |
 | describe | "Describe the picture." | "a red circle and a blue square." (left to right) |
 | compare | two pictures, "Which picture has more shapes?" | "the first." / "the second." / "neither." |
+| json | "Describe the picture as JSON." | '{"colour": "red", "shape": "circle", "count": 2}' |
+
+The json answer names the leftmost shape and how many there are, in `json.dumps`' form with the
+keys in JSON_SCHEMA's order, so that a grammar for that schema allows the answer as trained. It is
+taught only by the fine-tuning stage (`qwen3vl-train-demo --init-from ... --json-share ...`) and
+asked under the schema by `qwen3vl-bench demo-accuracy`'s json row; it is not one of CATEGORIES
+(the free-text rows).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
 from .scenes import COLOURS, KINDS, Scene, random_scene
 
 CATEGORIES = ("colour", "shape", "count", "exists", "describe", "compare")
+JSON_CATEGORY = "json"
+JSON_QUESTION = "Describe the picture as JSON."
+# The schema the json answers follow (and the demo-accuracy row enforces with structured output).
+JSON_SCHEMA = {"type": "object",
+               "properties": {"colour": {"enum": sorted(COLOURS)}, "shape": {"enum": list(KINDS)},
+                              "count": {"type": "integer", "minimum": 1, "maximum": 3}},
+               "required": ["colour", "shape", "count"], "additionalProperties": False}
 ONE_PICTURE = CATEGORIES[:-1]
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 # What guessing scores: the answer drawn uniformly from the category's answers. For describe,
@@ -75,7 +90,16 @@ def ask(category: str, scene: Scene, rng: random.Random) -> Question | None:
         return Question(category, f"Is there {article(colour)} {colour} {kind}?", answer, (scene,))
     if category == "describe":
         return Question(category, "Describe the picture.", scene.description(), (scene,))
+    if category == JSON_CATEGORY:
+        return Question(category, JSON_QUESTION, json_answer(scene), (scene,))
     raise ValueError(f"unknown one-picture category {category!r}")
+
+
+def json_answer(scene: Scene) -> str:
+    """'{"colour": "red", "shape": "circle", "count": 2}': the leftmost shape and the number of
+    shapes, keys in JSON_SCHEMA's order."""
+    first = scene.shapes[0]
+    return json.dumps({"colour": first.colour, "shape": first.kind, "count": len(scene.shapes)})
 
 
 def compare(first: Scene, second: Scene) -> Question:

@@ -1,6 +1,7 @@
 """`qwen3vl-train-demo`: train the small Qwen3-VL-MoE demo checkpoint on pictures of shapes.
 
     qwen3vl-train-demo --out DIR [--steps N] [--seed S] [--batch-size B]
+    qwen3vl-train-demo --out DIR --init-from BASE --json-share F [--steps N] [--lr LR]
 
 The model is transformers' `Qwen3VLMoeForConditionalGeneration` at the `shapes` preset's size
 (the release's architecture: a vision tower with three deepstack taps, interleaved MRoPE, GQA,
@@ -14,6 +15,12 @@ answers only (each answer's tokens and its `<|im_end|>`). The first turn is exac
 server renders for a single question, and asking several questions per picture spreads the cost
 of the vision tower over more answers.
 
+The second form is a fine-tuning stage: it starts from the checkpoint BASE (its weights,
+tokenizer and configs), and a share F of the one-picture chats open with "Describe the picture as
+JSON." (answered '{"colour": "red", "shape": "circle", "count": 2}', questions.json_answer); the
+other chats are the first stage's, so the other answers keep being trained. Its pictures come from
+another stream than the first stage's. The shipped checkpoint is both stages (`make train-demo`).
+
 Deterministic for a seed on a given machine and thread count (torch's CPU kernels may sum in
 another order with other thread counts). The output is the release's layout: config.json,
 generation_config.json, bf16 safetensors shards with an index, the hub's fused expert layout,
@@ -24,8 +31,10 @@ README saying how it was made.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +43,7 @@ import torch
 
 from ..make_checkpoint import (FUSED_EXPERTS, PRESETS, build_tokenizer, hf_configs, write_json, write_shards,
                                write_tokenizer_and_processor)
-from .questions import CATEGORIES, ONE_PICTURE, Question, ask, compare
+from .questions import CATEGORIES, JSON_CATEGORY, ONE_PICTURE, Question, ask, compare
 from .scenes import COLOURS, KINDS, random_scene
 
 PRESET = "shapes"
@@ -63,14 +72,32 @@ def tokenizer_corpus(rng: random.Random, n: int = 4000) -> list[str]:
     return lines
 
 
-def chat_example(rng: random.Random) -> tuple[list[dict], list, list[Question]]:
-    """(messages, PIL images, questions) for one training chat."""
+def first_question_weights(json_share: float = 0.0) -> dict[str, float]:
+    """The first question's category weights in one-picture chats: FIRST_QUESTION, and with
+    `json_share` the JSON question at that share, taken from the categories other than describe
+    (answered right nearly always, and asked in later turns of every chat anyway), so that the
+    description, the answer learnt last, opens as many chats as in the first stage."""
+    if not json_share:
+        return FIRST_QUESTION
+    others = 1.0 - FIRST_QUESTION["describe"]
+    if json_share > others:
+        raise ValueError(f"json_share must be at most {others:g} (describe keeps its "
+                         f"{FIRST_QUESTION['describe']:g}), got {json_share}")
+    scale = (others - json_share) / others
+    return {c: w if c == "describe" else w * scale for c, w in FIRST_QUESTION.items()} | {JSON_CATEGORY: json_share}
+
+
+def chat_example(rng: random.Random, json_share: float = 0.0) -> tuple[list[dict], list, list[Question]]:
+    """(messages, PIL images, questions) for one training chat; a share `json_share` of the
+    one-picture chats opens with the JSON question (first_question_weights; 0: the first stage's
+    weights, so its stream of chats is unchanged)."""
     if rng.random() < COMPARE_FRACTION:
         q = compare(random_scene(rng), random_scene(rng))
         questions = [q]
     else:
         scene = random_scene(rng)
-        first = rng.choices(list(FIRST_QUESTION), weights=list(FIRST_QUESTION.values()))[0]
+        weights = first_question_weights(json_share)
+        first = rng.choices(list(weights), weights=list(weights.values()))[0]
         rest = [c for c in ONE_PICTURE if c not in (first, "describe")] + ["exists"] * (EXISTS_PER_PICTURE - 1)
         rng.shuffle(rest)
         # "Describe the picture." tells every shape, and any answer tells something: a later
@@ -139,12 +166,12 @@ def block_labels(scene, grid_h: int, grid_w: int, merge: int = 2) -> torch.Tenso
     return labels
 
 
-def batch(processor, rng: random.Random, size: int, prefix: list[int], end_id: int) -> dict:
+def batch(processor, rng: random.Random, size: int, prefix: list[int], end_id: int, json_share: float = 0.0) -> dict:
     """One padded training batch from `size` fresh chats: the processor's outputs, `labels`
     (answers only) and `block_labels` [visual tokens, 4] for the vision probe."""
     texts, images, scenes = [], [], []
     for _ in range(size):
-        messages, ims, questions = chat_example(rng)
+        messages, ims, questions = chat_example(rng, json_share)
         texts.append(processor.apply_chat_template(messages, tokenize=False))
         images += ims
         scenes += questions[0].scenes
@@ -200,14 +227,14 @@ class VisionProbe(torch.nn.Module):
 
 @torch.no_grad()
 def answer_accuracy(model, processor, rng: random.Random, per_category: int, prefix: list[int],
-                    end_id: int, batch_size: int = 32) -> dict[str, float]:
+                    end_id: int, batch_size: int = 32, categories=CATEGORIES) -> dict[str, float]:
     """{category: fraction right} over fresh single-question chats, in-process: an answer is
     right when every answer token (and `<|im_end|>`) is the argmax given the ones before, which
     is exactly when greedy decoding produces it."""
     from .questions import random_question
 
     right = {}
-    for category in CATEGORIES:
+    for category in categories:
         questions = [random_question(category, rng) for _ in range(per_category)]
         hits = 0
         for i in range(0, len(questions), batch_size):
@@ -244,6 +271,24 @@ def write_files(out: Path, seed: int):
     return configs["config.json"], AutoProcessor.from_pretrained(out)
 
 
+# What a fine-tuning stage takes from its base beside the weights (it writes its own README and
+# training.json; the shards and their index are written anew).
+def copy_base_files(base: Path, out: Path):
+    """The base checkpoint's configs, tokenizer and processor files copied to `out`; returns
+    (config dict, processor). Raises ValueError when `out` is `base` (the base would be
+    overwritten while it is the record of the first stage)."""
+    from transformers import AutoProcessor
+
+    if out.resolve() == base.resolve():
+        raise ValueError(f"--out {out} is --init-from's directory: write the fine-tuned checkpoint elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (
+                "model.safetensors.index.json", "README.md", "training.json"):
+            shutil.copy(f, out / f.name)
+    return json.loads((out / "config.json").read_text()), AutoProcessor.from_pretrained(out)
+
+
 def hub_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's weights under the release's names and fused expert layout ([E, H, 2I] and
     [E, I, H]; transformers holds them as [E, 2I, H] and [E, H, I])."""
@@ -259,12 +304,17 @@ def write_readme(out: Path, summary: dict) -> None:
     """`out/README.md`: what the checkpoint is and the command and settings that made it."""
     accuracy = ", ".join(f"{k} {v:.0%}" for k, v in summary["in_process_accuracy"].items())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    base = summary.get("base")
+    if base:
+        made = (f"Trained in two stages: {command(base, 'BASE')}\n({base['threads']} torch threads, "
+                f"{base['train_s'] / 60:.0f} minutes), then the fine-tuning stage\n{command(summary, 'DIR')}\n"
+                f"({summary['threads']} torch threads, {summary['train_s'] / 60:.0f} minutes)")
+    else:
+        made = (f"Trained by {command(summary, 'DIR')}\n({summary['threads']} torch threads, "
+                f"{summary['train_s'] / 60:.0f} minutes)")
     (out / "README.md").write_text(f"""# Qwen3-VL-MoE demo checkpoint: pictures of coloured shapes
 
-Trained by `qwen3vl-train-demo --out DIR --steps {summary['steps']} --seed {summary['seed']} \
---batch-size {summary['batch_size']} --lr {summary['lr']:g} --probe-weight {summary['probe_weight']:g}\
-{' --probe-place-and-number' if summary['probe_place_and_number'] else ''}`
-({summary['threads']} torch threads, {summary['train_s'] / 60:.0f} minutes) with transformers'
+{made} with transformers'
 `Qwen3VLMoeForConditionalGeneration` and its processor: the release's architecture at a small
 size ({size / 1e6:.1f} MB of bf16 weights, 8 routed experts top-2, three deepstack taps, interleaved
 MRoPE, GQA). It answers a handful of questions about pictures of circles, squares and triangles
@@ -274,19 +324,43 @@ fresh pictures per category: {accuracy}. `training.json` holds the run's setting
 """)
 
 
+def command(summary: dict, out: str) -> str:
+    """The `qwen3vl-train-demo` command line that a training summary records."""
+    line = (f"qwen3vl-train-demo --out {out}" + (" --init-from BASE" if summary.get("base") else "")
+            + f" --steps {summary['steps']} --seed {summary['seed']} --batch-size {summary['batch_size']}"
+            f" --lr {summary['lr']:g} --probe-weight {summary['probe_weight']:g}"
+            + (" --probe-place-and-number" if summary["probe_place_and_number"] else "")
+            + (f" --json-share {summary['json_share']:g}" if summary.get("json_share") else ""))
+    return f"`{line}`"
+
+
 def train(out, steps: int = 5200, seed: int = 0, batch_size: int = 16, lr: float = 2e-3,
           probe_weight: float = PROBE_WEIGHT, probe_place_and_number: bool = False,
-          check_per_category: int = 100, log=print) -> dict:
+          check_per_category: int = 100, init_from=None, json_share: float = 0.0, log=print) -> dict:
     """Train and write the checkpoint to `out`; returns the training summary (also written to
-    `out/training.json`)."""
+    `out/training.json`). With `init_from` (a checkpoint this function wrote), start from its
+    weights and files instead of fresh ones (a fine-tuning stage; its pictures come from another
+    stream); `json_share` of the one-picture chats then open with the JSON question
+    (first_question_weights). Raises ValueError for a `json_share` below 0 or above what
+    describe's weight leaves, or `out` equal to `init_from`."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
+    if json_share < 0.0:
+        raise ValueError(f"json_share must be >= 0, got {json_share}")
+    first_question_weights(json_share)  # raises for a share describe's weight leaves no room for
     out = Path(out)
     torch.manual_seed(seed)
-    config_dict, processor = write_files(out, seed)
+    if init_from is None:
+        config_dict, processor = write_files(out, seed)
+    else:
+        config_dict, processor = copy_base_files(Path(init_from), out)
     config = Qwen3VLMoeConfig(**config_dict)
     config.text_config.router_aux_loss_coef = 0.01
-    model = Qwen3VLMoeForConditionalGeneration(config).float().train()
+    if init_from is None:
+        model = Qwen3VLMoeForConditionalGeneration(config).float().train()
+    else:
+        model = Qwen3VLMoeForConditionalGeneration.from_pretrained(init_from, config=config,
+                                                                   dtype=torch.float32).train()
     use_fast_cpu_kernels(model)
     probe = VisionProbe(model, probe_weight, probe_place_and_number)
     tok = processor.tokenizer
@@ -300,10 +374,10 @@ def train(out, steps: int = 5200, seed: int = 0, batch_size: int = 16, lr: float
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-    data = random.Random(f"{seed}/train")
+    data = random.Random(f"{seed}/train" if init_from is None else f"{seed}/finetune")
     start, history = time.monotonic(), []
     for step in range(1, steps + 1):
-        inputs = batch(processor, data, batch_size, prefix, end_id)
+        inputs = batch(processor, data, batch_size, prefix, end_id, json_share)
         labels = inputs.pop("block_labels")
         answers_loss = model(**inputs, output_router_logits=True).loss
         probe_loss = probe.loss(labels)
@@ -319,16 +393,22 @@ def train(out, steps: int = 5200, seed: int = 0, batch_size: int = 16, lr: float
             log(f"step {step}/{steps}  loss {answers_loss.item():.4f}  probe {probe_loss.item():.4f}  "
                 f"{time.monotonic() - start:.0f} s", flush=True)
     model.eval()
-    accuracy = answer_accuracy(model, processor, random.Random(f"{seed}/check"), check_per_category, prefix, end_id)
+    categories = CATEGORIES + ((JSON_CATEGORY,) if json_share else ())
+    accuracy = answer_accuracy(model, processor, random.Random(f"{seed}/check"), check_per_category, prefix, end_id,
+                               categories=categories)
     log("in-process greedy accuracy on fresh pictures: "
         + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()), flush=True)
     write_shards(out, hub_state_dict(model), PRESETS[PRESET]["shard_bytes"])
     summary = {"preset": PRESET, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
                "probe_weight": probe_weight, "probe_place_and_number": probe_place_and_number,
-               "check_per_category": check_per_category,
+               "check_per_category": check_per_category, "json_share": json_share,
                "threads": torch.get_num_threads(), "train_s": round(time.monotonic() - start, 1),
                "final_loss": history[-1]["loss"], "in_process_accuracy": accuracy,
                "history": history}
+    if init_from is not None:
+        # The first stage's record (settings and loss curve), so that this checkpoint says how
+        # all of it was made.
+        summary["base"] = json.loads((Path(init_from) / "training.json").read_text())
     write_json(out / "training.json", summary)
     write_readme(out, summary)
     return summary
@@ -346,8 +426,16 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-place-and-number", action="store_true",
                     help="the probe also names each shape's place from the left and the number of shapes "
                          "(an experiment: counts and descriptions improve, colours and yes/no fall)")
+    ap.add_argument("--init-from", type=Path, metavar="BASE",
+                    help="fine-tune: start from this checkpoint (one this command wrote) instead of fresh weights")
+    ap.add_argument("--json-share", type=float, default=0.0,
+                    help='share of one-picture chats that open with "Describe the picture as JSON." (default: 0)')
     a = ap.parse_args(argv)
-    summary = train(a.out, a.steps, a.seed, a.batch_size, a.lr, a.probe_weight, a.probe_place_and_number)
+    try:
+        summary = train(a.out, a.steps, a.seed, a.batch_size, a.lr, a.probe_weight, a.probe_place_and_number,
+                        init_from=a.init_from, json_share=a.json_share)
+    except ValueError as e:
+        ap.error(str(e))
     print(f"wrote {a.out}: {a.steps} steps in {summary['train_s']:.0f} s, final loss {summary['final_loss']}")
     return 0
 
