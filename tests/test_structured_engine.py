@@ -251,3 +251,39 @@ def test_likely_tokens_a_mask_leaves_out_but_the_matcher_accepts_are_let_back():
     logits[0, red], logits[0, purple] = 0.0, -1.0   # purple no longer among the top 2
     assert repair_mask(logits, bitmask, [0], [state.matcher], set(), top_k=2) == 0
     assert state.accept(purple) is None and state.accept(quote) is None and state.matcher.is_completed()
+
+
+def test_what_xgrammar_does_not_enforce_is_found_by_name():
+    from qwen3vl.engine.structured import xgrammar_unenforced
+
+    assert xgrammar_unenforced(SCHEMA) == []
+    assert xgrammar_unenforced({"type": "object", "properties": {
+        "contains": {"type": "integer", "multipleOf": 5},            # a property named like a keyword
+        "tags": {"type": "array", "uniqueItems": True, "items": {"type": "string", "format": "color"}},
+        "code": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 4},
+        "when": {"type": "string", "format": "date"}},
+        "$defs": {"x": {"type": "array", "contains": {"const": 1}}}}) == [
+        "contains", "format 'color'", "minLength/maxLength with pattern or format", "multipleOf", "uniqueItems"]
+    assert xgrammar_unenforced({"enum": [{"multipleOf": 3}], "const": {"uniqueItems": True}}) == []   # data
+
+
+def test_schemas_xgrammar_does_not_enforce_go_to_llguidance_which_enforces_them_or_refuses_by_name(engine):
+    """multipleOf and a pattern with a maxLength (xgrammar compiles both and enforces neither) are
+    enforced through llguidance, written compact like xgrammar's JSON; uniqueItems, which
+    llguidance cannot enforce either, fails its request naming it, and the batch carries on."""
+    tight = {"type": "object", "properties": {
+        "n": {"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 100},
+        "code": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}}, "required": ["n", "code"]}
+    unique = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+    got = run(engine, [("Numbers", {"max_tokens": 40, "temperature": 0}, structured(json=tight)),
+                       ("Sampled", {"max_tokens": 40, "temperature": 1.0, "seed": 5}, structured(json=tight)),
+                       ("Unique", {"max_tokens": 20}, structured(json=unique)),
+                       ("Tell me a story", {"max_tokens": 6, "temperature": 0}, None)])
+    for ids in got[:2]:
+        assert isinstance(ids, list) and ids[-1] in engine.stop_ids, ids
+        text = text_of(engine, ids)
+        value = json.loads(text)
+        jsonschema.validate(value, tight)
+        assert text == json.dumps(value)       # compact, as xgrammar writes JSON
+    assert isinstance(got[2], InvalidInput) and "uniqueItems" in str(got[2]) and "llguidance" in str(got[2])
+    assert got[3] == run(engine, [("Tell me a story", {"max_tokens": 6, "temperature": 0}, None)])[0]

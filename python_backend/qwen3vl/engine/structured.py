@@ -216,6 +216,69 @@ class Utf8Guard:
         return int(self.next_state[state, token]) if 0 <= token < self.next_state.shape[1] else state
 
 
+# Schema keywords xgrammar 0.2.8 compiles without enforcing (vLLM's
+# has_xgrammar_unsupported_json_features); such schemas go to llguidance.
+_XGRAMMAR_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "uuid", "ipv4", "ipv6",
+                               "hostname", "uri", "uri-reference"})
+
+
+# Keywords whose value maps names (of properties, definitions) to schemas.
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def xgrammar_unenforced(schema) -> list[str]:
+    """The keywords of a JSON schema (a dict, bool or list, walked whole) that xgrammar accepts
+    but does not enforce: `multipleOf`, `uniqueItems`, `contains`, a `format` it does not know,
+    `minLength`/`maxLength` beside a `pattern` or `format`. Sorted, each once; [] for none."""
+    found = set()
+
+    def walk(node):
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key in _DATA_KEYWORDS:
+                continue
+            if key in _NAMED_SCHEMAS and isinstance(value, dict):
+                walk(list(value.values()))      # its keys are names, not keywords
+                continue
+            if key == "multipleOf" or key == "contains" or (key == "uniqueItems" and value is True):
+                found.add(key)
+            elif key == "format" and isinstance(value, str) and value not in _XGRAMMAR_FORMATS:
+                found.add(f"format {value!r}")
+            walk(value)
+        if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+            found.add("minLength/maxLength with pattern or format")
+
+    walk(schema)
+    return sorted(found)
+
+
+class LLGuidanceMatcher:
+    """llguidance's LLMatcher behind the xgrammar GrammarMatcher methods the engine calls
+    (accept_token, rollback, fill_next_token_bitmask into the same int32 bitmask layout)."""
+
+    def __init__(self, matcher):
+        self._matcher = matcher
+
+    def accept_token(self, token: int) -> bool:
+        return bool(self._matcher.consume_token(token))
+
+    def rollback(self, num_tokens: int = 1) -> None:
+        self._matcher.rollback(num_tokens)
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int = 0) -> None:
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, index)
+
+    def is_completed(self) -> bool:
+        return bool(self._matcher.is_accepting())
+
+
 @dataclass(eq=False)
 class GrammarState:
     """A sequence's grammar: its compile (a future) until it is ready, then its matcher."""
@@ -240,7 +303,7 @@ class GrammarState:
             import xgrammar as xgr
 
             compiled, self.guard = self.compiled.result()
-            self.matcher = xgr.GrammarMatcher(compiled)
+            self.matcher = compiled() if callable(compiled) else xgr.GrammarMatcher(compiled)
         except InvalidInput as e:
             self.error = e
         except Exception as e:  # noqa: BLE001 - whatever the library raised, this request fails alone
@@ -312,6 +375,7 @@ class GrammarCompiler:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _bitmask: torch.Tensor | None = field(default=None, init=False, repr=False)
     _guard: Utf8Guard | None = field(default=None, init=False, repr=False)
+    _llguidance_tokenizer: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self._cache = LRUCache(self.cache_size)
@@ -342,10 +406,34 @@ class GrammarCompiler:
             return self._compiler
 
     def _compile(self, spec: StructuredOutputs):
-        """(The compiled grammar, the UTF-8 guard). Raises InvalidInput naming the request's
-        problem."""
+        """(The compiled grammar, or for llguidance a function making a matcher; the UTF-8
+        guard). A JSON schema using what xgrammar accepts without enforcing it goes to llguidance
+        (vLLM's `auto` policy). Raises InvalidInput naming the request's problem."""
         compiler = self._xgrammar_compiler()
+        if spec.kind == "json":
+            unenforced = xgrammar_unenforced(json.loads(spec.spec))
+            if unenforced:
+                return self._llguidance_matcher_factory(spec, unenforced), self._guard
         return self._compile_with(compiler, spec), self._guard
+
+    def _llguidance_matcher_factory(self, spec: StructuredOutputs, unenforced: list[str]):
+        """A function making one LLGuidanceMatcher per sequence for a JSON schema, compact as
+        xgrammar writes it. Raises InvalidInput naming what llguidance cannot enforce either."""
+        import llguidance
+        import llguidance.hf
+
+        with self._lock:
+            if self._llguidance_tokenizer is None:
+                self._llguidance_tokenizer = llguidance.hf.from_tokenizer(
+                    self.tokenizer, n_vocab=self.vocab_size, eos_token=sorted(self.stop_ids))
+        tokenizer = self._llguidance_tokenizer
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            spec.spec, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+        if failed or messages:
+            raise InvalidInput(f"structured_outputs.json: the JSON schema uses {', '.join(unenforced)}, which "
+                               f"xgrammar does not enforce, and llguidance cannot: {'; '.join(messages)[:500]}")
+        return lambda: LLGuidanceMatcher(llguidance.LLMatcher(tokenizer, grammar))
 
     @staticmethod
     def _compile_with(compiler, spec: StructuredOutputs):
@@ -385,7 +473,12 @@ class GrammarCompiler:
         bitmask = self._bitmask[:len(grammars)]
         for i in rows:
             grammars[i].matcher.fill_next_token_bitmask(bitmask, i)
-        repair_mask(logits, bitmask, rows, [grammars[i].matcher for i in rows], set(self.stop_ids))
+        # (the repair is for xgrammar's masks; llguidance's matcher stops at a rejected token, so
+        # it cannot be probed with accept_token)
+        xgrammar_rows = [i for i in rows if not isinstance(grammars[i].matcher, LLGuidanceMatcher)]
+        if xgrammar_rows:
+            repair_mask(logits, bitmask, xgrammar_rows, [grammars[i].matcher for i in xgrammar_rows],
+                        set(self.stop_ids))
         guard = grammars[rows[0]].guard
         states = torch.tensor([grammars[i].utf8_state for i in rows])
         bitmask[rows] = bitmask[rows] & guard.masks[states]
