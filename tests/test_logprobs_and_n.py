@@ -261,13 +261,44 @@ def test_out_of_range_logprobs_and_n_are_refused(parts, params, message):
         engine.params(**params)
 
 
-def test_choices_with_structured_output_are_refused(parts):
+def test_choices_with_structured_output_each_follow_the_grammar_with_their_own_matcher(parts):
+    """n = 3 under a JSON schema, sampled: every choice is valid JSON of the schema and equals the
+    same request alone with that choice's seed (so each choice's matcher followed its own
+    tokens, not the leader's); the choices differ; blocks all come back."""
+    import jsonschema
+
     from qwen3vl.engine.structured import StructuredOutputs
 
-    engine = new_engine(parts[0])
-    with pytest.raises(InvalidInput, match="structured output"):
-        engine.new_sequence(chat("hi", 0), engine_features(engine), engine.params(max_tokens=4, n=2),
-                            structured=StructuredOutputs.parse('{"json_object": true}'))
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 8},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["word", "n"]}
+    config, encoder = parts
+    engine = new_engine(config)
+    features = encoder.encode([[IMAGE]])[0]
+    free = engine.blocks.num_free
+
+    def answers(n: int, seed: int) -> list[list[int]]:
+        seq = engine.new_sequence(QUESTION, features, engine.params(max_tokens=60, temperature=1.0, seed=seed, n=n),
+                                  structured=StructuredOutputs.parse(json.dumps({"json": schema})))
+        choices, got = seq.choices, {}
+        engine.add(seq)
+        while not all(c.finished for c in choices):
+            out = engine.step()
+            for i, c in enumerate(choices):
+                assert c.request_id not in out.failures, out.failures[c.request_id]
+                if c.request_id in out.steps:
+                    got.setdefault(i, []).extend(out.steps[c.request_id].token_ids)
+        return [got[i] for i in range(n)]
+
+    together = answers(3, 70)
+    texts = [engine.tokenizer.decode([t for t in a if t not in engine.stop_ids]) for a in together]
+    for a, text in zip(together, texts):
+        assert a[-1] in engine.stop_ids, text          # the grammar's end ended each choice
+        jsonschema.validate(json.loads(text), schema)
+    assert len(set(texts)) > 1, texts
+    for i, a in enumerate(together):
+        assert answers(1, 70 + i)[0] == a
+    assert engine.blocks.num_free == free
 
 
 def test_more_choices_than_slots_is_refused(parts):
@@ -369,6 +400,25 @@ def test_openai_n_choices_each_equal_their_seed_alone_and_all_see_the_image(clie
     assert usage.completion_tokens == whole.usage.completion_tokens == sum(len(v) for v in logprobs.values())
 
 
+def test_openai_n_choices_under_a_json_schema_are_each_valid_and_each_their_seed_alone(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                               "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["colour", "count"]}
+    body = dict(model=MODEL, messages=image_chat(QUESTION, IMAGE), max_tokens=40, temperature=1.0, seed=77,
+                response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    whole = client.chat.completions.create(n=3, **body)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    for i, choice in enumerate(whole.choices):
+        jsonschema.validate(json.loads(choice.message.content), schema)
+        assert choice.finish_reason == "stop"
+        alone = client.chat.completions.create(**{**body, "seed": 77 + i}).choices[0]
+        assert alone.message.content == choice.message.content
+    text, _, reasons, _ = streamed(client, n=3, **body)
+    assert [text[i] for i in range(3)] == [c.message.content for c in whole.choices]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_stop_string_ends_each_choice_at_its_own_place(client, stream):
     body = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16,
@@ -423,11 +473,11 @@ def chat_body(**fields) -> dict:
     (chat_body(logprobs=True, top_logprobs=-1), "top_logprobs", "[0, 20]"),
     (chat_body(top_logprobs=3), "top_logprobs", "logprobs is true"),
     (chat_body(logprobs=False, top_logprobs=3), "top_logprobs", "logprobs is true"),
-    (chat_body(n=2, response_format={"type": "json_object"}), "n", "response_format"),
+    (chat_body(n=2, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "n", "tools"),
     (chat_body(logprobs=True, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
      "logprobs", "tools"),
 ], ids=["n-0", "n-9", "top-21", "top-negative", "top-without-logprobs", "top-with-logprobs-false",
-        "n-with-a-grammar", "logprobs-with-tools"])
+        "n-with-tools", "logprobs-with-tools"])
 def test_bad_n_and_top_logprobs_get_400_naming_the_field(api, body, param, words):
     assert_openai_error(api.post(body), 400, param, param, words)
 

@@ -221,9 +221,8 @@ class Engine:
         # request alone with that seed gives. They run once choice 0's prefill is done.
         seq.followers = [Sequence(prompt, features, params, IncrementalDetokenizer(self.tokenizer),
                                   self._generator(params, i), keys, index=i, leader=seq) for i in range(1, params.n)]
-        if params.n > 1 and structured is not None:
-            # each choice would need its own grammar matcher: not built (docs/logprobs-and-n.md)
-            raise InvalidInput(f"n={params.n} cannot be combined with structured output (one choice per request)")
+        for follower in seq.followers:  # each choice gets its own matcher of the same grammar (`add`)
+            follower.structured = structured
         return seq
 
     def _generator(self, params: SamplingParams, choice: int = 0) -> torch.Generator | None:
@@ -254,7 +253,10 @@ class Engine:
         starts its grammar's compile (or finds it cached) and waits until it is ready."""
         self.scheduler.add(seq)
         if seq.structured is not None:
-            seq.grammar = self.grammars.submit(seq.structured)
+            # one compile (cached by its text), a matcher per choice: the followers' states share
+            # the leader's compile and get their matchers when it is ready (_poll_grammars)
+            for choice in seq.choices:
+                choice.grammar = self.grammars.submit(seq.structured)
 
     # ---- the step
     def has_work(self) -> bool:
@@ -338,7 +340,10 @@ class Engine:
             if not seq.grammar.poll():
                 compiling.append(seq.grammar.compiled)
             elif seq.grammar.error is not None:
-                self._fail(seq, seq.grammar.error)
+                self._fail(seq, seq.grammar.error)   # its waiting choices fail with it
+            else:
+                for follower in seq.followers:       # the same compile: each its own matcher
+                    follower.grammar.poll()
         return compiling
 
     def _take_outputs(self) -> EngineOutputs:

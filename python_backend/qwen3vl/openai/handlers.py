@@ -173,9 +173,9 @@ class ChatHandler:
             **choice_fields(req))
         # with tools the answer is parsed for tool calls (unless tool_choice is none)
         shape = ToolCallShape if tools and req.tool_choice != "none" else None
-        if (req.n or 1) > 1 and (constraint is not None or shape is not None):
-            raise invalid("n: more than one choice cannot be combined with tools, response_format or "
-                          "structured_outputs (a grammar and a tool-call parser per choice are not built)", "n")
+        if (req.n or 1) > 1 and shape is not None:
+            raise invalid("n: more than one choice cannot be combined with tools (a tool-call parser per "
+                          "choice is not built); response_format and structured_outputs can", "n")
         if req.logprobs and shape is not None:
             raise invalid("logprobs: not available with tools (tool calls are parsed out of the text)", "logprobs")
         return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req, ensemble_request,
