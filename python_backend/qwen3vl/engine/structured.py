@@ -28,6 +28,7 @@ schema; `json_object`: true; `regex`; `choice`: a list of strings; `grammar`: EB
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -300,10 +301,8 @@ class GrammarState:
         if not self.compiled.done():
             return False
         try:
-            import xgrammar as xgr
-
-            compiled, self.guard = self.compiled.result()
-            self.matcher = compiled() if callable(compiled) else xgr.GrammarMatcher(compiled)
+            new_matcher, self.guard = self.compiled.result()
+            self.matcher = new_matcher()
         except InvalidInput as e:
             self.error = e
         except Exception as e:  # noqa: BLE001 - whatever the library raised, this request fails alone
@@ -337,12 +336,14 @@ def repair_mask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], ma
     for them is right: allowed only where the grammar is complete). Costs one top-k per step over
     the constrained rows and an accept/rollback per left-out candidate (microseconds)."""
     k = min(top_k, logits.shape[1])
-    candidates = torch.topk(logits[rows], k, dim=1).indices.tolist()   # one host read per step
-    words = bitmask[rows].tolist()
+    candidates = torch.topk(logits[rows], k, dim=1).indices.cpu()          # [R, k]
+    # the mask's bit of each candidate only (not whole rows: ceil(V / 32) words each)
+    bits = (bitmask[rows].gather(1, candidates >> 5) >> (candidates & 31)) & 1
+    left_out = torch.where(bits == 0, candidates, -1).tolist()             # one host read per step
     let_back = 0
-    for row, matcher, tokens, row_words in zip(rows, matchers, candidates, words):
+    for row, matcher, tokens in zip(rows, matchers, left_out):
         for token in tokens:
-            if token in stop_ids or (row_words[token >> 5] >> (token & 31)) & 1:
+            if token < 0 or token in stop_ids:
                 continue
             if matcher.accept_token(token):
                 matcher.rollback(1)
@@ -406,7 +407,7 @@ class GrammarCompiler:
             return self._compiler
 
     def _compile(self, spec: StructuredOutputs):
-        """(The compiled grammar, or for llguidance a function making a matcher; the UTF-8
+        """(A function making one matcher per sequence, xgrammar's or llguidance's; the UTF-8
         guard). A JSON schema using what xgrammar accepts without enforcing it goes to llguidance
         (vLLM's `auto` policy). Raises InvalidInput naming the request's problem."""
         compiler = self._xgrammar_compiler()
@@ -414,7 +415,9 @@ class GrammarCompiler:
             unenforced = xgrammar_unenforced(json.loads(spec.spec))
             if unenforced:
                 return self._llguidance_matcher_factory(spec, unenforced), self._guard
-        return self._compile_with(compiler, spec), self._guard
+        import xgrammar as xgr
+
+        return functools.partial(xgr.GrammarMatcher, self._compile_with(compiler, spec)), self._guard
 
     def _llguidance_matcher_factory(self, spec: StructuredOutputs, unenforced: list[str]):
         """A function making one LLGuidanceMatcher per sequence for a JSON schema, compact as

@@ -80,8 +80,8 @@ def first_question_weights(json_share: float = 0.0) -> dict[str, float]:
     if not json_share:
         return FIRST_QUESTION
     others = 1.0 - FIRST_QUESTION["describe"]
-    if json_share > others:
-        raise ValueError(f"json_share must be at most {others:g} (describe keeps its "
+    if not 0.0 < json_share <= others:
+        raise ValueError(f"json_share must be in [0, {others:g}] (describe keeps its "
                          f"{FIRST_QUESTION['describe']:g}), got {json_share}")
     scale = (others - json_share) / others
     return {c: w if c == "describe" else w * scale for c, w in FIRST_QUESTION.items()} | {JSON_CATEGORY: json_share}
@@ -345,9 +345,7 @@ def train(out, steps: int = 5200, seed: int = 0, batch_size: int = 16, lr: float
     describe's weight leaves, or `out` equal to `init_from`."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
-    if json_share < 0.0:
-        raise ValueError(f"json_share must be >= 0, got {json_share}")
-    first_question_weights(json_share)  # raises for a share describe's weight leaves no room for
+    first_question_weights(json_share)  # raises for a share outside [0, what describe's weight leaves]
     out = Path(out)
     torch.manual_seed(seed)
     if init_from is None:
